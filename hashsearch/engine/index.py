@@ -1,0 +1,198 @@
+"""Hierarchical search over a collection (the paper's Section 3.3).
+
+  hds  coarse Hamming search for a candidate pool, then exact L2 on F7
+       ranks the pool: the paper's method.
+  bcs  Hamming ranking of the codes alone.
+  es   exhaustive L2 over all F7 features: the paper's baseline.
+
+The index directory holds the coarse faiss binary index and index.json,
+which ties it to the exact shards it was built from.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from ..errors import HashsearchError
+from ..shards import Collection
+from ..shards.manifest import atomic_write_bytes
+from . import coarse as coarse_mod
+from .exhaustive import scan_knn
+from .rerank import flat_index_for, rerank
+from .threads import faiss_threads, threads_for_batch
+
+MODES = ("hds", "bcs", "es")
+INDEX_DIR = "index"
+COARSE_FILE = "coarse.faissindex"
+META_FILE = "index.json"
+DEFAULT_POOL = 200
+
+
+@dataclass
+class SearchResult:
+    """Per query, k results padded with -1 (rows, ids) and inf (distances)."""
+    rows: np.ndarray        # int64 [nq, k], collection rows
+    ids: np.ndarray         # int64 [nq, k]
+    hamming: np.ndarray     # int32 [nq, k], Hamming distance of each result's code to the query's
+    distances: np.ndarray   # float32 [nq, k], squared L2 on F7; nan in bcs mode
+
+
+def collection_fingerprint(coll: Collection) -> str:
+    digest = hashlib.sha256()
+    for entry in coll.manifest["shards"]:
+        digest.update(entry["sha256"].encode())
+    return digest.hexdigest()
+
+
+def popcount_distances(query_codes: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Hamming distance of each row of `codes` [nq, k, B] to its query [nq, B]."""
+    xor = np.bitwise_xor(codes, query_codes[:, None, :])
+    return np.unpackbits(xor, axis=-1).sum(-1, dtype=np.int32)
+
+
+class Index:
+    """Coarse-to-fine search over one collection.
+
+    >>> index = Index.build(Collection.open("coll"), kind="flat")    # once
+    >>> index = Index.open("coll")                                    # later
+    >>> res = index.search(query_codes, query_features, k=10, pool=200)
+    >>> res.ids[0], res.distances[0]
+    """
+
+    def __init__(self, collection: Collection, coarse: faiss.IndexBinary, meta: dict):
+        self.collection = collection
+        self.coarse = coarse
+        self.meta = meta
+        self.codes = collection.codes()
+        self.ids = collection.ids()
+        self._scratch = flat_index_for(collection.feature_dtype, collection.feature_dim)
+
+    @property
+    def kind(self) -> str:
+        return self.meta["coarse"]["kind"]
+
+    # -- building and opening ------------------------------------------------------
+    @classmethod
+    def build(cls, collection: Collection, kind: str = "flat", out=None, **params) -> "Index":
+        if collection.n == 0:
+            raise HashsearchError(f"collection {collection.root} is empty")
+        start = time.perf_counter()
+        coarse = coarse_mod.build_coarse(collection.codes(), collection.bits, kind, **params)
+        meta = {
+            "coarse": coarse_mod.describe(coarse), "n": collection.n, "bits": collection.bits,
+            "collection_fingerprint": collection_fingerprint(collection),
+            "build_seconds": round(time.perf_counter() - start, 3),
+        }
+        out = Path(out) if out else collection.root / INDEX_DIR
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / f".{COARSE_FILE}.tmp"
+            faiss.write_index_binary(coarse, str(tmp))
+            os.replace(tmp, out / COARSE_FILE)
+            atomic_write_bytes(out / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+        except (OSError, RuntimeError) as exc:
+            raise HashsearchError(f"cannot write index to {out}: {exc}") from None
+        return cls(collection, coarse, meta)
+
+    @classmethod
+    def open(cls, collection, index_dir=None) -> "Index":
+        if not isinstance(collection, Collection):
+            collection = Collection.open(collection)
+        index_dir = Path(index_dir) if index_dir else collection.root / INDEX_DIR
+        meta_path = index_dir / META_FILE
+        if not meta_path.exists():
+            raise HashsearchError(f"no index in {index_dir}; run `hashsearch build-index {collection.root}` first")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("collection_fingerprint") != collection_fingerprint(collection):
+            raise HashsearchError(f"index {index_dir} was built for other shards; rebuild it with `hashsearch build-index`")
+        try:
+            coarse = faiss.read_index_binary(str(index_dir / COARSE_FILE))
+        except RuntimeError as exc:
+            raise HashsearchError(f"cannot read coarse index {index_dir / COARSE_FILE}: {exc}") from None
+        return cls(collection, coarse, meta)
+
+    # -- searching --------------------------------------------------------------------
+    def search(self, query_codes: np.ndarray, query_features: np.ndarray | None = None, k: int = 10, *,
+               mode: str = "hds", pool: int = DEFAULT_POOL, radius: int | None = None,
+               nflip: int | None = None) -> SearchResult:
+        if k <= 0:
+            raise HashsearchError(f"k must be positive, got {k}")
+        if mode not in MODES:
+            raise HashsearchError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        query_codes = np.ascontiguousarray(np.atleast_2d(query_codes), dtype=np.uint8)
+        if query_codes.shape[1] * 8 != self.collection.bits:
+            raise HashsearchError(f"query codes have {query_codes.shape[1] * 8} bits; this collection has {self.collection.bits}")
+        if mode != "bcs":
+            if query_features is None:
+                raise HashsearchError(f"mode {mode} needs query features")
+            query_features = np.ascontiguousarray(np.atleast_2d(query_features), dtype=np.float32)
+            if query_features.shape != (len(query_codes), self.collection.feature_dim):
+                raise HashsearchError(f"query features have shape {query_features.shape}; expected "
+                                      f"({len(query_codes)}, {self.collection.feature_dim})")
+        with faiss_threads(threads_for_batch(len(query_codes))):
+            if mode == "es":
+                dist, rows = scan_knn(self.collection, query_features, k)
+            elif mode == "bcs":
+                _, rows = self.candidates(query_codes, k, radius=radius, nflip=nflip)
+                rows = rows[:, :k] if rows.shape[1] >= k else _pad(rows, k)
+                dist = np.full(rows.shape, np.nan, np.float32)
+            else:
+                dist, rows = self._hierarchical(query_codes, query_features, k, pool, radius, nflip)
+        return self._result(query_codes, rows, dist)
+
+    def candidates(self, query_codes: np.ndarray, pool: int, *, radius: int | None = None,
+                   nflip: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Coarse level: (hamming [nq, m], rows [nq, m]) sorted by Hamming, padded with -1.
+
+        With `radius`, every code within that Hamming distance (at most `pool`).
+        """
+        if pool <= 0:
+            raise HashsearchError(f"pool must be positive, got {pool}")
+        coarse_mod.set_nflip(self.coarse, nflip)
+        if radius is None:
+            return self.coarse.search(query_codes, min(pool, self.collection.n))
+        lims, dist, labels = self.coarse.range_search(query_codes, int(radius) + 1)
+        nq = len(query_codes)
+        widths = np.diff(lims)
+        m = int(min(pool, widths.max())) if nq else 0
+        out_d = np.full((nq, max(m, 1)), -1, np.int32)
+        out_i = np.full((nq, max(m, 1)), -1, np.int64)
+        for q in range(nq):
+            d, i = dist[lims[q]:lims[q + 1]], labels[lims[q]:lims[q + 1]]
+            order = np.lexsort((i, d))[:m]
+            out_d[q, :len(order)], out_i[q, :len(order)] = d[order], i[order]
+        return out_d, out_i
+
+    def _hierarchical(self, query_codes, query_features, k, pool, radius, nflip):
+        _, cand = self.candidates(query_codes, max(pool, k), radius=radius, nflip=nflip)
+        valid = cand >= 0
+        flat = cand[valid]
+        gathered = self.collection.raw_features(flat) if len(flat) else None
+        rows = np.empty((len(cand), k), np.int64)
+        dist = np.empty((len(cand), k), np.float32)
+        start = 0
+        for q in range(len(cand)):
+            m = int(valid[q].sum())
+            rows[q], dist[q] = rerank(query_features[q], cand[q][valid[q]],
+                                      gathered[start:start + m] if m else np.zeros((0, 0)), k, self._scratch)
+            start += m
+        return dist, rows
+
+    def _result(self, query_codes, rows, dist) -> SearchResult:
+        found = rows >= 0
+        safe = np.where(found, rows, 0)
+        ids = np.where(found, self.ids[safe], -1)
+        ham = np.where(found, popcount_distances(query_codes, self.codes[safe]), -1).astype(np.int32)
+        dist = np.where(found | np.isnan(dist), dist, np.float32(np.inf)).astype(np.float32)
+        return SearchResult(rows=rows, ids=ids, hamming=ham, distances=dist)
+
+
+def _pad(rows: np.ndarray, k: int) -> np.ndarray:
+    return np.hstack([rows, np.full((len(rows), k - rows.shape[1]), -1, rows.dtype)])

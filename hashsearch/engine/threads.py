@@ -1,0 +1,26 @@
+"""faiss thread control.
+
+OpenMP fork/join costs more than the work in a single small query, so
+batch-1 search runs on one thread and batches use them all.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import faiss
+
+_DEFAULT_THREADS = faiss.omp_get_max_threads()
+
+
+def threads_for_batch(nq: int) -> int:
+    return 1 if nq < 2 * _DEFAULT_THREADS else _DEFAULT_THREADS
+
+
+@contextlib.contextmanager
+def faiss_threads(n: int):
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)

@@ -1,0 +1,65 @@
+"""manifest.json: what a collection holds, written atomically."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..errors import HashsearchError
+
+MANIFEST = "manifest.json"
+FORMAT = "hashsearch-collection"
+VERSION = 1
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary name, fsync, then rename over the target.
+
+    A crash leaves either the old file or the new one, never half of either.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(root: str | os.PathLike, manifest: dict) -> None:
+    atomic_write_bytes(Path(root) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    path = Path(root) / MANIFEST
+    if not Path(root).exists():
+        raise HashsearchError(f"collection not found: {root}")
+    if not path.exists():
+        raise HashsearchError(f"not a hashsearch collection (no {MANIFEST}): {root}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise HashsearchError(f"unreadable manifest {path}: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise HashsearchError(f"{path} is not a hashsearch manifest")
+    if manifest.get("version", 0) > VERSION:
+        raise HashsearchError(f"{path} has format version {manifest['version']}; this hashsearch reads up to {VERSION}")
+    return manifest

@@ -1,0 +1,257 @@
+"""Streams rows into HDF5 shards, crash-safely.
+
+Each shard is written under a temporary name and renamed into place only
+once it is complete and checksummed; the manifest is then rewritten
+atomically.  A run killed at any moment therefore leaves finished shards, a
+manifest that lists exactly those, and at most one stray temporary file that
+the next run deletes.  Shards record `source_end`, the index in the source
+just past their last row, which is where a resumed run starts again.
+
+Datasets are contiguous and uncompressed so that readers can memory-map the
+features without copying (see collection.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import HashsearchError
+from .manifest import FORMAT, MANIFEST, VERSION, file_sha256, fsync_dir, read_manifest, write_manifest
+
+SHARD_DIR = "shards"
+REJECTS = "rejects.jsonl"
+# Keys that must match for a run to continue an existing collection.
+IDENTITY_KEYS = ("bits", "feature_dim", "feature_dtype", "model_fingerprint", "source", "shard_size")
+FEATURE_DTYPES = ("float16", "float32")
+_COPY_BLOCK = 16384
+
+
+def shard_name(number: int) -> str:
+    return f"{SHARD_DIR}/shard-{number:05d}.h5"
+
+
+class CollectionWriter:
+    """Append rows to a collection directory; resumes an unfinished one.
+
+    >>> w = CollectionWriter("coll", bits=48, feature_dim=256, meta={"source": "x"})
+    >>> w.add(codes, features, ids, labels, paths, source_end=len(ids))
+    >>> w.finish()
+    """
+
+    def __init__(self, root, *, bits: int, feature_dim: int, feature_dtype: str = "float16",
+                 shard_size: int = 100_000, meta: dict | None = None, overwrite: bool = False):
+        if feature_dtype not in FEATURE_DTYPES:
+            raise HashsearchError(f"feature dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
+        if shard_size <= 0:
+            raise HashsearchError(f"shard size must be positive, got {shard_size}")
+        self.root = Path(root)
+        self.code_bytes = bits // 8
+        self.feature_dim = int(feature_dim)
+        self.feature_dtype = np.dtype(feature_dtype)
+        self.shard_size = int(shard_size)
+        self.manifest = {
+            "format": FORMAT, "version": VERSION, "complete": False,
+            "bits": int(bits), "feature_dim": int(feature_dim), "feature_dtype": feature_dtype,
+            "shard_size": int(shard_size), **(meta or {}),
+            "items": 0, "rejected": 0, "shards": [],
+        }
+        self._open_root(overwrite)
+        self._file = None
+        self._rows = 0
+        self._capacity = 0
+        self._pending_rejects: list[dict] = []
+
+    # -- opening -----------------------------------------------------------
+    def _open_root(self, overwrite: bool) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / SHARD_DIR).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise HashsearchError(f"cannot create collection {self.root}: {exc.strerror}") from None
+        if not os.access(self.root, os.W_OK):
+            raise HashsearchError(f"collection directory is not writable: {self.root}")
+        if (self.root / MANIFEST).exists():
+            old = read_manifest(self.root)
+            if overwrite:
+                self._remove_contents()
+            else:
+                mismatch = [k for k in IDENTITY_KEYS if old.get(k) != self.manifest.get(k)]
+                if mismatch:
+                    k = mismatch[0]
+                    raise HashsearchError(
+                        f"{self.root} already holds a collection with a different {k} "
+                        f"({old.get(k)!r}, not {self.manifest.get(k)!r}); use --overwrite to replace it")
+                self.manifest = old
+                self._truncate_rejects(self.resume_from)
+        elif any(p.name != SHARD_DIR for p in self.root.iterdir()) and not overwrite:
+            raise HashsearchError(f"{self.root} exists and is not a hashsearch collection; choose an empty directory")
+        for stale in (self.root / SHARD_DIR).glob(".*.partial"):
+            stale.unlink()
+        write_manifest(self.root, self.manifest)
+
+    def _remove_contents(self) -> None:
+        shutil.rmtree(self.root / SHARD_DIR, ignore_errors=True)
+        shutil.rmtree(self.root / "index", ignore_errors=True)
+        for name in (MANIFEST, REJECTS):
+            (self.root / name).unlink(missing_ok=True)
+        (self.root / SHARD_DIR).mkdir()
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def resume_from(self) -> int:
+        """Source index at which writing continues: just past the last finished shard."""
+        shards = self.manifest["shards"]
+        return shards[-1]["source_end"] if shards else 0
+
+    @property
+    def rows_written(self) -> int:
+        return self.manifest["items"] + self._rows
+
+    # -- writing -------------------------------------------------------------
+    def add(self, codes, features, ids, labels, paths, *, source_end: int, capacity_hint: int | None = None) -> None:
+        """Append rows; `source_end` is the source index just past the last of them."""
+        n = len(ids)
+        offset = 0
+        while offset < n:
+            if self._file is None:
+                self._open_shard(capacity_hint)
+            take = min(n - offset, self._capacity - self._rows)
+            sl = slice(offset, offset + take)
+            self._write(codes[sl], features[sl], ids[sl], labels[sl], paths[sl])
+            offset += take
+            if self._rows == self._capacity:
+                # A shard that ends mid-batch resumes inside that batch, at its first unwritten row.
+                end = source_end if offset == n else int(ids[offset])
+                self._close_shard(end)
+        self._source_end = source_end
+
+    def reject(self, index: int, path: str, reason: str) -> None:
+        self._pending_rejects.append({"index": int(index), "path": str(path), "reason": str(reason)})
+
+    def finish(self, source_end: int | None = None) -> dict:
+        """Close the last shard and mark the collection complete."""
+        end = source_end if source_end is not None else getattr(self, "_source_end", self.resume_from)
+        if self._file is not None:
+            self._close_shard(end)
+        elif self._pending_rejects:
+            self._flush_rejects()
+        self.manifest["complete"] = True
+        write_manifest(self.root, self.manifest)
+        return self.manifest
+
+    def abort(self) -> None:
+        """Drop the unfinished shard; finished ones stay for a resume."""
+        if self._file is not None:
+            path = self._file.filename
+            self._file.close()
+            self._file = None
+            Path(path).unlink(missing_ok=True)
+
+    def _open_shard(self, capacity_hint: int | None) -> None:
+        number = len(self.manifest["shards"])
+        self._final = self.root / shard_name(number)
+        self._partial = self._final.with_name(f".{self._final.name}.partial")
+        cap = self.shard_size if capacity_hint is None else max(1, min(self.shard_size, capacity_hint))
+        try:
+            f = h5py.File(self._partial, "w", libver="latest")
+            f.create_dataset("codes", (cap, self.code_bytes), np.uint8)
+            f.create_dataset("features", (cap, self.feature_dim), self.feature_dtype)
+            f.create_dataset("ids", (cap,), np.int64)
+            f.create_dataset("labels", (cap,), np.int64)
+            f.create_dataset("paths", (cap,), h5py.string_dtype("utf-8"))
+        except OSError as exc:
+            raise HashsearchError(f"cannot write shard {self._partial}: {exc}") from None
+        self._file, self._rows, self._capacity = f, 0, cap
+
+    def _write(self, codes, features, ids, labels, paths) -> None:
+        f, a, b = self._file, self._rows, self._rows + len(ids)
+        try:
+            f["codes"][a:b] = np.asarray(codes, np.uint8)
+            f["features"][a:b] = np.asarray(features, self.feature_dtype)
+            f["ids"][a:b] = np.asarray(ids, np.int64)
+            f["labels"][a:b] = np.asarray(labels, np.int64)
+            f["paths"][a:b] = [str(p) for p in paths]
+        except (OSError, ValueError, TypeError) as exc:
+            self.abort()
+            raise HashsearchError(f"cannot write shard {self._partial}: {exc}") from None
+        self._rows = b
+
+    def _close_shard(self, source_end: int) -> None:
+        rows = self._rows
+        try:
+            if rows < self._capacity:
+                self._trim(rows)
+            else:
+                self._file.close()
+                self._file = None
+            with open(self._partial, "rb+") as fh:
+                os.fsync(fh.fileno())
+            checksum = file_sha256(self._partial)
+            os.replace(self._partial, self._final)
+            fsync_dir(self._final.parent)
+        except OSError as exc:
+            self.abort()
+            raise HashsearchError(f"cannot finish shard {self._final}: {exc}") from None
+        self._flush_rejects(upto=source_end)
+        self.manifest["shards"].append({
+            "file": str(self._final.relative_to(self.root)), "rows": rows,
+            "sha256": checksum, "source_end": int(source_end),
+        })
+        self.manifest["items"] += rows
+        write_manifest(self.root, self.manifest)
+        self._rows = self._capacity = 0
+
+    def _trim(self, rows: int) -> None:
+        """Contiguous datasets cannot shrink: copy the written rows into an exact-size file."""
+        src = self._file
+        tmp = self._partial.with_name(self._partial.name + ".trim")
+        with h5py.File(tmp, "w", libver="latest") as dst:
+            for name, ds in src.items():
+                out = dst.create_dataset(name, (rows,) + ds.shape[1:], ds.dtype)
+                for a in range(0, rows, _COPY_BLOCK):
+                    b = min(rows, a + _COPY_BLOCK)
+                    out[a:b] = ds[a:b]
+        src.close()
+        self._file = None
+        os.replace(tmp, self._partial)
+
+    def _flush_rejects(self, upto: int | None = None) -> None:
+        """Record rejects that belong to finished shards (source index below `upto`)."""
+        done = [r for r in self._pending_rejects if upto is None or r["index"] < upto]
+        if not done:
+            return
+        with open(self.root / REJECTS, "a", encoding="utf-8") as f:
+            for r in done:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.manifest["rejected"] += len(done)
+        self._pending_rejects = [r for r in self._pending_rejects if upto is not None and r["index"] >= upto]
+
+    def _truncate_rejects(self, source_end: int) -> None:
+        """Forget rejects recorded after the last finished shard: they will be met again."""
+        path = self.root / REJECTS
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["index"] < source_end]
+        tmp = path.with_name(".rejects.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        self.manifest["rejected"] = len(kept)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
