@@ -1,0 +1,184 @@
+"""The `hashsearch` command line.  It only parses arguments and prints: the work lives in the package."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import HashsearchError
+
+
+class _Group(click.Group):
+    """Bad input is one line on stderr and exit 1; --debug keeps the traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HashsearchError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"hashsearch: error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("hashsearch: interrupted; finished shards are kept, run the same command to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="hashsearch")
+@click.pass_context
+def main(ctx, debug):
+    """Image retrieval with deep binary hash codes and coarse-to-fine search."""
+    ctx.obj = {"debug": debug}
+
+
+def _positive(name, value):
+    if value is not None and value <= 0:
+        raise HashsearchError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _existing(path, what="path"):
+    if not Path(path).exists():
+        raise HashsearchError(f"{what} not found: {path}")
+    return path
+
+
+# -- train --------------------------------------------------------------------------
+@main.command()
+@click.argument("source")
+@click.option("--bits", default=48, show_default=True, help="Code length K (multiple of 8).")
+@click.option("--backbone", default="small", show_default=True, help="small, alexnet or efficientnet-lite0.")
+@click.option("--weights", help="Pretrained backbone weights (a local state_dict file).")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True, help="Learning rate of the new layers.")
+@click.option("--backbone-lr-mult", type=float, help="Backbone rate / new-layer rate [1.0 from scratch, 0.1 pretrained].")
+@click.option("--weight-decay", default=5e-4, show_default=True)
+@click.option("--warmup-epochs", default=0.5, show_default=True)
+@click.option("--freeze-backbone", is_flag=True, help="Train only the latent and classifier layers on cached F7.")
+@click.option("--input-size", type=int, help="Input side in pixels [the backbone's default].")
+@click.option("--val-fraction", default=0.05, show_default=True, help="Held out to report accuracy each epoch.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--limit", type=int, help="Use only the first N items of SOURCE.")
+@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
+@click.option("--data-dir", help="Where named datasets such as fashion-mnist live.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
+@click.option("--quiet", is_flag=True)
+@click.option("--out", required=True, help="Checkpoint to write (rewritten after every epoch).")
+def train(source, out, **opts):
+    """Train the hash network on a labelled SOURCE."""
+    from .encoders.train import TrainConfig, train as run_train
+    for name in ("epochs", "batch_size", "limit", "input_size"):
+        _positive(name.replace("_", "-"), opts[name])
+    result = run_train(TrainConfig(source=source, out=out, **opts))
+    last = result["history"][-1] if result["history"] else None
+    if last:
+        val = "n/a" if last["val_acc"] is None else f"{last['val_acc']:.4f}"
+        click.echo(f"saved {out}: {result['config']['bits']} bits, {result['config']['backbone']}, "
+                   f"held-out accuracy {val}")
+
+
+# -- encode --------------------------------------------------------------------------
+@main.command()
+@click.argument("source")
+@click.option("--model", "model_path", required=True, help="Checkpoint from `hashsearch train`.")
+@click.option("--out", required=True, help="Collection directory to write (or resume).")
+@click.option("--limit", type=int)
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--shard-size", default=100_000, show_default=True, help="Rows per HDF5 shard.")
+@click.option("--float32", "float32", is_flag=True, help="Store features as float32 (default float16).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing collection made differently.")
+@click.option("--data-dir")
+@click.option("--quiet", is_flag=True)
+def encode(source, model_path, out, limit, batch_size, workers, device, shard_size, float32, overwrite, data_dir, quiet):
+    """Encode SOURCE into a collection of codes and F7 features."""
+    from .encoders.runner import encode_collection
+    _existing(model_path, "model")
+    _positive("limit", limit)
+    _positive("shard-size", shard_size)
+    encode_collection(model_path, source, out, limit=limit, batch_size=batch_size, workers=workers,
+                      device=device, shard_size=shard_size, feature_dtype="float32" if float32 else "float16",
+                      overwrite=overwrite, quiet=quiet, data_dir=data_dir, log=click.echo)
+
+
+# -- build-index ----------------------------------------------------------------------
+@main.command("build-index")
+@click.argument("collection")
+@click.option("--coarse", default="flat", show_default=True, type=click.Choice(["flat", "hash", "multihash"]))
+@click.option("--hash-bits", type=int, help="Bits per hash key (hash, multihash).")
+@click.option("--nhash", type=int, help="Number of hash tables (multihash).")
+@click.option("--nflip", type=int, help="Bits flipped when probing buckets (hash, multihash) [1].")
+@click.option("--out", help="Index directory [COLLECTION/index].")
+def build_index(collection, coarse, hash_bits, nhash, nflip, out):
+    """Build the coarse binary index of COLLECTION."""
+    from .engine import Index
+    from .shards import Collection
+    coll = Collection.open(collection)
+    index = Index.build(coll, coarse, out=out, hash_bits=hash_bits, nhash=nhash, nflip=nflip)
+    click.echo(f"built {coarse} index over {coll.n} codes in {index.meta['build_seconds']:.2f}s "
+               f"-> {out or Path(collection) / 'index'}")
+
+
+# -- query ------------------------------------------------------------------------------
+@main.command()
+@click.argument("collection")
+@click.option("--image", "images", multiple=True, help="Query image (repeatable).")
+@click.option("--id", "ids", multiple=True, type=int, help="Query by the id of a collection item (repeatable).")
+@click.option("-k", "k", default=10, show_default=True)
+@click.option("--pool", default=None, type=int, help="Coarse candidate pool size [200].")
+@click.option("--radius", type=int, help="Take every candidate within this Hamming radius instead.")
+@click.option("--nflip", type=int, help="Bucket probing depth for hash indexes.")
+@click.option("--mode", default="hds", show_default=True, type=click.Choice(["hds", "bcs", "es"]))
+@click.option("--model", "model_path", help="Checkpoint for --image queries [COLLECTION/model.pt].")
+@click.option("--index", "index_dir", help="Index directory [COLLECTION/index].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def query(collection, images, ids, k, pool, radius, nflip, mode, model_path, index_dir, as_json):
+    """Find the k nearest items of COLLECTION to each query."""
+    from .retrieval import run_query
+    _positive("k", k)
+    _positive("pool", pool)
+    if not images and not ids:
+        raise HashsearchError("give at least one --image or --id")
+    report = run_query(collection, images=images, ids=ids, k=k, pool=pool, radius=radius, nflip=nflip,
+                       mode=mode, model_path=model_path, index_dir=index_dir)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for q in report["queries"]:
+        click.echo(f"query: {q['query']}")
+        click.echo(f"  {'rank':>4}  {'id':>8}  {'ham':>4}  {'distance':>10}  {'label':<12} path")
+        for r in q["results"]:
+            dist = "" if r["distance"] is None else f"{r['distance']:.4f}"
+            click.echo(f"  {r['rank']:>4}  {r['id']:>8}  {r['hamming']:>4}  {dist:>10}  {str(r['label']):<12} {r['path']}")
+
+
+# -- info -----------------------------------------------------------------------------
+@main.command()
+@click.argument("collection")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--verify", is_flag=True, help="Re-check every shard against the manifest checksums.")
+def info(collection, as_json, verify):
+    """Describe COLLECTION."""
+    from .retrieval import collection_info
+    report = collection_info(collection, verify=verify)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            if key != "problems":
+                click.echo(f"{key:>16}: {value}")
+        for problem in report.get("problems", []):
+            click.echo(f"{'problem':>16}: {problem}")
+    if verify and report["problems"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

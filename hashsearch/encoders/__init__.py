@@ -1,0 +1,1 @@
+"""Models, training and data sources: images in, codes and F7 features out."""

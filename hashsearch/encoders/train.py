@@ -1,0 +1,231 @@
+"""Training: softmax on class labels through the latent hash layer (the paper's only loss).
+
+Fine-tuning recipe: AdamW with weight decay, linear warm-up then cosine
+decay, the backbone at a lower rate than the new layers (the paper trains
+the new layers 10x faster), random crop + flip.  With --freeze-backbone
+F7 is computed once and only the latent and classifier layers train, which
+makes an ImageNet backbone usable on a CPU.  The checkpoint is rewritten
+after every epoch with the optimizer state, so --resume continues a killed run.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import HashsearchError
+from .backbones import get_backbone
+from .checkpoint import build_model, make_config, read_checkpoint, save_checkpoint
+from .dataset import make_loader
+from .encoder import resolve_device
+from .preprocess import augment, normalize
+from .sources import open_source
+
+# Decoded training images are kept in RAM up to this size; beyond it they are re-read each epoch.
+PRELOAD_LIMIT_BYTES = 3 << 30
+
+
+@dataclass
+class TrainConfig:
+    source: str
+    out: str
+    bits: int = 48
+    backbone: str = "small"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.5
+    backbone_lr_mult: float | None = None   # None: 1.0 from scratch, 0.1 with pretrained weights
+    freeze_backbone: bool = False
+    val_fraction: float = 0.05
+    input_size: int | None = None
+    weights: str | None = None
+    device: str = "auto"
+    limit: int | None = None
+    workers: int = 2
+    seed: int = 0
+    resume: bool = False
+    data_dir: str | None = None
+    quiet: bool = False
+
+
+def train(cfg: TrainConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    source = open_source(cfg.source, data_dir=cfg.data_dir, limit=cfg.limit)
+    labels = source.labels()
+    if len(labels) == 0:
+        raise HashsearchError(f"no images in {cfg.source}")
+    if (labels < 0).any():
+        raise HashsearchError("training needs class labels: use a folder with one subfolder per class, or a list file with labels")
+    class_names = source.class_names or [str(c) for c in range(int(labels.max()) + 1)]
+    config = make_config(cfg.backbone, cfg.bits, class_names, cfg.input_size)
+    spec = get_backbone(cfg.backbone)
+    weights = cfg.weights or spec.default_weights()
+    model = build_model(config, weights).to(device)
+    pretrained = weights is not None
+
+    train_idx, val_idx = split_holdout(len(source), cfg.val_fraction, cfg.seed)
+    batches = _batch_provider(cfg, source, labels, config, model, train_idx, val_idx, device)
+
+    mult = cfg.backbone_lr_mult if cfg.backbone_lr_mult is not None else (0.1 if pretrained else 1.0)
+    if cfg.freeze_backbone:
+        model.backbone.requires_grad_(False)
+        groups = [{"params": model.new_layers(), "lr": cfg.lr}]
+    else:
+        groups = [{"params": list(model.backbone.parameters()), "lr": cfg.lr * mult},
+                  {"params": model.new_layers(), "lr": cfg.lr}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train_idx) / cfg.batch_size))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch))
+
+    start_epoch, history = 0, []
+    if cfg.resume:
+        start_epoch, history = _resume(cfg, config, model, optimizer, scheduler)
+
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        model.train()
+        if cfg.freeze_backbone:
+            model.backbone.eval()
+        seen = correct = 0
+        total_loss = 0.0
+        bar = tqdm(batches.train(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=cfg.quiet, leave=False)
+        for x, y in bar:
+            logits = batches.logits(x)
+            loss = loss_fn(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            total_loss += loss.item() * len(y)
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+        record = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
+                  "val_acc": batches.evaluate(), "seconds": round(time.perf_counter() - started, 1)}
+        history.append(record)
+        if not cfg.quiet:
+            val = "n/a" if record["val_acc"] is None else f"{record['val_acc']:.4f}"
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  "
+                       f"train acc {record['train_acc']:.4f}  held-out acc {val}  ({record['seconds']}s)")
+        state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "history": history, "recipe": _recipe(cfg)}
+        save_checkpoint(cfg.out, model.cpu(), config, train_state=state)
+        model.to(device)
+    return {"config": config, "history": history, "rejected": batches.rejected}
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * fraction)) if fraction > 0 else 0
+    n_val = min(n_val, n - 1)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _recipe(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in vars(cfg).items() if k not in ("resume", "quiet", "device", "workers")}
+
+
+def _resume(cfg, config, model, optimizer, scheduler):
+    payload = read_checkpoint(cfg.out)
+    if payload["config"] != config:
+        raise HashsearchError(f"{cfg.out} was trained with another configuration; drop --resume to start over")
+    state = payload.get("train_state")
+    if state is None:
+        raise HashsearchError(f"{cfg.out} holds no training state to resume from")
+    model.load_state_dict(payload["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"]), list(state["history"])
+
+
+class _Batches:
+    """Feeds training: from decoded images in RAM, by streaming, or from cached F7 when the backbone is frozen."""
+
+    def __init__(self, cfg, model, device, train_x, train_y, val_x, val_y, config, features: bool, rejected: int):
+        self.cfg, self.model, self.device, self.config = cfg, model, device, config
+        self.train_x, self.train_y, self.val_x, self.val_y = train_x, train_y, val_x, val_y
+        self.features, self.rejected = features, rejected
+
+    def train(self, epoch: int):
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+        order = torch.randperm(len(self.train_y), generator=g)
+        for a in range(0, len(order), self.cfg.batch_size):
+            sel = order[a:a + self.cfg.batch_size]
+            x = self.train_x[sel]
+            if not self.features:
+                x = augment(x, g)
+            yield x.to(self.device), self.train_y[sel].to(self.device)
+
+    def logits(self, x):
+        if self.features:
+            return self.model.classifier(torch.sigmoid(self.model.latent(x)))
+        return self.model(normalize(x, self.config["mean"], self.config["std"]))[0]
+
+    @torch.no_grad()
+    def evaluate(self):
+        if self.val_y is None or len(self.val_y) == 0:
+            return None
+        self.model.eval()
+        correct = 0
+        for a in range(0, len(self.val_y), 512):
+            logits = self.logits(self.val_x[a:a + 512].to(self.device))
+            correct += int((logits.argmax(1).cpu() == self.val_y[a:a + 512]).sum())
+        return correct / len(self.val_y)
+
+
+def _batch_provider(cfg, source, labels, config, model, train_idx, val_idx, device) -> _Batches:
+    size = config["input_size"]
+    n_bytes = len(source) * 3 * size * size
+    if not cfg.freeze_backbone and n_bytes > PRELOAD_LIMIT_BYTES:
+        raise HashsearchError(f"{len(source)} images at {size}px need {n_bytes >> 30} GiB decoded; "
+                              "use --freeze-backbone or a smaller --input-size")
+    tx, ty, rej_t = _decode_all(cfg, source, labels, train_idx, size, model if cfg.freeze_backbone else None,
+                                config, device, "train")
+    vx, vy, rej_v = _decode_all(cfg, source, labels, val_idx, size, model if cfg.freeze_backbone else None,
+                                config, device, "held-out")
+    return _Batches(cfg, model, device, tx, ty, vx, vy, config, cfg.freeze_backbone, rej_t + rej_v)
+
+
+@torch.no_grad()
+def _decode_all(cfg, source, labels, indices, size, model, config, device, what):
+    """Decode `indices` once: uint8 images, or F7 features when `model` (a frozen backbone) is given."""
+    if len(indices) == 0:
+        return None, None, 0
+    loader = make_loader(source, size, 256, cfg.workers, indices=[int(i) for i in indices])
+    xs, ys, rejected = [], [], 0
+    if model is not None:
+        model.eval()
+    desc = f"{'F7 of' if model is not None else 'decoding'} {what} images"
+    for _, pixels, good, rejects in tqdm(loader, desc=desc, disable=cfg.quiet, leave=False):
+        rejected += len(rejects)
+        if len(good) == 0:
+            continue
+        if model is not None:
+            x = normalize(pixels.to(device), config["mean"], config["std"])
+            xs.append(model.backbone(x).float().cpu())
+        else:
+            xs.append(pixels)
+        ys.append(torch.as_tensor(labels[good], dtype=torch.long))
+    if not xs:
+        raise HashsearchError(f"none of the {what} images could be decoded")
+    return torch.cat(xs), torch.cat(ys), rejected

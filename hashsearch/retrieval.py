@@ -1,0 +1,80 @@
+"""Query a collection by images or by stored ids: encoder + index in one call.
+
+This is what `hashsearch query` runs, and what a pipeline embedding
+hashsearch calls; results are plain dicts ready for JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .engine import DEFAULT_POOL, Index
+from .engine.index import INDEX_DIR, META_FILE
+from .errors import HashsearchError
+from .shards import Collection
+
+
+def run_query(collection, *, images=(), ids=(), k: int = 10, pool: int | None = None, radius: int | None = None,
+              nflip: int | None = None, mode: str = "hds", model_path=None, index_dir=None) -> dict:
+    index = Index.open(collection, index_dir)
+    coll = index.collection
+    names, codes, feats = [], [], []
+    if images:
+        from .encoders.encoder import Encoder   # torch is only needed to encode new images
+        model_path = model_path or coll.model_path
+        if model_path is None:
+            raise HashsearchError(f"{coll.root} has no model.pt; pass --model")
+        encoder = Encoder.from_checkpoint(model_path, device="cpu")
+        if encoder.bits != coll.bits:
+            raise HashsearchError(f"model {model_path} makes {encoder.bits}-bit codes but {coll.root} holds {coll.bits}-bit codes")
+        for path in images:
+            if not Path(path).exists():
+                raise HashsearchError(f"query image not found: {path}")
+        c, f = encoder.encode(list(images))
+        names += [str(p) for p in images]
+        codes.append(c)
+        feats.append(f)
+    if ids:
+        rows = coll.rows_for_ids(list(ids))
+        names += [f"id:{i}" for i in ids]
+        codes.append(index.codes[rows])
+        feats.append(coll.features(rows))
+    result = index.search(np.concatenate(codes), np.concatenate(feats), k, mode=mode,
+                          pool=pool or DEFAULT_POOL, radius=radius, nflip=nflip)
+    class_names = coll.manifest.get("class_names") or []
+    queries = []
+    for q, name in enumerate(names):
+        cols = np.flatnonzero(result.rows[q] >= 0)
+        rows = result.rows[q, cols]
+        hits = []
+        for rank, (j, path, label) in enumerate(zip(cols, coll.paths(rows), coll.labels()[rows])):
+            dist = float(result.distances[q, j])
+            hits.append({"rank": rank + 1, "id": int(result.ids[q, j]), "path": path,
+                         "label": class_names[label] if 0 <= label < len(class_names) else int(label),
+                         "hamming": int(result.hamming[q, j]),
+                         "distance": None if math.isnan(dist) else dist})
+        queries.append({"query": name, "results": hits})
+    return {"mode": mode, "k": k, "queries": queries}
+
+
+def collection_info(root, verify: bool = False) -> dict:
+    coll = Collection.open(root, require_complete=False, allow_empty=True)
+    m = coll.manifest
+    disk = sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
+    report = {
+        "path": str(Path(root).resolve()), "complete": bool(m.get("complete")),
+        "items": coll.n, "shards": len(coll.shard_files), "bits": coll.bits,
+        "feature_dim": coll.feature_dim, "feature_dtype": str(coll.feature_dtype),
+        "rejected": coll.rejected, "backbone": m.get("backbone"), "source": m.get("source_spec"),
+        "classes": len(m.get("class_names") or []), "bytes_on_disk": disk,
+    }
+    meta_path = Path(root) / INDEX_DIR / META_FILE
+    if meta_path.exists():
+        report["index"] = json.loads(meta_path.read_text())["coarse"]["kind"]
+    if verify:
+        report["problems"] = coll.verify()
+        report["verified"] = not report["problems"]
+    return report
