@@ -180,5 +180,93 @@ def info(collection, as_json, verify):
         sys.exit(1)
 
 
+# -- eval --------------------------------------------------------------------------------
+@main.command("eval")
+@click.argument("database")
+@click.option("--queries", "queries_path", required=True, help="Collection of query items (with labels).")
+@click.option("--mode", default="all", show_default=True, type=click.Choice(["bcs", "es", "hds", "all"]))
+@click.option("--topk", default=1000, show_default=True, help="Ranking depth for mAP and precision@k.")
+@click.option("--pool", type=int, help="Coarse pool of hds [max(topk, 1000)].")
+@click.option("--map-all", is_flag=True, help="mAP over the full ranking instead of the top k.")
+@click.option("--json", "json_path", help="Write the metrics to this JSON file.")
+@click.option("--plot", "plot_path", help="Write precision@k curves to this PNG.")
+def evaluate(database, queries_path, mode, topk, pool, map_all, json_path, plot_path):
+    """Retrieval quality of DATABASE for the labelled --queries (the paper's protocol)."""
+    from .bench.evaluate import evaluate as run_eval, format_table
+    from .shards import Collection
+    _positive("topk", topk)
+    _positive("pool", pool)
+    modes = ("bcs", "es", "hds") if mode == "all" else (mode,)
+    results = run_eval(Collection.open(database), Collection.open(queries_path), modes=modes, topk=topk,
+                       pool=pool, map_all=map_all)
+    click.echo(format_table(results))
+    if json_path:
+        _write_json(json_path, results if len(results) > 1 else results[0])
+    if plot_path:
+        from .bench.plots import plot_precision_at_k
+        plot_precision_at_k(results, plot_path)
+        click.echo(f"wrote {plot_path}")
+
+
+# -- bench -------------------------------------------------------------------------------
+@main.command()
+@click.option("--exhaustive", is_flag=True, help="Hierarchical vs binary-only vs exhaustive search speed.")
+@click.option("--encode", "encode_source", metavar="SOURCE", help="Encode throughput on SOURCE: pipeline vs model alone.")
+@click.option("--n", default=1_000_000, show_default=True, help="Synthetic collection size.")
+@click.option("--dim", default=4096, show_default=True)
+@click.option("--bits", default=128, show_default=True)
+@click.option("--queries", default=200, show_default=True)
+@click.option("--batch", default=1, show_default=True, help="Queries per search call.")
+@click.option("--pool", type=int, help="Coarse candidate pool.")
+@click.option("--coarse", type=click.Choice(["flat", "hash", "multihash"]), help="Coarse index kind.")
+@click.option("--collection", help="Benchmark a real encoded collection instead of synthetic data.")
+@click.option("--scaling", is_flag=True, help="Run N = 10k, 100k and 1M and plot latency against N.")
+@click.option("--plot", "plot_path", default="bench-scaling.png", show_default=True, help="PNG for --scaling.")
+@click.option("--cache-dir", help="Where synthetic collections are cached.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--model", "model_path", help="Checkpoint for --encode.")
+@click.option("--limit", default=10_000, show_default=True, help="Images for --encode.")
+@click.option("--batch-size", default=256, show_default=True, help="Batch size for --encode.")
+@click.option("--workers", default=2, show_default=True, help="Loader workers for --encode.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_path", help="Write the results to this JSON file.")
+def bench(exhaustive, encode_source, n, dim, bits, queries, batch, pool, coarse, collection, scaling, plot_path,
+          cache_dir, seed, model_path, limit, batch_size, workers, device, json_path):
+    """Benchmarks: --exhaustive (search speed) or --encode SOURCE (encode throughput)."""
+    if exhaustive == bool(encode_source):
+        raise HashsearchError("choose one benchmark: --exhaustive or --encode SOURCE")
+    if encode_source:
+        from .bench.encode_speed import format_encode_report, run_encode_bench
+        if not model_path:
+            raise HashsearchError("--encode needs --model")
+        _existing(model_path, "model")
+        result = run_encode_bench(model_path, encode_source, limit=limit, batch_size=batch_size,
+                                  workers=workers, device=device)
+        click.echo(format_encode_report(result))
+    else:
+        from .bench import speed
+        for name, value in (("n", n), ("dim", dim), ("queries", queries), ("batch", batch), ("pool", pool)):
+            _positive(name, value)
+        common = dict(dim=dim, bits=bits, queries=queries, batch=batch, pool=pool, coarse=coarse,
+                      seed=seed, cache_dir=cache_dir)
+        if scaling:
+            result = speed.run_scaling(**common)
+            for r in result:
+                click.echo(speed.format_report(r))
+            speed.plot_scaling(result, plot_path)
+            click.echo(f"wrote {plot_path}")
+        else:
+            result = speed.run_exhaustive_bench(n=n, collection=collection, **common)
+            click.echo(speed.format_report(result))
+    if json_path:
+        _write_json(json_path, result)
+
+
+def _write_json(path, data):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -37,9 +37,11 @@ class SmallCNN(nn.Module):
         def block(cin, cout):
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
+        # One conv per stage: about 11 MFLOPs an image at 32 px, so an epoch of
+        # 60,000 images takes about a minute on two cores.
         self.features = nn.Sequential(
-            *block(3, 32), *block(32, 32), nn.MaxPool2d(2),
-            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+            *block(3, 32), nn.MaxPool2d(2),
+            *block(32, 64), nn.MaxPool2d(2),
             *block(64, 128), nn.MaxPool2d(2),
             nn.AdaptiveAvgPool2d(4),
         )

@@ -39,8 +39,9 @@ def augment(batch: torch.Tensor, generator: torch.Generator | None = None) -> to
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     flip = torch.rand(n, generator=generator) < 0.5
-    out = torch.empty_like(batch)
-    for i in range(n):
-        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
-        out[i] = crop.flip(-1) if flip[i] else crop
-    return out
+    rows = dy[:, None] + torch.arange(h)                       # [n, h]
+    cols = dx[:, None] + torch.arange(w)                       # [n, w]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    n_idx = torch.arange(n)[:, None, None, None]
+    c_idx = torch.arange(batch.shape[1])[None, :, None, None]
+    return padded[n_idx, c_idx, rows[:, None, :, None], cols[:, None, None, :]]

@@ -1,0 +1,1 @@
+"""Evaluation and benchmarks: they call the engine, never the reverse."""
