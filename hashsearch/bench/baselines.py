@@ -1,0 +1,109 @@
+"""Unsupervised hash codes from the same F7 features, for the paper's comparison table.
+
+  lsh  sign of random projections (faiss IndexLSH, orthonormalised random
+       directions), each bit thresholded at its median on the training set so
+       bits are balanced: F7 is post-ReLU and non-negative, and zero thresholds
+       on uncentred data would give nearly constant bits.
+  itq  faiss ITQTransform: centre, L2-normalise, PCA to `bits` dimensions,
+       then the ITQ rotation (Gong & Lazebnik); bit = projection >= 0.
+
+Both return packed codes in hashsearch's layout (hashsearch.codes); faiss
+IndexLSH packs LSB first, which is that layout, so its codes are used as is.
+Fitting uses the database (training) features only; queries are encoded with
+the fitted model, so fit once and encode both sides with the same encoder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import faiss
+import numpy as np
+
+from ..codes import check_bits, pack_codes
+from ..errors import HashsearchError
+from ..shards import Collection, CollectionWriter
+
+METHODS = ("lsh", "itq")
+# Manifest keys the writer owns; everything else is carried over from the source collection.
+_WRITER_KEYS = {"format", "version", "complete", "bits", "feature_dim", "feature_dtype",
+                "shard_size", "items", "rejected", "shards"}
+
+Encoder = Callable[[np.ndarray], np.ndarray]
+
+
+def fit_baseline(method: str, train_feats: np.ndarray, bits: int, seed: int = 0) -> Encoder:
+    """A function mapping float features [n, D] to packed codes uint8 [n, bits/8]."""
+    bits = check_bits(bits)
+    x = np.ascontiguousarray(train_feats, np.float32)
+    if x.ndim != 2 or len(x) < 2:
+        raise HashsearchError(f"need a [n >= 2, D] training matrix, got shape {x.shape}")
+    d = x.shape[1]
+    if method == "lsh":
+        index = faiss.IndexLSH(d, bits, True, True)
+        index.rrot.init(int(seed))      # the constructor seeds every IndexLSH alike
+        index.train(x)
+        return lambda f: index.sa_encode(np.ascontiguousarray(f, np.float32))
+    if method == "itq":
+        if bits > d:
+            raise HashsearchError(f"itq needs bits <= feature dimension, got {bits} > {d}")
+        itq = faiss.ITQTransform(d, bits, True)
+        itq.itq.seed = int(seed)
+        itq.train(x)
+        return lambda f: pack_codes(itq.apply(np.ascontiguousarray(f, np.float32)) >= 0)
+    raise HashsearchError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def lsh_codes(train_feats: np.ndarray, feats: np.ndarray, bits: int, seed: int = 0) -> np.ndarray:
+    return fit_baseline("lsh", train_feats, bits, seed)(feats)
+
+
+def itq_codes(train_feats: np.ndarray, feats: np.ndarray, bits: int, seed: int = 0) -> np.ndarray:
+    return fit_baseline("itq", train_feats, bits, seed)(feats)
+
+
+def training_features(coll: Collection, max_rows: int = 50_000, seed: int = 0) -> np.ndarray:
+    """All features of `coll`, or a seeded sample of `max_rows` of them, float32."""
+    rows = np.arange(coll.n)
+    if coll.n > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(coll.n, max_rows, replace=False))
+    return coll.features(rows)
+
+
+def write_baseline_collection(src: Collection, out_root, method: str, bits: int,
+                              train_coll: Collection | None = None, *, seed: int = 0,
+                              encoder: Encoder | None = None, overwrite: bool = False,
+                              block_rows: int = 16384) -> Collection:
+    """Copy `src` to `out_root` with its codes replaced by `method` codes.
+
+    The model is fit on `train_coll` (default: `src` itself, i.e. pass the
+    database when writing the query side), or pass a fitted `encoder` from
+    fit_baseline to skip refitting.  Ids, labels, paths and features are
+    copied unchanged, so `hashsearch eval` reads the result like any other.
+    """
+    if encoder is None:
+        encoder = fit_baseline(method, training_features(train_coll or src, seed=seed), bits, seed)
+    trained_on = str((train_coll or src).root)
+    meta = {k: v for k, v in src.manifest.items() if k not in _WRITER_KEYS}
+    meta["model_fingerprint"] = f"baseline:{method}:{bits}:seed={seed}:trained_on={trained_on}"
+    meta["baseline"] = {"method": method, "bits": int(bits), "seed": int(seed), "trained_on": trained_on,
+                        "source_collection": str(src.root)}
+    ids, labels = src.ids(), src.labels()
+    with CollectionWriter(Path(out_root), bits=bits, feature_dim=src.feature_dim,
+                          feature_dtype=src.manifest["feature_dtype"],
+                          shard_size=int(src.manifest.get("shard_size", 100_000)),
+                          meta=meta, overwrite=overwrite) as writer:
+        if writer.complete:
+            raise HashsearchError(f"{out_root} already holds a finished collection; use overwrite to replace it")
+        resume = writer.resume_from     # rows kept from an interrupted run
+        for first, block in src.iter_feature_blocks(block_rows):
+            if first + len(block) <= resume:
+                continue
+            block = block[max(0, resume - first):]
+            first = max(first, resume)
+            sl = slice(first, first + len(block))
+            codes = encoder(np.asarray(block, np.float32))
+            writer.add(codes, block, ids[sl], labels[sl], src.paths(np.arange(sl.start, sl.stop)),
+                       source_end=sl.stop, capacity_hint=src.n - first)
+        writer.finish(src.n)
+    return Collection.open(out_root)

@@ -1,0 +1,71 @@
+"""PNG figures of evaluation results, in the style of the paper's Figures 4-6.
+
+matplotlib is imported inside each function, with the Agg backend, so that
+importing this module costs nothing and works without a display.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_precision_at_k(results: list[dict], path, title: str | None = None) -> Path:
+    """One P@k line per result of evaluate(), labelled by mode (and bits)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    try:
+        for r in results:
+            p = r["precision_at_k"]
+            ks = np.array(sorted(int(k) for k in p))
+            ax.plot(ks, [p[str(k)] for k in ks], label=f"{r['mode']} ({r['bits']} bits)" if "bits" in r else r["mode"])
+        ax.set_xlabel("number of top retrieved images k")
+        ax.set_ylabel("precision@k")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if title:
+            ax.set_title(title)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_pr_curve(curves: dict, path, title: str | None = None) -> Path:
+    """Precision against recall of Hamming-ball retrieval, one line per entry.
+
+    `curves` maps a label (e.g. "ours 48 bits", "itq 48 bits") to the
+    (radius, precision, recall) triple of metrics.pr_curve_hamming.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    try:
+        for label, (_, precision, recall) in curves.items():
+            ok = ~np.isnan(precision)
+            ax.plot(np.asarray(recall)[ok], np.asarray(precision)[ok], marker=".", label=label)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if title:
+            ax.set_title(title)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

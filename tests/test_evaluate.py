@@ -1,0 +1,193 @@
+import numpy as np
+import pytest
+
+from hashsearch.bench.baselines import fit_baseline, itq_codes, lsh_codes, write_baseline_collection
+from hashsearch.bench.evaluate import evaluate, format_table
+from hashsearch.bench.metrics import mean_average_precision, pr_curve_hamming, rank_by_hamming
+from hashsearch.bench.plots import plot_precision_at_k, plot_pr_curve
+from hashsearch.codes import pack_codes
+from hashsearch.errors import HashsearchError
+from hashsearch.shards import Collection, CollectionWriter
+
+DIM, BITS, CLASSES = 32, 16, 8
+
+
+def clustered(n, seed, centers):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, n)
+    feats = centers[labels] + rng.normal(size=(n, DIM))
+    return np.maximum(feats, 0).astype(np.float32), labels     # non-negative, like post-ReLU F7
+
+
+def write(root, codes, feats, labels, first_id=0):
+    n = len(feats)
+    ids = np.arange(first_id, first_id + n)
+    w = CollectionWriter(root, bits=codes.shape[1] * 8, feature_dim=feats.shape[1], feature_dtype="float32",
+                         shard_size=max(1, n // 2 + 1), meta={"source": "synthetic"})
+    w.add(codes, feats, ids, labels, [f"img{i}.jpg" for i in ids], source_end=n)
+    w.finish()
+    return Collection.open(root)
+
+
+@pytest.fixture(scope="module")
+def data():
+    centers = np.random.default_rng(0).normal(scale=2.5, size=(CLASSES, DIM)) + 2
+    db_f, db_l = clustered(400, 1, centers)
+    q_f, q_l = clustered(60, 2, centers)
+    return db_f, db_l, q_f, q_l
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, data):
+    """Codes from the sign of a random projection of centred features."""
+    db_f, db_l, q_f, q_l = data
+    proj = np.random.default_rng(5).normal(size=(DIM, BITS))
+    mean = db_f.mean(0)
+    enc = lambda f: pack_codes((f - mean) @ proj > 0)
+    root = tmp_path_factory.mktemp("pair")
+    return write(root / "db", enc(db_f), db_f, db_l), write(root / "q", enc(q_f), q_f, q_l, first_id=10_000)
+
+
+@pytest.fixture(scope="module")
+def random_pair(tmp_path_factory, data):
+    db_f, db_l, q_f, q_l = data
+    rng = np.random.default_rng(9)
+    root = tmp_path_factory.mktemp("random")
+    rand = lambda n: rng.integers(0, 256, (n, BITS // 8), dtype=np.uint8)
+    return write(root / "db", rand(len(db_f)), db_f, db_l), write(root / "q", rand(len(q_f)), q_f, q_l)
+
+
+def test_evaluate_keys_and_ordering(pair, random_pair):
+    db, q = pair
+    results = evaluate(db, q, topk=50)
+    assert [r["mode"] for r in results] == ["bcs", "es", "hds"]
+    for r in results:
+        assert {"mode", "map", "precision_at_k", "precision_hamming2", "n_queries", "n_database",
+                "topk", "seconds"} <= set(r)
+        assert r["n_queries"] == 60 and r["n_database"] == 400 and r["topk"] == 50
+        assert list(r["precision_at_k"]) == [str(k) for k in range(1, 51)]
+        assert 0 <= r["map"] <= 1
+    by = {r["mode"]: r for r in results}
+    assert by["es"]["precision_hamming2"] is None
+    assert by["bcs"]["precision_hamming2"] == by["hds"]["precision_hamming2"]
+    rand = {r["mode"]: r for r in evaluate(*random_pair, modes=("bcs",), topk=50)}
+    # Clustered F7 retrieves by class; random codes are at chance (about 1/8).
+    assert by["es"]["map"] > 0.9
+    assert rand["bcs"]["map"] < 0.4 < by["bcs"]["map"]
+    assert by["es"]["map"] > rand["bcs"]["map"]
+    table = format_table(results)
+    assert "mAP@50" in table and "P@10" in table and "hds" in table
+
+
+def test_bcs_matches_direct_computation(pair):
+    db, q = pair
+    (res,) = evaluate(db, q, modes=("bcs",), topk=30)
+    rows, _ = rank_by_hamming(q.codes(), db.codes(), 30, db.ids())
+    rel = db.labels()[rows] == q.labels()[:, None]
+    assert res["map"] == pytest.approx(mean_average_precision(rel))
+    assert res["precision_at_k"]["30"] == pytest.approx(rel.mean())
+
+
+def test_hds_with_full_pool_is_exhaustive(pair):
+    db, q = pair
+    es, hds = evaluate(db, q, modes=("es", "hds"), topk=40, pool=db.n)
+    assert hds["map"] == pytest.approx(es["map"])
+    assert hds["precision_at_k"] == pytest.approx(es["precision_at_k"])
+
+
+def test_hds_pool_equal_topk_keeps_bcs_set(pair):
+    db, q = pair
+    bcs, hds = evaluate(db, q, modes=("bcs", "hds"), topk=40, pool=40)
+    # Same 40 items per query, reordered: P@40 agrees, mAP may not.
+    assert hds["precision_at_k"]["40"] == pytest.approx(bcs["precision_at_k"]["40"])
+
+
+def test_hds_continues_in_hamming_order_past_the_pool(pair):
+    db, q = pair
+    bcs, hds = evaluate(db, q, modes=("bcs", "hds"), topk=40, pool=1)
+    # Reranking a pool of one changes nothing.
+    assert hds["map"] == pytest.approx(bcs["map"])
+    assert hds["precision_at_k"] == pytest.approx(bcs["precision_at_k"])
+
+
+def test_map_all_matches_brute_force(pair):
+    db, q = pair
+    (res,) = evaluate(db, q, modes=("bcs",), topk=10, map_all=True)
+    rows, _ = rank_by_hamming(q.codes(), db.codes(), db.n, db.ids())
+    rel = db.labels()[rows] == q.labels()[:, None]
+    assert res["map_all"] and res["map"] == pytest.approx(mean_average_precision(rel, rel.sum(1)))
+    assert len(res["precision_at_k"]) == 10
+    assert "mAP@all" in format_table([res])
+
+
+def test_unlabeled_collection_is_refused(tmp_path, pair, data):
+    db, _ = pair
+    db_f, _, q_f, q_l = data
+    labels = q_l.copy()
+    labels[3] = -1
+    q = write(tmp_path / "q", np.zeros((len(q_f), BITS // 8), np.uint8), q_f, labels)
+    with pytest.raises(HashsearchError, match="eval needs labels"):
+        evaluate(db, q)
+
+
+def test_bad_arguments(pair):
+    db, q = pair
+    with pytest.raises(HashsearchError, match="unknown mode"):
+        evaluate(db, q, modes=("fast",))
+    with pytest.raises(HashsearchError):
+        evaluate(db, q, topk=0)
+
+
+def test_lsh_and_itq_codes(data):
+    db_f, db_l, q_f, q_l = data
+    lsh = lsh_codes(db_f, q_f, 16, seed=1)
+    itq = itq_codes(db_f, q_f, 16, seed=1)
+    assert lsh.shape == itq.shape == (len(q_f), 2) and lsh.dtype == itq.dtype == np.uint8
+    np.testing.assert_array_equal(lsh, lsh_codes(db_f, q_f, 16, seed=1))
+    assert not np.array_equal(lsh, lsh_codes(db_f, q_f, 16, seed=2))
+    with pytest.raises(HashsearchError):
+        itq_codes(db_f, q_f, 64)
+
+    def map_of(method):
+        enc = fit_baseline(method, db_f, 16, seed=1)
+        rows, _ = rank_by_hamming(enc(q_f), enc(db_f), 50)
+        return mean_average_precision(db_l[rows] == q_l[:, None])
+
+    chance = 1 / CLASSES
+    assert map_of("itq") > map_of("lsh") > chance
+    assert map_of("itq") > 2 * chance
+
+
+def test_lsh_bits_are_balanced(data):
+    db_f = data[0]
+    bits = np.unpackbits(lsh_codes(db_f, db_f, 16), axis=1)
+    # Median thresholds: each bit is set on about half the training set.
+    assert np.all(np.abs(bits.mean(0) - 0.5) < 0.05)
+
+
+def test_write_baseline_collection_round_trip(tmp_path, pair):
+    db, q = pair
+    enc = fit_baseline("itq", db.features(np.arange(db.n)), 16)
+    out_db = write_baseline_collection(db, tmp_path / "itq-db", "itq", 16, encoder=enc)
+    out_q = write_baseline_collection(q, tmp_path / "itq-q", "itq", 16, train_coll=db)
+    assert out_db.n == db.n and out_db.bits == 16
+    np.testing.assert_array_equal(out_db.ids(), db.ids())
+    np.testing.assert_array_equal(out_db.labels(), db.labels())
+    np.testing.assert_array_equal(out_db.features(np.arange(db.n)), db.features(np.arange(db.n)))
+    assert out_db.paths([0, db.n - 1]) == db.paths([0, db.n - 1])
+    assert out_db.manifest["baseline"]["method"] == "itq"
+    assert out_db.manifest["source"] == "synthetic"
+    # Refit on the same database gives the same query codes as the shared encoder.
+    np.testing.assert_array_equal(out_q.codes(), enc(q.features(np.arange(q.n))))
+    (res,) = evaluate(out_db, out_q, modes=("bcs",), topk=20)
+    assert res["map"] > 2 / CLASSES
+
+
+def test_plots_write_png(tmp_path, pair):
+    db, q = pair
+    results = evaluate(db, q, topk=20)
+    path = plot_precision_at_k(results, tmp_path / "p.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    curve = pr_curve_hamming(q.codes(), db.codes(), q.labels(), db.labels())
+    path = plot_pr_curve({"ours 16 bits": curve}, tmp_path / "pr.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
