@@ -190,15 +190,22 @@ def info(collection, as_json, verify):
 @click.option("--map-all", is_flag=True, help="mAP over the full ranking instead of the top k.")
 @click.option("--json", "json_path", help="Write the metrics to this JSON file.")
 @click.option("--plot", "plot_path", help="Write precision@k curves to this PNG.")
-def evaluate(database, queries_path, mode, topk, pool, map_all, json_path, plot_path):
+@click.option("--baselines", "baselines_text", default="", metavar="TEXT",
+              help="Also rank with baseline codes fitted on DATABASE's F7 features, comma-separated: lsh,itq.")
+def evaluate(database, queries_path, mode, topk, pool, map_all, json_path, plot_path, baselines_text):
     """Retrieval quality of DATABASE for the labelled --queries (the paper's protocol)."""
+    from .bench.baselines import METHODS
     from .bench.evaluate import evaluate as run_eval, format_table
     from .shards import Collection
     _positive("topk", topk)
     _positive("pool", pool)
     modes = ("bcs", "es", "hds") if mode == "all" else (mode,)
+    baselines = tuple(dict.fromkeys(b.strip().lower() for b in baselines_text.split(",") if b.strip()))
+    for b in baselines:
+        if b not in METHODS:
+            raise HashsearchError(f"unknown baseline {b!r} in --baselines; choose from {','.join(METHODS)}")
     results = run_eval(Collection.open(database), Collection.open(queries_path), modes=modes, topk=topk,
-                       pool=pool, map_all=map_all)
+                       pool=pool, map_all=map_all, baselines=baselines)
     click.echo(format_table(results))
     if json_path:
         _write_json(json_path, results if len(results) > 1 else results[0])

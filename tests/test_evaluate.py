@@ -191,3 +191,61 @@ def test_plots_write_png(tmp_path, pair):
     curve = pr_curve_hamming(q.codes(), db.codes(), q.labels(), db.labels())
     path = plot_pr_curve({"ours 16 bits": curve}, tmp_path / "pr.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_with_baselines(pair):
+    db, q = pair
+    results = evaluate(db, q, modes=("bcs",), topk=50, baselines=("lsh", "itq"), baseline_seed=1)
+    assert [r["mode"] for r in results] == ["bcs", "lsh", "itq"]
+    by = {r["mode"]: r for r in results}
+    for name in ("lsh", "itq"):
+        r = by[name]
+        assert r["method"] == name and r["bits"] == BITS and r["pool"] is None and r["fit_seconds"] >= 0
+        assert set(by["bcs"]) <= set(r) and list(r["precision_at_k"]) == list(by["bcs"]["precision_at_k"])
+        assert r["precision_hamming2"] is not None
+    # Same codes, same numbers as the direct computation with the same fitted encoder.
+    enc = fit_baseline("itq", db.features(np.arange(db.n)), BITS, seed=1)
+    rows, _ = rank_by_hamming(enc(q.features(np.arange(q.n))), enc(db.features(np.arange(db.n))), 50, db.ids())
+    assert by["itq"]["map"] == pytest.approx(mean_average_precision(db.labels()[rows] == q.labels()[:, None]))
+    chance = 1 / CLASSES
+    assert by["itq"]["map"] >= by["lsh"]["map"] > chance
+    assert by["itq"]["map"] > 2 * chance
+    table = format_table(results)
+    assert "lsh" in table.splitlines()[3] and "itq" in table.splitlines()[4]
+
+
+def test_baselines_with_features_loaded_and_other_bits(pair):
+    db, q = pair
+    # es loads the features; the baselines reuse them and give the same codes as a block-wise encode.
+    with_es = evaluate(db, q, modes=("es",), topk=20, baselines=("lsh",), baseline_bits=8)
+    alone = evaluate(db, q, modes=(), topk=20, baselines=("lsh",), baseline_bits=8)
+    assert [r["mode"] for r in with_es] == ["es", "lsh"] and [r["mode"] for r in alone] == ["lsh"]
+    assert with_es[1]["bits"] == 8 and with_es[1]["map"] == pytest.approx(alone[0]["map"])
+    with pytest.raises(HashsearchError, match="unknown baseline"):
+        evaluate(db, q, baselines=("pq",))
+    with pytest.raises(HashsearchError, match="multiple of 8"):
+        evaluate(db, q, modes=(), baselines=("lsh",), baseline_bits=12)
+
+
+def test_cli_eval_with_baselines(tmp_path, pair):
+    import json
+
+    from click.testing import CliRunner
+
+    from hashsearch.cli import main
+    db, q = pair
+    out, png = tmp_path / "out.json", tmp_path / "p.png"
+    args = ["eval", str(db.root), "--queries", str(q.root), "--mode", "bcs", "--baselines", "lsh,itq",
+            "--topk", "50", "--json", str(out), "--plot", str(png)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    data = json.loads(out.read_text())
+    assert isinstance(data, list) and [r["mode"] for r in data] == ["bcs", "lsh", "itq"]
+    for r in data:
+        assert {"mode", "map", "precision_at_k", "precision_hamming2", "n_queries", "n_database"} <= set(r)
+        assert r["n_queries"] == q.n and r["n_database"] == db.n and 0 <= r["map"] <= 1
+        assert len(r["precision_at_k"]) == 50
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "itq" in result.output and "lsh" in result.output
+    bad = CliRunner().invoke(main, args[:6] + ["--baselines", "lsh,pq"])
+    assert bad.exit_code == 1 and "unknown baseline 'pq'" in bad.output

@@ -62,12 +62,17 @@ def itq_codes(train_feats: np.ndarray, feats: np.ndarray, bits: int, seed: int =
     return fit_baseline("itq", train_feats, bits, seed)(feats)
 
 
-def training_features(coll: Collection, max_rows: int = 50_000, seed: int = 0) -> np.ndarray:
-    """All features of `coll`, or a seeded sample of `max_rows` of them, float32."""
-    rows = np.arange(coll.n)
-    if coll.n > max_rows:
-        rows = np.sort(np.random.default_rng(seed).choice(coll.n, max_rows, replace=False))
-    return coll.features(rows)
+def training_features(coll: Collection, max_rows: int = 50_000, seed: int = 0,
+                      feats: np.ndarray | None = None) -> np.ndarray:
+    """All features of `coll`, or a seeded sample of `max_rows` of them, float32.
+
+    `feats`, all of coll's features already in RAM, is sampled instead of
+    reading the collection again (and returned as is when no sample is needed).
+    """
+    if coll.n <= max_rows:
+        return coll.features(np.arange(coll.n)) if feats is None else feats
+    rows = np.sort(np.random.default_rng(seed).choice(coll.n, max_rows, replace=False))
+    return coll.features(rows) if feats is None else feats[rows]
 
 
 def write_baseline_collection(src: Collection, out_root, method: str, bits: int,

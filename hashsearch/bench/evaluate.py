@@ -12,6 +12,12 @@ Three rankings of the whole database per query, as in the paper:
 With pool < topk (or with map_all) the ranking goes on past the pool in
 Hamming order, so every mode ranks the same number of items.
 
+baselines=("lsh", "itq") adds one row per unsupervised baseline
+(hashsearch.bench.baselines): fitted on the database's F7 features, at the
+database's code length unless baseline_bits says otherwise, it encodes both
+sides and is ranked exactly like bcs, so its row is comparable with the
+model's bcs row.  Its `seconds` includes fitting and encoding.
+
 Rankings are computed exactly over in-RAM codes and features (numpy, and
 faiss's fvec_L2sqr_by_idx for the pool distances) rather than through the
 engine's indexes, so that hash-bucket misses cannot move the numbers and
@@ -30,6 +36,8 @@ import numpy as np
 
 from ..errors import HashsearchError
 from ..shards import Collection
+from ..codes import check_bits
+from .baselines import METHODS, fit_baseline, training_features
 from .metrics import HammingScanner, QUERY_BLOCK, average_precision, precision_within_radius
 
 MODES = ("bcs", "es", "hds")
@@ -37,24 +45,31 @@ DEFAULT_POOL = 1000
 
 
 def evaluate(database: Collection, queries: Collection, modes=("bcs", "es", "hds"), topk: int = 1000,
-             pool: int | None = None, map_all: bool = False) -> list[dict]:
-    """One dict per mode: mode, map, precision_at_k {"1": P@1, ..., str(topk): P@topk},
-    precision_hamming2 (None for es, which uses no codes), n_queries, n_database,
-    topk, bits, pool (hds only), map_all, seconds.
+             pool: int | None = None, map_all: bool = False, baselines=(), baseline_bits: int | None = None,
+             baseline_seed: int = 0) -> list[dict]:
+    """One dict per mode, then one per baseline: mode, map, precision_at_k
+    {"1": P@1, ..., str(topk): P@topk}, precision_hamming2 (None for es, which
+    uses no codes), n_queries, n_database, topk, bits, pool (hds only),
+    map_all, seconds.  Baseline dicts have mode = method = "lsh" or "itq",
+    plus seed and fit_seconds.
 
     `map` is mAP@topk (AP normalised by the relevant items within the top
     topk) or, with map_all, mAP over the full ranking.
     """
-    modes = tuple(modes)
+    modes, baselines = tuple(modes), tuple(baselines)
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise HashsearchError(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
+    unknown = [m for m in baselines if m not in METHODS]
+    if unknown:
+        raise HashsearchError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    baseline_bits = database.bits if baseline_bits is None else check_bits(baseline_bits)
     if topk <= 0:
         raise HashsearchError(f"topk must be positive, got {topk}")
     if database.bits != queries.bits:
         raise HashsearchError(f"queries have {queries.bits}-bit codes, the database {database.bits}-bit")
     needs_features = any(m in ("es", "hds") for m in modes)
-    if needs_features and database.feature_dim != queries.feature_dim:
+    if (needs_features or baselines) and database.feature_dim != queries.feature_dim:
         raise HashsearchError(f"queries have {queries.feature_dim}-d features, the database {database.feature_dim}-d")
     pool = max(topk, DEFAULT_POOL) if pool is None else int(pool)
     if pool <= 0:
@@ -98,26 +113,44 @@ def evaluate(database: Collection, queries: Collection, modes=("bcs", "es", "hds
         cand[:, :p] = np.take_along_axis(head, order, 1)
         return cand[:, :depth]
 
-    rankers = {"bcs": rank_bcs, "es": rank_es, "hds": rank_hds}
-    results = []
-    for mode in modes:
-        start = time.perf_counter()
+    def score(mode, rank, start, p_h2, bits, **extra) -> dict:
         ap_sum, hits = 0.0, np.zeros(topk)
         for a in range(0, nq, QUERY_BLOCK):
             b = min(nq, a + QUERY_BLOCK)
-            rel = db_labels[rankers[mode](a, b)] == q_labels[a:b, None]
+            rel = db_labels[rank(a, b)] == q_labels[a:b, None]
             ap_sum += average_precision(rel, None if n_rel is None else n_rel[a:b]).sum()
             hits += np.cumsum(rel[:, :topk], axis=1).sum(0)
         p_at_k = hits / nq / np.arange(1, topk + 1)
-        results.append({
+        return {
             "mode": mode, "map": float(ap_sum / nq), "map_all": bool(map_all),
             "precision_at_k": {str(k + 1): float(v) for k, v in enumerate(p_at_k)},
-            "precision_hamming2": None if mode == "es" else p_h2,
-            "n_queries": nq, "n_database": n, "topk": topk, "bits": database.bits,
+            "precision_hamming2": p_h2,
+            "n_queries": nq, "n_database": n, "topk": topk, "bits": bits,
             "pool": pool if mode == "hds" else None,
-            "seconds": round(time.perf_counter() - start, 3),
-        })
+            "seconds": round(time.perf_counter() - start, 3), **extra,
+        }
+
+    rankers = {"bcs": rank_bcs, "es": rank_es, "hds": rank_hds}
+    results = [score(mode, rankers[mode], time.perf_counter(), None if mode == "es" else p_h2, database.bits)
+               for mode in modes]
+    for method in baselines:
+        start = time.perf_counter()
+        encoder = fit_baseline(method, training_features(database, seed=baseline_seed, feats=db_feats),
+                               baseline_bits, baseline_seed)
+        b_db, b_q = _encode(encoder, database, db_feats), _encode(encoder, queries, q_feats)
+        fit_seconds = round(time.perf_counter() - start, 3)
+        b_scan = HammingScanner(b_db, database.ids())
+        b_h2 = precision_within_radius(b_q, b_db, q_labels, db_labels, 2)
+        results.append(score(method, lambda a, b: b_scan.topk(b_q[a:b], depth)[0], start, b_h2, baseline_bits,
+                             method=method, seed=int(baseline_seed), fit_seconds=fit_seconds))
     return results
+
+
+def _encode(encoder, coll: Collection, feats: np.ndarray | None) -> np.ndarray:
+    """Baseline codes of every item of `coll`, from `feats` when in RAM, else block by block."""
+    if feats is not None:
+        return encoder(feats)
+    return np.concatenate([encoder(np.asarray(block, np.float32)) for _, block in coll.iter_feature_blocks()])
 
 
 def _smallest_k(key: np.ndarray, k: int) -> np.ndarray:
@@ -154,18 +187,18 @@ def _all_features(coll: Collection) -> np.ndarray:
 
 
 def format_table(results: list[dict]) -> str:
-    """A plain-text table, one row per mode."""
+    """A plain-text table, one row per mode or baseline."""
     if not results:
         return ""
     topk = results[0]["topk"]
     ks = [k for k in (1, 10, 100) if k < topk] + [topk]
     map_name = "mAP@all" if results[0].get("map_all") else f"mAP@{topk}"
-    header = ["mode", map_name] + [f"P@{k}" for k in ks] + ["P(H<=2)", "seconds"]
+    header = ["mode", "bits", map_name] + [f"P@{k}" for k in ks] + ["P(H<=2)", "seconds"]
     rows = []
     for r in results:
         p = r["precision_at_k"]
         h2 = r["precision_hamming2"]
-        rows.append([r["mode"], f"{r['map']:.4f}"] + [f"{p[str(k)]:.4f}" for k in ks]
+        rows.append([r["mode"], "-" if r["mode"] == "es" else r.get("bits", "-"), f"{r['map']:.4f}"] + [f"{p[str(k)]:.4f}" for k in ks]
                     + ["-" if h2 is None else f"{h2:.4f}", f"{r['seconds']:.1f}"])
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
 
