@@ -23,7 +23,7 @@ from .shards import Collection
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo-out")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--bits", type=int, default=48)
     ap.add_argument("--limit", type=int, help="Use only the first N training and test images.")
     args = ap.parse_args(argv)
