@@ -39,8 +39,10 @@ def encode_collection(model_path, source_spec: str, out, *, limit: int | None = 
     source = open_source(source_spec, data_dir=data_dir, limit=limit)
     if len(source) == 0:
         raise HashsearchError(f"no images in {source_spec}")
+    # class_names name the values of the stored label column, which come from the
+    # SOURCE (a folder's subfolders, a list's labels), not from the model's training set.
     meta = {"model_fingerprint": encoder.fingerprint(), "source": source.fingerprint(),
-            "source_spec": source.spec, "class_names": encoder.class_names,
+            "source_spec": source.spec, "class_names": source.class_names,
             "backbone": encoder.config["backbone"], "input_size": encoder.input_size}
     writer = CollectionWriter(out, bits=encoder.bits, feature_dim=encoder.feature_dim,
                               feature_dtype=feature_dtype, shard_size=shard_size, meta=meta, overwrite=overwrite)
@@ -63,7 +65,12 @@ def encode_collection(model_path, source_spec: str, out, *, limit: int | None = 
             sink.check()
             good = np.asarray(good, np.int64)
             keep = good >= start                       # a resumed first batch repeats rows already written
-            codes, feats = encoder.encode_batch(pixels[keep] if not keep.all() else pixels)
+            # Encode the whole aligned batch and drop rows afterwards: a batch of another
+            # shape may take other kernels (cuDNN, GEMM blocking) and round differently,
+            # and a resumed run must store exactly what an uninterrupted one would.
+            codes, feats = encoder.encode_batch(pixels)
+            if not keep.all():
+                codes, feats = codes[keep], feats[keep]
             rejects = [(i, r) for i, r in rejects if i >= start]
             sink.put((codes, feats, good[keep], rejects, indices[-1] + 1))
             bar.update(sum(1 for i in indices if i >= start))

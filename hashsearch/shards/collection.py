@@ -123,8 +123,10 @@ class Collection:
             if mapped is not None:
                 out[where] = mapped[local]
             else:
-                order = np.argsort(local)
-                out[where[order]] = self._file(s)["features"][np.sort(local)]
+                # h5py fancy indexing needs strictly increasing indices: read each row once,
+                # then expand (rows repeat, e.g. when several queries share candidates).
+                unique, inverse = np.unique(local, return_inverse=True)
+                out[where] = self._file(s)["features"][unique][inverse.reshape(-1)]
         return out
 
     def features(self, rows) -> np.ndarray:

@@ -1,0 +1,162 @@
+"""Shared fixtures for the end-to-end tests: one tiny trained model and one
+small encoded collection per session, built through the real CLI."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+# The model every end-to-end test uses: 16 bits, the small CNN, one epoch.
+# --device cpu everywhere numbers are compared: the same on every machine, GPU or not.
+TRAIN_ARGS = ["synthetic:400", "--bits", "16", "--epochs", "1", "--batch-size", "64", "--workers", "0",
+              "--device", "cpu"]
+# The session collection: three shards of 128, 128 and 44 rows.
+COLL_N, COLL_SHARD, COLL_BATCH = 300, 128, 64
+
+
+def cli(*args, ok: bool | None = True):
+    """Run `hashsearch ARGS` in-process.
+
+    ok=True: must exit 0; ok=False: must fail like bad input does (one
+    `hashsearch: error:` line, non-zero exit, no exception escaping);
+    ok=None: no check.
+    """
+    result = CliRunner().invoke(_main(), [str(a) for a in args])
+    if ok is True:
+        assert result.exit_code == 0, (result.output, result.exception)
+    elif ok is False:
+        assert result.exit_code != 0, result.output
+        assert isinstance(result.exception, SystemExit), repr(result.exception)  # handled, not a crash
+        # progress bars may come first; the error itself is exactly one line, the last one
+        lines = result.stderr.strip().splitlines()
+        assert lines and lines[-1].startswith("hashsearch: error:"), result.stderr
+        assert sum("hashsearch: error:" in line for line in lines) == 1, result.stderr
+        assert "Traceback" not in result.output
+    return result
+
+
+def _main():
+    from hashsearch.cli import main
+    return main
+
+
+def hashsearch_cmd() -> list[str]:
+    """The installed console script, for tests that need a real process."""
+    script = Path(sys.executable).with_name("hashsearch")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "hashsearch.cli"]
+
+
+def run_process(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(hashsearch_cmd() + [str(a) for a in args], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def read_collection(root) -> dict:
+    """Everything a collection holds, for comparing two of them."""
+    from hashsearch.shards import Collection
+    with Collection.open(root) as coll:
+        rows = np.arange(coll.n)
+        return {"n": coll.n, "ids": coll.ids().copy(), "codes": coll.codes().copy(),
+                "features": coll.raw_features(rows), "labels": coll.labels().copy(),
+                "paths": coll.paths(rows), "rejected": coll.rejected,
+                "shard_rows": [s["rows"] for s in coll.manifest["shards"]],
+                "source_ends": [s["source_end"] for s in coll.manifest["shards"]]}
+
+
+def assert_same_collection(a, b) -> None:
+    a, b = read_collection(a), read_collection(b)
+    assert a["n"] == b["n"]
+    np.testing.assert_array_equal(a["ids"], b["ids"])
+    np.testing.assert_array_equal(a["codes"], b["codes"])
+    np.testing.assert_array_equal(a["features"], b["features"])
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert a["paths"] == b["paths"]
+    assert a["rejected"] == b["rejected"]
+    assert a["shard_rows"] == b["shard_rows"]
+    assert a["source_ends"] == b["source_ends"]
+
+
+def manifest(root) -> dict:
+    return json.loads((Path(root) / "manifest.json").read_text())
+
+
+def save_image(path, mode="RGB", size=(40, 30), fmt=None, seed=0):
+    """A small noisy image (noise so that JPEG files have some body to truncate)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    rgb.convert(mode).save(path, fmt)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """The session's model, trained once through `hashsearch train`."""
+    d = tmp_path_factory.mktemp("model")
+    out = d / "model.pt"
+    result = cli("train", *TRAIN_ARGS, "--out", out)
+    return SimpleNamespace(path=out, stdout=result.stdout, stderr=result.stderr)
+
+
+@pytest.fixture(scope="session")
+def model(trained) -> Path:
+    return trained.path
+
+
+@pytest.fixture(scope="session")
+def model32(tmp_path_factory) -> Path:
+    """A valid, untrained checkpoint making 32-bit codes."""
+    from hashsearch.encoders.checkpoint import build_model, make_config, save_checkpoint
+    config = make_config("small", 32, [f"class{c}" for c in range(10)])
+    path = tmp_path_factory.mktemp("model32") / "model32.pt"
+    save_checkpoint(path, build_model(config), config)
+    return path
+
+
+@pytest.fixture(scope="session")
+def other_model16(tmp_path_factory) -> Path:
+    """A valid 16-bit checkpoint that is not the session model."""
+    import torch
+    from hashsearch.encoders.checkpoint import build_model, make_config, save_checkpoint
+    torch.manual_seed(123)
+    config = make_config("small", 16, [f"class{c}" for c in range(10)])
+    path = tmp_path_factory.mktemp("other16") / "other16.pt"
+    save_checkpoint(path, build_model(config), config)
+    return path
+
+
+@pytest.fixture(scope="session")
+def collection(tmp_path_factory, model) -> Path:
+    """synthetic:300 encoded with the session model, with a flat index.  Read-only: copy it to modify."""
+    root = tmp_path_factory.mktemp("coll") / "coll"
+    cli("encode", f"synthetic:{COLL_N}", "--model", model, "--out", root, "--shard-size", COLL_SHARD,
+        "--batch-size", COLL_BATCH, "--workers", 0, "--device", "cpu", "--quiet")
+    cli("build-index", root)
+    return root
+
+
+@pytest.fixture
+def collection_copy(collection, tmp_path) -> Path:
+    dst = tmp_path / "coll"
+    shutil.copytree(collection, dst)
+    return dst
+
+
+@pytest.fixture
+def synthetic_png(tmp_path):
+    """Item 5 of synthetic:N saved losslessly, so a query by image can find it."""
+    from hashsearch.encoders.sources import SyntheticSource
+    path = tmp_path / "item 5.png"
+    SyntheticSource(COLL_N).load(5).save(path)
+    return path
+

@@ -1,0 +1,88 @@
+"""`hashsearch train`: progress output, the checkpoint it writes, --resume."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli
+
+SMALL = ["synthetic:120", "--bits", "16", "--batch-size", "40", "--workers", "0", "--val-fraction", "0.1"]
+
+
+def test_train_reports_progress_and_saves(trained):
+    # per-epoch summary line on stdout, tqdm bars on stderr, final line naming the checkpoint
+    assert "epoch 1/1  loss" in trained.stdout and "held-out acc" in trained.stdout
+    assert "epoch 1/1:" in trained.stderr and ("it/s" in trained.stderr or "s/it" in trained.stderr)
+    assert "decoding train images" in trained.stderr
+    assert f"saved {trained.path}: 16 bits, small, held-out accuracy" in trained.stdout
+
+
+def test_checkpoint_loads_without_pickled_code(model):
+    payload = torch.load(model, map_location="cpu", weights_only=True)
+    assert payload["format"] == "hashsearch-model"
+    cfg = payload["config"]
+    assert cfg["bits"] == 16 and cfg["backbone"] == "small" and cfg["feature_dim"] == 512
+    assert cfg["class_names"] == [f"class{c}" for c in range(10)] and cfg["num_classes"] == 10
+    state = payload["train_state"]
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+    assert state["recipe"]["bits"] == 16 and state["recipe"]["source"] == "synthetic:400"
+    assert payload["state_dict"]["latent.weight"].shape == (16, 512)
+
+    from hashsearch.encoders.encoder import Encoder
+    enc = Encoder.from_checkpoint(model, device="cpu")
+    codes, feats = enc.encode([np.zeros((32, 32, 3), np.uint8)])
+    assert codes.shape == (1, 2) and feats.shape == (1, 512)
+
+
+def test_resume_runs_only_the_remaining_epochs(tmp_path):
+    out = tmp_path / "m.pt"
+    first = cli("train", *SMALL, "--epochs", "1", "--out", out)
+    assert "epoch 1/1  loss" in first.stdout
+    before = torch.load(out, weights_only=True)
+
+    second = cli("train", *SMALL, "--epochs", "2", "--resume", "--out", out)
+    assert "epoch 2/2  loss" in second.stdout
+    assert "epoch 1/2" not in second.output          # neither the summary nor a progress bar of epoch 1
+    after = torch.load(out, weights_only=True)
+    assert after["train_state"]["epoch"] == 2
+    history = after["train_state"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[0] == before["train_state"]["history"][0]
+    # epoch 2 started from epoch 1's weights and changed them
+    assert not torch.equal(after["state_dict"]["latent.weight"], before["state_dict"]["latent.weight"])
+
+    # nothing left to do: no epoch runs, the checkpoint is untouched
+    third = cli("train", *SMALL, "--epochs", "2", "--resume", "--out", out)
+    assert "loss" not in third.stdout
+    assert torch.load(out, weights_only=True)["train_state"]["epoch"] == 2
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    out = tmp_path / "m.pt"
+    cli("train", *SMALL, "--epochs", "1", "--quiet", "--out", out)
+    args = [a if a != "16" else "32" for a in SMALL]
+    r = cli("train", *args, "--epochs", "2", "--resume", "--out", out, ok=False)
+    assert "another configuration" in r.stderr
+
+
+def test_resume_without_checkpoint(tmp_path):
+    r = cli("train", *SMALL, "--epochs", "1", "--resume", "--out", tmp_path / "none.pt", ok=False)
+    assert "model not found" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/no/such/folder"], "source not found"),
+    (["bogus:thing"], "source not found"),
+    (["synthetic:10", "--epochs", "0"], "epochs must be positive"),
+    (["synthetic:10", "--bits", "12"], "multiple of 8"),
+])
+def test_train_bad_input(tmp_path, args, message):
+    r = cli("train", *args, "--workers", "0", "--out", tmp_path / "m.pt", ok=False)
+    assert message in r.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_train_unlabeled_folder_refused(tmp_path):
+    from conftest import save_image
+    save_image(tmp_path / "imgs" / "a.png")
+    r = cli("train", tmp_path / "imgs", "--workers", "0", "--out", tmp_path / "m.pt", ok=False)
+    assert "class labels" in r.stderr
