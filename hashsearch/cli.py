@@ -22,7 +22,9 @@ class _Group(click.Group):
             click.echo(f"hashsearch: error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("hashsearch: interrupted; finished shards are kept, run the same command to resume", err=True)
+            hint = {"encode": "; finished shards are kept, run the same command to resume",
+                    "train": "; the last finished epoch is saved, add --resume to continue"}
+            click.echo(f"hashsearch: interrupted{hint.get(ctx.invoked_subcommand, '')}", err=True)
             sys.exit(130)
 
 
@@ -144,6 +146,9 @@ def query(collection, images, ids, k, pool, radius, nflip, mode, model_path, ind
     from .retrieval import run_query
     _positive("k", k)
     _positive("pool", pool)
+    for name, value in (("radius", radius), ("nflip", nflip)):
+        if value is not None and value < 0:
+            raise HashsearchError(f"{name} must be zero or more, got {value}")
     if not images and not ids:
         raise HashsearchError("give at least one --image or --id")
     report = run_query(collection, images=images, ids=ids, k=k, pool=pool, radius=radius, nflip=nflip,

@@ -71,6 +71,8 @@ def train(cfg: TrainConfig) -> dict:
     model = build_model(config, weights).to(device)
     pretrained = weights is not None
 
+    if cfg.resume:
+        read_checkpoint(cfg.out)  # fail before the slow decoding if there is nothing to resume
     train_idx, val_idx = split_holdout(len(source), cfg.val_fraction, cfg.seed)
     batches = _batch_provider(cfg, source, labels, config, model, train_idx, val_idx, device)
 
