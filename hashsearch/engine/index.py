@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +27,8 @@ from ..shards import Collection
 from ..shards.manifest import atomic_write_bytes
 from . import coarse as coarse_mod
 from .exhaustive import scan_knn
-from .rerank import flat_index_for, rerank
-from .threads import faiss_threads, threads_for_batch
+from .rerank import FeatureReader, Reranker
+from .threads import MAX_THREADS, faiss_threads, threads_for_batch
 
 MODES = ("hds", "bcs", "es")
 INDEX_DIR = "index"
@@ -51,10 +53,12 @@ def collection_fingerprint(coll: Collection) -> str:
     return digest.hexdigest()
 
 
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.int32)
+
+
 def popcount_distances(query_codes: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Hamming distance of each row of `codes` [nq, k, B] to its query [nq, B]."""
-    xor = np.bitwise_xor(codes, query_codes[:, None, :])
-    return np.unpackbits(xor, axis=-1).sum(-1, dtype=np.int32)
+    return _POPCOUNT[np.bitwise_xor(codes, query_codes[:, None, :])].sum(-1, dtype=np.int32)
 
 
 class Index:
@@ -72,7 +76,16 @@ class Index:
         self.meta = meta
         self.codes = collection.codes()
         self.ids = collection.ids()
-        self._scratch = flat_index_for(collection.feature_dtype, collection.feature_dim)
+        self.features = FeatureReader(collection)
+        self._local = threading.local()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _reranker(self) -> Reranker:
+        # Each thread gathers into its own faiss buffer.
+        rr = getattr(self._local, "reranker", None)
+        if rr is None:
+            rr = self._local.reranker = Reranker(self.features)
+        return rr
 
     @property
     def kind(self) -> str:
@@ -126,6 +139,8 @@ class Index:
             raise HashsearchError(f"k must be positive, got {k}")
         if mode not in MODES:
             raise HashsearchError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if pool <= 0:
+            raise HashsearchError(f"pool must be positive, got {pool}")
         query_codes = np.ascontiguousarray(np.atleast_2d(query_codes), dtype=np.uint8)
         if query_codes.shape[1] * 8 != self.collection.bits:
             raise HashsearchError(f"query codes have {query_codes.shape[1] * 8} bits; this collection has {self.collection.bits}")
@@ -136,15 +151,26 @@ class Index:
             if query_features.shape != (len(query_codes), self.collection.feature_dim):
                 raise HashsearchError(f"query features have shape {query_features.shape}; expected "
                                       f"({len(query_codes)}, {self.collection.feature_dim})")
-        with faiss_threads(threads_for_batch(len(query_codes))):
-            if mode == "es":
+        nq = len(query_codes)
+        if mode == "es":
+            with faiss_threads(MAX_THREADS):
                 dist, rows = scan_knn(self.collection, query_features, k)
-            elif mode == "bcs":
-                _, rows = self.candidates(query_codes, k, radius=radius, nflip=nflip)
-                rows = rows[:, :k] if rows.shape[1] >= k else _pad(rows, k)
-                dist = np.full(rows.shape, np.nan, np.float32)
-            else:
-                dist, rows = self._hierarchical(query_codes, query_features, k, pool, radius, nflip)
+            return self._result(query_codes, rows, dist)
+        rows = np.full((nq, k), -1, np.int64)
+        dist = np.full((nq, k), np.nan if mode == "bcs" else np.inf, np.float32)
+        coarse_mod.set_nflip(self.coarse, nflip)
+
+        def work(a, b):
+            if mode == "bcs":
+                _, found = self.candidates(query_codes[a:b], k, radius=radius)
+                rows[a:b, :found.shape[1]] = found[:, :k]
+                return
+            _, cand = self.candidates(query_codes[a:b], max(pool, k), radius=radius)
+            rr = self._reranker()
+            for q in range(a, b):
+                rr.search(query_features[q:q + 1], cand[q - a], dist[q], rows[q])
+
+        self._run(work, nq)
         return self._result(query_codes, rows, dist)
 
     def candidates(self, query_codes: np.ndarray, pool: int, *, radius: int | None = None,
@@ -170,29 +196,30 @@ class Index:
             out_d[q, :len(order)], out_i[q, :len(order)] = d[order], i[order]
         return out_d, out_i
 
-    def _hierarchical(self, query_codes, query_features, k, pool, radius, nflip):
-        _, cand = self.candidates(query_codes, max(pool, k), radius=radius, nflip=nflip)
-        valid = cand >= 0
-        flat = cand[valid]
-        gathered = self.collection.raw_features(flat) if len(flat) else None
-        rows = np.empty((len(cand), k), np.int64)
-        dist = np.empty((len(cand), k), np.float32)
-        start = 0
-        for q in range(len(cand)):
-            m = int(valid[q].sum())
-            rows[q], dist[q] = rerank(query_features[q], cand[q][valid[q]],
-                                      gathered[start:start + m] if m else np.zeros((0, 0)), k, self._scratch)
-            start += m
-        return dist, rows
+    def _run(self, work, nq: int) -> None:
+        """work(a, b) over the query range: here for a few queries, else split across threads.
+
+        faiss runs on one thread either way.  Its OpenMP would parallelise each call
+        over queries, but one query's work is too small for that, and when other
+        processes share the cores, OpenMP's spin-then-sleep barrier costs ~20 ms a
+        call (measured on 2 cores) where Python threads, which block instead, cost
+        microseconds.  faiss and pread release the GIL.
+        """
+        workers = min(threads_for_batch(nq), nq)
+        if workers <= 1:
+            with faiss_threads(1):
+                work(0, nq)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(MAX_THREADS, initializer=faiss.omp_set_num_threads, initargs=(1,))
+        cuts = np.linspace(0, nq, workers + 1).astype(int).tolist()
+        for f in [self._pool.submit(work, a, b) for a, b in zip(cuts[:-1], cuts[1:])]:
+            f.result()
 
     def _result(self, query_codes, rows, dist) -> SearchResult:
         found = rows >= 0
         safe = np.where(found, rows, 0)
         ids = np.where(found, self.ids[safe], -1)
         ham = np.where(found, popcount_distances(query_codes, self.codes[safe]), -1).astype(np.int32)
-        dist = np.where(found | np.isnan(dist), dist, np.float32(np.inf)).astype(np.float32)
         return SearchResult(rows=rows, ids=ids, hamming=ham, distances=dist)
 
-
-def _pad(rows: np.ndarray, k: int) -> np.ndarray:
-    return np.hstack([rows, np.full((len(rows), k - rows.shape[1]), -1, rows.dtype)])

@@ -1,7 +1,8 @@
 """faiss thread control.
 
 OpenMP fork/join costs more than the work in a single small query, so
-batch-1 search runs on one thread and batches use them all.
+batch-1 search runs faiss on one thread; batches use every core, split by
+Index across Python threads that each run faiss on one thread.
 """
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import contextlib
 
 import faiss
 
-_DEFAULT_THREADS = faiss.omp_get_max_threads()
+MAX_THREADS = faiss.omp_get_max_threads()
 
 
 def threads_for_batch(nq: int) -> int:
-    return 1 if nq < 2 * _DEFAULT_THREADS else _DEFAULT_THREADS
+    return 1 if nq < 2 * MAX_THREADS else MAX_THREADS
 
 
 @contextlib.contextmanager

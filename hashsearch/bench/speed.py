@@ -1,0 +1,359 @@
+"""Speed of hierarchical search against the paper's exhaustive baseline.
+
+One run times, on the same queries:
+  exhaustive    a float32 faiss IndexFlatL2 over every F7 feature in RAM;
+  hierarchical  Index.search mode hds (coarse Hamming pool, then L2 rerank);
+  binary        Index.search mode bcs (Hamming ranking only).
+Batch 1, one query per call as in the paper, is always timed; a batch
+size above 1 adds a batched column.  Hierarchical and binary search first
+run the whole query set once untimed, so the feature rows they read are in
+the page cache (they are read with pread, never kept mapped, so "warm"
+means no disk reads, not free reads); the exhaustive index is in RAM and
+gets one untimed query.
+
+The hierarchical and binary timings run in a child process that does
+nothing else, so that its peak RSS is the honest memory cost of serving
+search; it finishes before this process loads the exhaustive index (16 GB
+at 1M x 4096), which would otherwise evict the features from the page cache.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..engine import Index, load_flat_l2
+from ..engine.threads import MAX_THREADS, faiss_threads
+from ..errors import HashsearchError
+from ..shards import Collection
+from .synthetic import SyntheticSpec, default_cache_root, generate_collection, make_queries
+from .sysinfo import machine_info, peak_rss_mb, rss_breakdown_mb
+
+K = 10
+METHODS = ("exhaustive", "hierarchical", "binary")
+# Measured best at 1M x 128 bits (README): recall@10 ~0.99 for ~0.2 ms a query.
+DEFAULT_COARSE = "multihash"
+DEFAULT_POOL = 50
+# Repeat a timed pass until it has run this long (more samples for fast methods) ...
+MIN_TIMED_SECONDS = 1.0
+# ... and time batch-1 exhaustive search only until this budget is spent (1.5 s a query at 1M).
+EXHAUSTIVE_BUDGET_SECONDS = 60.0
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _stats(per_query_seconds: list[float], total_queries: int, total_seconds: float) -> dict:
+    ms = np.asarray(per_query_seconds) * 1e3
+    return {"median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
+            "qps": total_queries / total_seconds if total_seconds > 0 else math.inf,
+            "queries": total_queries}
+
+
+def time_calls(search, nq: int, batch: int, *, min_seconds: float = MIN_TIMED_SECONDS, max_passes: int = 5,
+               max_queries: int | None = None, max_seconds: float | None = None) -> tuple[dict, list]:
+    """Time search(a, b) over the query range in calls of `batch`.
+
+    Passes repeat until `min_seconds` have been timed (at most `max_passes`);
+    `max_seconds` instead cuts the first pass short.  Returns (stats of
+    per-query times, the first pass's results).  Each call contributes its time
+    divided by its size, so batched and batch-1 numbers are both per query.
+    """
+    per_query, results, done, spent = [], [], 0, 0.0
+    stop = nq if max_queries is None else min(nq, max_queries)
+    for p in range(max_passes):
+        for a in range(0, stop, batch):
+            b = min(stop, a + batch)
+            t = time.perf_counter()
+            out = search(a, b)
+            dt = time.perf_counter() - t
+            per_query.append(dt / (b - a))
+            done, spent = done + b - a, spent + dt
+            if p == 0:
+                results.append(out)
+            if max_seconds is not None and spent >= max_seconds and len(per_query) >= 3:
+                return _stats(per_query, done, spent), results
+        if spent >= min_seconds:
+            break
+    return _stats(per_query, done, spent), results
+
+
+# -- the child process: hierarchical and binary search -----------------------------
+def _child(args: dict) -> dict:
+    q = np.load(args["queries"])
+    codes, feats = q["codes"], q["features"]
+    nq, pool, nflip = len(codes), args["pool"], args["nflip"]
+    t = time.perf_counter()
+    index = Index.open(args["collection"], args["index_dir"])
+    open_seconds = time.perf_counter() - t
+
+    def search(mode):
+        return lambda a, b: index.search(codes[a:b], feats[a:b], K, mode=mode, pool=pool, nflip=nflip).rows
+
+    out = {"open_seconds": open_seconds, "timings": {}}
+    for batch in args["batches"]:
+        timing = out["timings"][str(batch)] = {}
+        for method, mode in (("hierarchical", "hds"), ("binary", "bcs")):
+            time_calls(search(mode), nq, batch, max_passes=1)      # warm-up: page cache, faiss, allocator
+            timing[method], rows = time_calls(search(mode), nq, batch)
+            if batch == 1:
+                out[f"{mode}_rows"] = np.concatenate(rows).tolist()
+    _, cand = index.candidates(codes, pool, nflip=nflip)
+    out["mean_candidates"] = float((cand >= 0).sum(1).mean())
+    out["rss_mb"] = peak_rss_mb()
+    out["rss_end_mb"] = rss_breakdown_mb()
+    return out
+
+
+def _run_child(args: dict, workdir: Path) -> dict:
+    spec = workdir / "child.json"
+    spec.write_text(json.dumps(args))
+    # A fresh interpreter (not fork, not multiprocessing, which re-imports the caller's
+    # main module, e.g. the CLI) so its RSS holds only what search needs.
+    proc = subprocess.run([sys.executable, "-m", "hashsearch.bench.speed", str(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child process failed:\n{proc.stderr[-4000:]}")
+    return json.loads(Path(args["out"]).read_text())
+
+
+# -- the whole benchmark ---------------------------------------------------------
+def _fastest_threads(call, tries: int) -> int:
+    """1 or every core, whichever runs call() faster (best of `tries`)."""
+    best = {}
+    for _ in range(tries):
+        for n in sorted({1, MAX_THREADS}):
+            with faiss_threads(n):
+                t = time.perf_counter()
+                call()
+                best[n] = min(best.get(n, math.inf), time.perf_counter() - t)
+    return min(best, key=best.get)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _setup(collection, n, dim, bits, queries, seed, cache_dir, progress) -> dict:
+    """The collection and the queries: held-out synthetic ones, or a seeded sample of a real collection's rows."""
+    if collection is not None:
+        coll = Collection.open(collection)
+        rows = np.sort(np.random.default_rng(seed).choice(coll.n, min(queries, coll.n), replace=False))
+        return {"coll": coll, "codes": coll.codes()[rows], "features": coll.features(rows), "query_rows": rows,
+                "source": "collection rows (each query is also in the database, so it is its own top hit)",
+                "generate_seconds": None}
+    spec = SyntheticSpec(n=n, dim=dim, bits=bits, seed=seed)
+    t = time.perf_counter()
+    coll = generate_collection(Path(cache_dir) / spec.name, n, dim, bits, seed, progress=progress)
+    seconds = time.perf_counter() - t
+    _log(progress, f"collection {coll.root} ready in {seconds:.1f} s")
+    codes, feats, _ = make_queries(coll, queries, seed)
+    return {"coll": coll, "codes": codes, "features": feats, "query_rows": None, "generate_seconds": seconds,
+            "source": "synthetic: held-out fresh members of near-duplicate groups"}
+
+
+def run_exhaustive_bench(n: int = 1_000_000, dim: int = 4096, bits: int = 128, queries: int = 200,
+                         batch: int = 256, pool: int | None = None, coarse: str | None = None, collection=None,
+                         seed: int = 0, cache_dir=None, exhaustive_queries: int | None = None,
+                         progress: bool = True, hash_bits: int | None = None, nhash: int | None = None,
+                         nflip: int | None = None) -> dict:
+    """Time exhaustive, hierarchical and binary search; see the module docstring.
+
+    `exhaustive_queries` caps the batch-1 exhaustive timing (default: as many
+    queries as fit in EXHAUSTIVE_BUDGET_SECONDS, at least 3); its top-10 for
+    every query still comes from the batched pass.  pool and coarse default to
+    DEFAULT_POOL and DEFAULT_COARSE, the settings recommended for 1M rows.
+    """
+    pool, coarse = pool or DEFAULT_POOL, coarse or DEFAULT_COARSE
+    if batch < 1 or queries < 1 or pool < 1:
+        raise HashsearchError("batch, queries and pool must be positive")
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_root()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    setup = _setup(collection, n, dim, bits, queries, seed, cache_dir, progress)
+    coll, qcodes, qfeats = setup["coll"], setup["codes"], setup["features"]
+    nq = len(qcodes)
+    batches = [1] if batch == 1 else [1, batch]
+    result = {"n": coll.n, "dim": coll.feature_dim, "bits": coll.bits, "k": K, "queries": nq, "batch": batch,
+              "pool": pool, "source": setup["source"], "collection": str(coll.root), "seed": seed,
+              "generate_seconds": setup["generate_seconds"], "collection_bytes": _dir_bytes(coll.root / "shards")}
+    if setup["query_rows"] is not None:
+        result["query_rows"] = setup["query_rows"].tolist()
+
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix="bench-run-") as tmp:
+        tmp = Path(tmp)
+        params = {k: v for k, v in (("hash_bits", hash_bits), ("nhash", nhash), ("nflip", nflip)) if v is not None}
+        _log(progress, f"building {coarse} index over {coll.n:,} codes")
+        t = time.perf_counter()
+        index = Index.build(coll, coarse, out=tmp / "index", **params)
+        result["build_seconds"] = time.perf_counter() - t
+        result["coarse"] = index.meta["coarse"]
+        result["index_bytes"] = _dir_bytes(tmp / "index")
+        del index
+        np.savez(tmp / "queries.npz", codes=qcodes, features=qfeats)
+        _log(progress, f"hierarchical and binary search in a child process ({nq} queries, pool {pool})")
+        child = _run_child({"collection": str(coll.root), "index_dir": str(tmp / "index"),
+                            "queries": str(tmp / "queries.npz"), "pool": pool, "nflip": nflip,
+                            "batches": batches, "out": str(tmp / "child.out.json")}, tmp)
+
+    _log(progress, f"loading the exhaustive IndexFlatL2 ({coll.n * coll.feature_dim * 4 / 1e9:.1f} GB float32)")
+    t = time.perf_counter()
+    flat = load_flat_l2(coll)
+    result["exhaustive_load_seconds"] = time.perf_counter() - t
+    result["exhaustive_bytes"] = coll.n * coll.feature_dim * 4
+
+    def exhaustive(a, b):
+        return flat.search(qfeats[a:b], K)[1]
+
+    timings = {str(b): dict(child["timings"][str(b)]) for b in batches}
+    exhaustive(0, 1)
+    # OpenMP stalls when other processes share the cores (see Index._run), so the
+    # faiss default of every core can be several times slower than one: give the
+    # baseline whichever is faster here and now, and report which.
+    threads = result["exhaustive_threads"] = {"1": _fastest_threads(lambda: exhaustive(0, 1), tries=2)}
+    if batch > 1:
+        threads[str(batch)] = _fastest_threads(lambda: exhaustive(0, min(nq, batch, 64)), tries=1)
+        _log(progress, f"exhaustive search, batched, {threads[str(batch)]} thread(s) (also the ground truth)")
+        with faiss_threads(threads[str(batch)]):
+            timings[str(batch)]["exhaustive"], rows = time_calls(exhaustive, nq, batch, max_passes=3)
+    else:
+        with faiss_threads(MAX_THREADS):
+            rows = [exhaustive(a, a + 256) for a in range(0, nq, 256)]
+    truth = np.concatenate(rows)
+    _log(progress, f"exhaustive search, batch 1, {threads['1']} thread(s)")
+    budget = EXHAUSTIVE_BUDGET_SECONDS if exhaustive_queries is None else None
+    with faiss_threads(threads["1"]):
+        timings["1"]["exhaustive"], _ = time_calls(exhaustive, nq, 1, max_passes=1, max_queries=exhaustive_queries,
+                                                    max_seconds=budget)
+    result["exhaustive_rss_mb"] = peak_rss_mb()
+    del flat
+
+    for b in batches:
+        t = timings[str(b)]
+        t["speedup"] = t["exhaustive"]["median_ms"] / t["hierarchical"]["median_ms"]
+    result["timings"] = timings
+    main = timings[str(batch)]
+    for method in METHODS:
+        result[f"{method}_ms"] = main[method]["median_ms"]
+        result[f"{method}_p95_ms"] = main[method]["p95_ms"]
+        result[f"{method}_qps"] = main[method]["qps"]
+    result["speedup"] = main["speedup"]
+    result["speedup_batch1"] = timings["1"]["speedup"]
+    result["recall_at_10"] = recall_at(child["hds_rows"], truth)
+    result["recall_at_10_binary"] = recall_at(child["bcs_rows"], truth)
+    result["top10"] = {"exhaustive": truth.tolist(), "hierarchical": child["hds_rows"], "binary": child["bcs_rows"]}
+    for key in ("open_seconds", "rss_mb", "rss_end_mb", "mean_candidates"):
+        result[key] = child[key]
+    result["total_seconds"] = time.perf_counter() - start
+    result["machine"] = machine_info()
+    return result
+
+
+def recall_at(found, truth) -> float:
+    """Mean over queries of |found top-k ∩ truth top-k| / k (k = truth's width; -1 never counts)."""
+    found, truth = np.asarray(found), np.asarray(truth)
+    k = truth.shape[1]
+    hits = [len(set(f[:k][f[:k] >= 0].tolist()) & set(t[t >= 0].tolist())) for f, t in zip(found, truth)]
+    return float(np.mean(hits) / k) if hits else math.nan
+
+
+# -- reporting --------------------------------------------------------------------
+def _coarse_text(c: dict) -> str:
+    extra = ", ".join(f"{k}={v}" for k, v in c.items() if k != "kind")
+    return f"{c['kind']}({extra})" if extra else c["kind"]
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+
+
+def format_report(result: dict) -> str:
+    r = result
+    batches = sorted(int(b) for b in r["timings"])
+    head = f"{'method':<14}" + "".join(f"{'batch ' + str(b) + ': median ms':>24}{'p95 ms':>10}{'q/s':>10}"
+                                       for b in batches)
+    lines = [f"n={r['n']:,}  dim={r['dim']}  bits={r['bits']}  queries={r['queries']}  k={r['k']}  "
+             f"coarse={_coarse_text(r['coarse'])}  pool={r['pool']}",
+             f"queries: {r['source']}", "", head, "-" * len(head)]
+    for method in METHODS:
+        row = f"{method:<14}"
+        for b in batches:
+            s = r["timings"][str(b)][method]
+            row += f"{s['median_ms']:>24.4g}{s['p95_ms']:>10.4g}{s['qps']:>10,.0f}"
+        lines.append(row)
+    e1 = r["timings"]["1"]["exhaustive"]["queries"]
+    lines += ["", "speedup (exhaustive / hierarchical): "
+              + ", ".join(f"{r['timings'][str(b)]['speedup']:,.0f}x at batch {b}" for b in batches),
+              f"recall@10 of hierarchical vs exhaustive top-10: {r['recall_at_10']:.3f}"
+              f"   (binary only: {r['recall_at_10_binary']:.3f})",
+              f"candidates reranked per query: {r['mean_candidates']:.1f} (pool {r['pool']})",
+              f"search process peak RSS: {r['rss_mb']:,.0f} MB   index open: {r['open_seconds']:.3f} s"
+              f"   index build: {r['build_seconds']:.2f} s",
+              f"on disk: index {_bytes(r['index_bytes'])}, collection {_bytes(r['collection_bytes'])};"
+              f" exhaustive index in RAM {_bytes(r['exhaustive_bytes'])} (loaded in {r['exhaustive_load_seconds']:.1f} s,"
+              f" peak RSS {r['exhaustive_rss_mb']:,.0f} MB)",
+              f"batch-1 exhaustive timed on {e1} of {r['queries']} queries; faiss threads for exhaustive "
+              f"(faster of 1 and all, per batch size): "
+              + ", ".join(f"{n} at batch {b}" for b, n in r["exhaustive_threads"].items()),
+              "hierarchical and binary timed after one untimed pass (features page-cached, read by pread)"]
+    m = r["machine"]
+    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, faiss {m['faiss']} "
+                 f"({m['faiss_options']}), numpy {m['numpy']}; load average {m['load_average'][0]:.2f} at the end"
+                 if m.get("load_average") else
+                 f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, faiss {m['faiss']}, numpy {m['numpy']}")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+# -- scaling ----------------------------------------------------------------------
+def run_scaling(ns=(10_000, 100_000, 1_000_000), **kwargs) -> list[dict]:
+    """run_exhaustive_bench at each N (synthetic collections only), same other settings."""
+    if kwargs.get("collection") is not None:
+        raise HashsearchError("--scaling generates its own collections; it cannot use --collection")
+    return [run_exhaustive_bench(n=n, **kwargs) for n in ns]
+
+
+def plot_scaling(results: list[dict], png) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [r["n"] for r in results]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    batches = sorted({int(b) for r in results for b in r["timings"]})
+    for method, color in zip(METHODS, ("tab:red", "tab:blue", "tab:green")):
+        for b, style in zip(batches, ("o-", "s--")):
+            ys = [r["timings"][str(b)][method]["median_ms"] for r in results]
+            ax.plot(ns, ys, style, color=color, label=f"{method}, batch {b}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("collection size N")
+    ax.set_ylabel("median ms per query")
+    r0 = results[0]
+    ax.set_title(f"Search latency vs N ({r0['dim']}-d F7, {r0['bits']}-bit codes, "
+                 f"{r0['coarse']['kind']} coarse, pool {r0['pool']})", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    # The child process of run_exhaustive_bench: python -m hashsearch.bench.speed SPEC.json
+    child_args = json.loads(Path(sys.argv[1]).read_text())
+    Path(child_args["out"]).write_text(json.dumps(_child(child_args)))

@@ -1,0 +1,133 @@
+"""`hashsearch bench --exhaustive` at toy size: structure and correctness, never timings."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from hashsearch import Collection
+from hashsearch.bench.speed import format_report, plot_scaling, recall_at, run_exhaustive_bench, run_scaling, write_json
+from hashsearch.bench.synthetic import SyntheticSpec, generate_collection, make_queries
+from hashsearch.shards import write_manifest
+
+SMALL = dict(n=3000, dim=64, bits=32, queries=20, progress=False)
+KEYS = ("n", "dim", "bits", "batch", "exhaustive_ms", "hierarchical_ms", "binary_ms", "speedup", "recall_at_10",
+        "rss_mb", "exhaustive_p95_ms", "hierarchical_p95_ms", "binary_p95_ms", "exhaustive_qps", "hierarchical_qps",
+        "binary_qps", "build_seconds", "open_seconds", "index_bytes", "collection_bytes", "coarse", "pool", "machine")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    result = run_exhaustive_bench(batch=8, pool=40, coarse="multihash", cache_dir=cache, exhaustive_queries=5, **SMALL)
+    return cache, result
+
+
+def test_result_has_every_reported_number(bench, tmp_path):
+    _, r = bench
+    for key in KEYS:
+        assert key in r, key
+    assert (r["n"], r["dim"], r["bits"], r["batch"], r["queries"]) == (3000, 64, 32, 8, 20)
+    assert set(r["timings"]) == {"1", "8"}
+    for batch in ("1", "8"):
+        for method in ("exhaustive", "hierarchical", "binary"):
+            t = r["timings"][batch][method]
+            assert 0 < t["median_ms"] <= t["p95_ms"] and t["qps"] > 0
+    assert r["timings"]["1"]["exhaustive"]["queries"] == 5       # capped by exhaustive_queries
+    assert set(r["exhaustive_threads"]) == {"1", "8"} and all(t >= 1 for t in r["exhaustive_threads"].values())
+    assert r["speedup"] == pytest.approx(r["exhaustive_ms"] / r["hierarchical_ms"])
+    assert r["coarse"]["kind"] == "multihash" and r["coarse"]["nflip"] == 0
+    assert 0 < r["mean_candidates"] <= 40
+    assert 0 < r["rss_mb"] < 2000 and r["open_seconds"] > 0 and r["index_bytes"] > 0
+    assert r["collection_bytes"] > 3000 * 64 * 2                  # fp16 features alone
+    assert r["machine"]["cores"] >= 1 and r["machine"]["faiss"]
+    text = format_report(r)
+    assert "speedup" in text and "recall@10" in text and "hierarchical" in text
+    path = tmp_path / "r.json"
+    write_json(r, path)
+    back = json.loads(path.read_text())
+    assert back["recall_at_10"] == r["recall_at_10"] and back["n"] == 3000
+
+
+def test_recall_is_the_overlap_with_the_exhaustive_top10(bench):
+    _, r = bench
+    top = r["top10"]
+    truth, hds = np.array(top["exhaustive"]), np.array(top["hierarchical"])
+    assert truth.shape == hds.shape == (20, 10)
+    manual = np.mean([len(set(h) & set(t)) / 10 for h, t in zip(hds, truth)])
+    assert r["recall_at_10"] == pytest.approx(manual)
+    assert r["recall_at_10_binary"] == pytest.approx(recall_at(top["binary"], truth))
+    assert recall_at([[1, 2, -1]], [[2, 3, 4]]) == pytest.approx(1 / 3)
+
+
+def test_cached_collection_is_reused_and_a_full_pool_gives_recall_one(bench):
+    cache, _ = bench
+    root = cache / SyntheticSpec(n=3000, dim=64, bits=32).name
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*.h5")}
+    assert before
+    # flat with pool = N reranks every row: exactly the exhaustive answer
+    r = run_exhaustive_bench(batch=1, pool=3000, coarse="flat", cache_dir=cache, exhaustive_queries=2, **SMALL)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.h5")} == before
+    assert r["recall_at_10"] == 1.0 and set(r["timings"]) == {"1"}
+    assert not list(cache.glob("bench-run-*"))                    # the temporary index is gone
+
+
+def test_generation_is_deterministic_and_resumes_bit_for_bit(tmp_path):
+    full = generate_collection(tmp_path / "a", 2500, 32, 16, seed=3, shard_size=1000)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    # as if killed after the first shard: the resumed run must produce the same rows
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    for s in m["shards"][1:]:
+        (tmp_path / "b" / s["file"]).unlink()
+    m.update(complete=False, shards=m["shards"][:1], items=m["shards"][0]["rows"])
+    write_manifest(tmp_path / "b", m)
+    first = tmp_path / "b" / m["shards"][0]["file"]
+    stamp = first.stat().st_mtime_ns
+    resumed = generate_collection(tmp_path / "b", 2500, 32, 16, seed=3, shard_size=1000)
+    assert first.stat().st_mtime_ns == stamp                      # continued, not started over
+    rows = np.arange(2500)
+    np.testing.assert_array_equal(full.raw_features(rows), resumed.raw_features(rows))
+    np.testing.assert_array_equal(full.codes(), resumed.codes())
+    assert resumed.raw_features([0]).dtype == np.float16
+    other = generate_collection(tmp_path / "c", 2500, 32, 16, seed=4, shard_size=1000)
+    assert not np.array_equal(full.codes(), other.codes())
+
+
+def test_queries_are_held_out_but_have_near_neighbours(tmp_path):
+    coll = generate_collection(tmp_path / "c", 4000, 64, 32, seed=0)
+    codes, feats, groups = make_queries(coll, 30, seed=0)
+    assert codes.shape == (30, 4) and feats.shape == (30, 64) and feats.dtype == np.float32
+    db = coll.features(np.arange(coll.n))
+    d = ((feats[:, None, :] - db[None]) ** 2).sum(-1)
+    assert d.min() > 0                                            # no query is a database row
+    # each query's nearest rows are mostly fellow members of its near-duplicate group
+    spec = SyntheticSpec(**coll.manifest["synthetic"])
+    from hashsearch.bench.synthetic import SyntheticModel
+    row_group = SyntheticModel(spec).row_group
+    same = row_group[np.argsort(d, 1)[:, :5]] == groups[:, None]
+    assert same.mean() > 0.9
+    again, _, _ = make_queries(coll, 30, seed=0)
+    np.testing.assert_array_equal(codes, again)
+
+
+def test_real_collection_queries_are_sampled_rows(bench):
+    cache, _ = bench
+    root = cache / SyntheticSpec(n=3000, dim=64, bits=32).name
+    r = run_exhaustive_bench(collection=root, batch=1, pool=100, coarse="flat", cache_dir=cache,
+                             exhaustive_queries=2, **{**SMALL, "n": 1})
+    assert r["n"] == 3000 and "collection rows" in r["source"]
+    rows = np.array(r["query_rows"])
+    assert len(rows) == 20 and len(set(rows.tolist())) == 20
+    np.testing.assert_array_equal(np.array(r["top10"]["exhaustive"])[:, 0], rows)   # each finds itself first
+    assert Collection.open(root).n == 3000
+
+
+def test_scaling_runs_each_size_and_plots(tmp_path):
+    results = run_scaling(ns=(1000, 2000), dim=32, bits=16, queries=8, batch=4, pool=30, coarse="flat",
+                          cache_dir=tmp_path, exhaustive_queries=2, progress=False)
+    assert [r["n"] for r in results] == [1000, 2000]
+    png = tmp_path / "scaling.png"
+    plot_scaling(results, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
