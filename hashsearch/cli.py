@@ -116,7 +116,7 @@ def encode(source, model_path, out, limit, batch_size, workers, device, shard_si
 @click.option("--coarse", default="flat", show_default=True, type=click.Choice(["flat", "hash", "multihash"]))
 @click.option("--hash-bits", type=int, help="Bits per hash key (hash, multihash).")
 @click.option("--nhash", type=int, help="Number of hash tables (multihash).")
-@click.option("--nflip", type=int, help="Bits flipped when probing buckets (hash, multihash) [1].")
+@click.option("--nflip", type=int, help="Bits flipped when probing buckets [hash 2, multihash 0].")
 @click.option("--out", help="Index directory [COLLECTION/index].")
 def build_index(collection, coarse, hash_bits, nhash, nflip, out):
     """Build the coarse binary index of COLLECTION."""
