@@ -11,9 +11,6 @@ import numpy as np
 
 from .errors import HashsearchError
 
-SUPPORTED_BITS = (8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
-
-
 def check_bits(bits: int) -> int:
     """Validate a code length; faiss binary indexes need whole bytes."""
     bits = int(bits)

@@ -5,14 +5,13 @@ hashsearch calls; results are plain dicts ready for JSON.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from .engine import DEFAULT_POOL, Index
-from .engine.index import INDEX_DIR, META_FILE
+from .engine.index import INDEX_DIR, read_index_meta
 from .errors import HashsearchError
 from .shards import Collection
 
@@ -27,9 +26,10 @@ def run_query(collection, *, images=(), ids=(), k: int = 10, pool: int | None = 
         model_path = model_path or coll.model_path
         if model_path is None:
             raise HashsearchError(f"{coll.root} has no model.pt; pass --model")
-        encoder = Encoder.from_checkpoint(model_path, device="cpu")
-        if encoder.bits != coll.bits:
-            raise HashsearchError(f"model {model_path} makes {encoder.bits}-bit codes but {coll.root} holds {coll.bits}-bit codes")
+        encoder = Encoder.from_checkpoint(model_path, device="cpu", expect_bits=coll.bits)
+        if encoder.feature_dim != coll.feature_dim:
+            raise HashsearchError(f"model {model_path} makes {encoder.feature_dim}-d features but {coll.root} "
+                                  f"holds {coll.feature_dim}-d features")
         for path in images:
             if not Path(path).exists():
                 raise HashsearchError(f"query image not found: {path}")
@@ -71,9 +71,9 @@ def collection_info(root, verify: bool = False) -> dict:
         "rejected": coll.rejected, "backbone": m.get("backbone"), "source": m.get("source_spec"),
         "classes": len(m.get("class_names") or []), "bytes_on_disk": disk,
     }
-    meta_path = Path(root) / INDEX_DIR / META_FILE
-    if meta_path.exists():
-        report["index"] = json.loads(meta_path.read_text())["coarse"]["kind"]
+    meta = read_index_meta(Path(root) / INDEX_DIR)
+    if meta is not None:
+        report["index"] = meta["coarse"]["kind"]
     if verify:
         report["problems"] = coll.verify()
         report["verified"] = not report["problems"]

@@ -7,7 +7,6 @@ and lets `hashsearch train --resume` continue.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -67,16 +66,8 @@ def load_model(path, expect_bits: int | None = None) -> tuple[HashNet, dict]:
     payload = read_checkpoint(path)
     config = payload["config"]
     if expect_bits is not None and int(expect_bits) != config["bits"]:
-        raise HashsearchError(f"model {path} makes {config['bits']}-bit codes, not {expect_bits}")
+        raise HashsearchError(f"model {path} makes {config['bits']}-bit codes, not the {expect_bits}-bit codes expected")
     model = build_model(config)  # architecture only: the checkpoint carries every weight
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return model, config
-
-
-def fingerprint(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -9,7 +9,8 @@ from PIL import Image
 
 from ..codes import pack_codes
 from ..errors import HashsearchError
-from .checkpoint import fingerprint, load_model
+from ..shards.manifest import file_sha256
+from .checkpoint import load_model
 from .images import ImageRejected, image_from_array, load_image
 from .preprocess import normalize, to_uint8_tensor
 
@@ -60,7 +61,7 @@ class Encoder:
         return self.config["class_names"]
 
     def fingerprint(self) -> str:
-        return fingerprint(self.model_path) if self.model_path else ""
+        return file_sha256(self.model_path) if self.model_path else ""
 
     def prepare(self, image) -> torch.Tensor:
         """One image (path, PIL image or uint8 array) -> uint8 [3, S, S]."""

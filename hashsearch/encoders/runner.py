@@ -96,12 +96,15 @@ class _WriterThread:
         self.writer, self.source, self.labels, self.total = writer, source, labels, total
         self.queue: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
         self.error: BaseException | None = None
+        self.stopping = False
         self.thread = threading.Thread(target=self._run, name="hashsearch-writer", daemon=True)
         self.thread.start()
 
     def _run(self):
         try:
             while (item := self.queue.get()) is not _DONE:
+                if self.stopping:
+                    continue
                 codes, feats, ids, rejects, source_end = item
                 for i, reason in rejects:
                     self.writer.reject(i, self.source.path(i), reason)
@@ -132,12 +135,12 @@ class _WriterThread:
         self.check()
 
     def abort(self):
+        # The thread drops what is still queued, then exits; only then is the writer
+        # touched from this thread, so the shard is never closed under a running write.
+        self.stopping = True
         if self.thread.is_alive():
-            try:
-                self.queue.put(_DONE, timeout=5)
-            except queue.Full:
-                pass
-            self.thread.join(timeout=30)
+            self.queue.put(_DONE)
+            self.thread.join()
         self.writer.abort()
 
 

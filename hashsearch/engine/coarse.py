@@ -19,7 +19,9 @@ some slice exactly), at the cost of a slower open (~0.5 s at 1M).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import faiss
 import numpy as np
@@ -50,6 +52,10 @@ def build_coarse(codes: np.ndarray, bits: int, kind: str = "flat", *, hash_bits:
     if kind == "flat":
         index = faiss.IndexBinaryFlat(bits)
     elif kind in ("hash", "multihash"):
+        for name, value in (("hash bits", hash_bits), ("nhash", nhash)):
+            if value is not None and value < 1:
+                raise HashsearchError(f"{name} must be at least 1, got {value}")
+        _check_nflip(nflip)
         b = hash_bits or default_hash_bits(bits, len(codes), kind)
         if not 1 <= b <= min(bits, 64):
             raise HashsearchError(f"hash bits must be between 1 and {min(bits, 64)}, got {b}")
@@ -75,6 +81,30 @@ def describe(index: faiss.IndexBinary) -> dict:
     return {"kind": "flat"}
 
 
-def set_nflip(index: faiss.IndexBinary, nflip: int | None) -> None:
-    if nflip is not None and hasattr(index, "nflip"):
+def _check_nflip(nflip: int | None) -> None:
+    # faiss loops forever on a negative nflip.
+    if nflip is not None and nflip < 0:
+        raise HashsearchError(f"nflip must be zero or more, got {nflip}")
+
+
+_NFLIP_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def probing(index: faiss.IndexBinary, nflip: int | None):
+    """Search `index` with another nflip inside the block, then restore the built one.
+
+    nflip is a field of the shared faiss index, so searches that override it
+    run one at a time; searches with the built value are not held up.
+    """
+    _check_nflip(nflip)
+    if nflip is None or not hasattr(index, "nflip"):
+        yield
+        return
+    with _NFLIP_LOCK:
+        built = index.nflip
         index.nflip = int(nflip)
+        try:
+            yield
+        finally:
+            index.nflip = built

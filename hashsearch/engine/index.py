@@ -61,6 +61,19 @@ def popcount_distances(query_codes: np.ndarray, codes: np.ndarray) -> np.ndarray
     return _POPCOUNT[np.bitwise_xor(codes, query_codes[:, None, :])].sum(-1, dtype=np.int32)
 
 
+def read_index_meta(index_dir) -> dict | None:
+    """index.json of an index directory, or None where there is none."""
+    path = Path(index_dir) / META_FILE
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+        meta["coarse"]["kind"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HashsearchError(f"unreadable index metadata {path} ({exc}); rebuild it with `hashsearch build-index`") from None
+    return meta
+
+
 class Index:
     """Coarse-to-fine search over one collection.
 
@@ -78,7 +91,8 @@ class Index:
         self.ids = collection.ids()
         self.features = FeatureReader(collection)
         self._local = threading.local()
-        self._pool: ThreadPoolExecutor | None = None
+        # Threads start on first use, so an Index that only serves batch-1 queries has none.
+        self._pool = ThreadPoolExecutor(MAX_THREADS, initializer=faiss.omp_set_num_threads, initargs=(1,))
 
     def _reranker(self) -> Reranker:
         # Each thread gathers into its own faiss buffer.
@@ -119,10 +133,9 @@ class Index:
         if not isinstance(collection, Collection):
             collection = Collection.open(collection)
         index_dir = Path(index_dir) if index_dir else collection.root / INDEX_DIR
-        meta_path = index_dir / META_FILE
-        if not meta_path.exists():
+        meta = read_index_meta(index_dir)
+        if meta is None:
             raise HashsearchError(f"no index in {index_dir}; run `hashsearch build-index {collection.root}` first")
-        meta = json.loads(meta_path.read_text())
         if meta.get("collection_fingerprint") != collection_fingerprint(collection):
             raise HashsearchError(f"index {index_dir} was built for other shards; rebuild it with `hashsearch build-index`")
         try:
@@ -158,19 +171,19 @@ class Index:
             return self._result(query_codes, rows, dist)
         rows = np.full((nq, k), -1, np.int64)
         dist = np.full((nq, k), np.nan if mode == "bcs" else np.inf, np.float32)
-        coarse_mod.set_nflip(self.coarse, nflip)
 
         def work(a, b):
             if mode == "bcs":
-                _, found = self.candidates(query_codes[a:b], k, radius=radius)
+                _, found = self._candidates(query_codes[a:b], k, radius)
                 rows[a:b, :found.shape[1]] = found[:, :k]
                 return
-            _, cand = self.candidates(query_codes[a:b], max(pool, k), radius=radius)
+            _, cand = self._candidates(query_codes[a:b], max(pool, k), radius)
             rr = self._reranker()
             for q in range(a, b):
                 rr.search(query_features[q:q + 1], cand[q - a], dist[q], rows[q])
 
-        self._run(work, nq)
+        with coarse_mod.probing(self.coarse, nflip):
+            self._run(work, nq)
         return self._result(query_codes, rows, dist)
 
     def candidates(self, query_codes: np.ndarray, pool: int, *, radius: int | None = None,
@@ -181,7 +194,10 @@ class Index:
         """
         if pool <= 0:
             raise HashsearchError(f"pool must be positive, got {pool}")
-        coarse_mod.set_nflip(self.coarse, nflip)
+        with coarse_mod.probing(self.coarse, nflip):
+            return self._candidates(query_codes, pool, radius)
+
+    def _candidates(self, query_codes, pool, radius):
         if radius is None:
             return self.coarse.search(query_codes, min(pool, self.collection.n))
         lims, dist, labels = self.coarse.range_search(query_codes, int(radius) + 1)
@@ -210,8 +226,6 @@ class Index:
             with faiss_threads(1):
                 work(0, nq)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(MAX_THREADS, initializer=faiss.omp_set_num_threads, initargs=(1,))
         cuts = np.linspace(0, nq, workers + 1).astype(int).tolist()
         for f in [self._pool.submit(work, a, b) for a, b in zip(cuts[:-1], cuts[1:])]:
             f.result()

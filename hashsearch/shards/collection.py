@@ -186,7 +186,13 @@ class Collection:
         path = self.root / REJECTS
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rejects = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rejects.append(json.loads(line))
+            except ValueError:   # a line torn by a crash; the resumed run writes it again
+                continue
+        return rejects
 
     def close(self) -> None:
         for f in self._h5:

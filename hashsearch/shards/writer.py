@@ -20,6 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..codes import code_bytes
 from ..errors import HashsearchError
 from .manifest import FORMAT, MANIFEST, VERSION, file_sha256, fsync_dir, read_manifest, write_manifest
 
@@ -29,6 +30,14 @@ REJECTS = "rejects.jsonl"
 IDENTITY_KEYS = ("bits", "feature_dim", "feature_dtype", "model_fingerprint", "source", "shard_size")
 FEATURE_DTYPES = ("float16", "float32")
 _COPY_BLOCK = 16384
+
+
+def _reject_index(line: str) -> float:
+    """Source index of a rejects.jsonl line; a line torn by a crash counts as not yet recorded."""
+    try:
+        return json.loads(line)["index"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def shard_name(number: int) -> str:
@@ -50,7 +59,7 @@ class CollectionWriter:
         if shard_size <= 0:
             raise HashsearchError(f"shard size must be positive, got {shard_size}")
         self.root = Path(root)
-        self.code_bytes = bits // 8
+        self.code_bytes = code_bytes(bits)
         self.feature_dim = int(feature_dim)
         self.feature_dtype = np.dtype(feature_dtype)
         self.shard_size = int(shard_size)
@@ -87,10 +96,11 @@ class CollectionWriter:
                         f"{self.root} already holds a collection with a different {k} "
                         f"({old.get(k)!r}, not {self.manifest.get(k)!r}); use --overwrite to replace it")
                 self.manifest = old
-                self._truncate_rejects(self.resume_from)
+                if not old.get("complete"):
+                    self._truncate_rejects(self.resume_from)
         elif any(p.name != SHARD_DIR for p in self.root.iterdir()) and not overwrite:
             raise HashsearchError(f"{self.root} exists and is not a hashsearch collection; choose an empty directory")
-        for stale in (self.root / SHARD_DIR).glob(".*.partial"):
+        for stale in (self.root / SHARD_DIR).glob(".*.partial*"):   # .partial and .partial.trim
             stale.unlink()
         write_manifest(self.root, self.manifest)
 
@@ -242,7 +252,7 @@ class CollectionWriter:
         if not path.exists():
             return
         kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["index"] < source_end]
+                if _reject_index(line) < source_end]
         tmp = path.with_name(".rejects.tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, path)
