@@ -75,6 +75,7 @@ def evaluate(database: Collection, queries: Collection, modes=("bcs", "es", "hds
     if pool <= 0:
         raise HashsearchError(f"pool must be positive, got {pool}")
 
+    _check_comparable(database, queries)
     q_labels, db_labels = _labels(queries, "query"), _labels(database, "database")
     n, nq = database.n, queries.n
     topk = min(int(topk), n)
@@ -161,6 +162,15 @@ def _smallest_k(key: np.ndarray, k: int) -> np.ndarray:
     # Equal keys (possible for float keys) are ordered by column, as the full sort would.
     order = np.lexsort((part, np.take_along_axis(key, part, 1)), axis=1)
     return np.take_along_axis(part, order, 1).astype(np.int64)
+
+
+def _check_comparable(database: Collection, queries: Collection) -> None:
+    """Codes from two models, or labels numbered from two class lists, would give meaningless scores."""
+    a, b = database.manifest, queries.manifest
+    if a.get("model_fingerprint") != b.get("model_fingerprint"):
+        raise HashsearchError(f"{queries.root} and {database.root} were encoded by different models")
+    if (a.get("class_names") or None) != (b.get("class_names") or None):
+        raise HashsearchError(f"{queries.root} and {database.root} number their labels from different class lists")
 
 
 def _labels(coll: Collection, role: str) -> np.ndarray:

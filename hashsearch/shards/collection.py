@@ -155,10 +155,18 @@ class Collection:
     # -- files -------------------------------------------------------------------
     def _file(self, s: int) -> h5py.File:
         if self._h5[s] is None:
+            path = self.shard_files[s]
             try:
-                self._h5[s] = h5py.File(self.shard_files[s], "r")
-            except OSError as exc:
-                raise HashsearchError(f"cannot read shard {self.shard_files[s]}: {exc}") from None
+                f = h5py.File(path, "r")
+                shapes = {name: f[name].shape[0] for name in ("codes", "features", "ids", "labels", "paths")}
+            except (OSError, KeyError) as exc:
+                raise HashsearchError(f"cannot read shard {path}: {exc}") from None
+            rows = int(self.offsets[s + 1] - self.offsets[s])
+            if set(shapes.values()) != {rows}:
+                f.close()
+                raise HashsearchError(f"shard {path.name} does not hold the {rows} rows its manifest lists; "
+                                      "run `hashsearch info --verify`")
+            self._h5[s] = f
         return self._h5[s]
 
     def mapped_features(self, s: int) -> np.ndarray | None:

@@ -11,6 +11,7 @@ from ..errors import HashsearchError
 MANIFEST = "manifest.json"
 FORMAT = "hashsearch-collection"
 VERSION = 1
+REQUIRED_KEYS = ("bits", "feature_dim", "feature_dtype", "shards")
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -58,8 +59,13 @@ def read_manifest(root: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise HashsearchError(f"unreadable manifest {path}: {exc}") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise HashsearchError(f"{path} is not a hashsearch manifest")
     if manifest.get("version", 0) > VERSION:
         raise HashsearchError(f"{path} has format version {manifest['version']}; this hashsearch reads up to {VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    shards_ok = isinstance(manifest.get("shards"), list) and all(
+        isinstance(e, dict) and {"file", "rows", "sha256"} <= e.keys() for e in manifest["shards"])
+    if missing or not shards_ok:
+        raise HashsearchError(f"damaged manifest {path}: " + (f"missing {', '.join(missing)}" if missing else "bad shard list"))
     return manifest
