@@ -3,18 +3,26 @@
     from hashsearch import Encoder, Collection, Index
 """
 from .errors import HashsearchError
-from .shards import Collection, CollectionWriter
-from .engine import Index, SearchResult
 
 __version__ = "0.1.0"
 
+# Imported on first use: DataLoader workers import hashsearch.encoders.images and
+# must not pay for h5py, faiss or torch, and search-only users never load torch.
+_LAZY = {
+    "Encoder": ("hashsearch.encoders.encoder", "Encoder"),
+    "Collection": ("hashsearch.shards", "Collection"),
+    "CollectionWriter": ("hashsearch.shards", "CollectionWriter"),
+    "Index": ("hashsearch.engine", "Index"),
+    "SearchResult": ("hashsearch.engine", "SearchResult"),
+}
+
 
 def __getattr__(name):
-    # Encoder pulls in torch (seconds to import); only search-side users skip it.
-    if name == "Encoder":
-        from .encoders.encoder import Encoder
-        return Encoder
-    raise AttributeError(name)
+    if name in _LAZY:
+        import importlib
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'hashsearch' has no attribute {name!r}")
 
 
 __all__ = ["Encoder", "Collection", "CollectionWriter", "Index", "SearchResult", "HashsearchError"]

@@ -11,14 +11,17 @@ from .errors import HashsearchError
 
 
 class _Group(click.Group):
-    """Bad input is one line on stderr and exit 1; --debug keeps the traceback."""
+    """Bad input and a failing environment are one line on stderr and exit 1; --debug keeps the traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except HashsearchError as exc:
+        except (HashsearchError, OSError) as exc:
+            # OSError here is the environment (disk full, permissions), not a bug.
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            if isinstance(exc, OSError) and exc.strerror:
+                exc = f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
             click.echo(f"hashsearch: error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
@@ -40,6 +43,12 @@ def main(ctx, debug):
 def _positive(name, value):
     if value is not None and value <= 0:
         raise HashsearchError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _not_negative(name, value):
+    if value is not None and value < 0:
+        raise HashsearchError(f"{name} must be zero or more, got {value}")
     return value
 
 
@@ -75,8 +84,10 @@ def _existing(path, what="path"):
 def train(source, out, **opts):
     """Train the hash network on a labelled SOURCE."""
     from .encoders.train import TrainConfig, train as run_train
-    for name in ("epochs", "batch_size", "limit", "input_size"):
+    for name in ("epochs", "batch_size", "limit", "input_size", "lr"):
         _positive(name.replace("_", "-"), opts[name])
+    for name in ("workers", "weight_decay", "warmup_epochs", "val_fraction"):
+        _not_negative(name.replace("_", "-"), opts[name])
     result = run_train(TrainConfig(source=source, out=out, **opts))
     last = result["history"][-1] if result["history"] else None
     if last:
@@ -105,6 +116,7 @@ def encode(source, model_path, out, limit, batch_size, workers, device, shard_si
     _existing(model_path, "model")
     _positive("limit", limit)
     _positive("shard-size", shard_size)
+    _not_negative("workers", workers)
     encode_collection(model_path, source, out, limit=limit, batch_size=batch_size, workers=workers,
                       device=device, shard_size=shard_size, feature_dtype="float32" if float32 else "float16",
                       overwrite=overwrite, quiet=quiet, data_dir=data_dir, log=click.echo)
@@ -135,7 +147,7 @@ def build_index(collection, coarse, hash_bits, nhash, nflip, out):
 @click.option("--id", "ids", multiple=True, type=int, help="Query by the id of a collection item (repeatable).")
 @click.option("-k", "k", default=10, show_default=True)
 @click.option("--pool", default=None, type=int, help="Coarse candidate pool size [200].")
-@click.option("--radius", type=int, help="Take every candidate within this Hamming radius instead.")
+@click.option("--radius", type=int, help="Take the candidates within this Hamming radius instead (at most --pool).")
 @click.option("--nflip", type=int, help="Bucket probing depth for hash indexes.")
 @click.option("--mode", default="hds", show_default=True, type=click.Choice(["hds", "bcs", "es"]))
 @click.option("--model", "model_path", help="Checkpoint for --image queries [COLLECTION/model.pt].")
@@ -146,9 +158,8 @@ def query(collection, images, ids, k, pool, radius, nflip, mode, model_path, ind
     from .retrieval import run_query
     _positive("k", k)
     _positive("pool", pool)
-    for name, value in (("radius", radius), ("nflip", nflip)):
-        if value is not None and value < 0:
-            raise HashsearchError(f"{name} must be zero or more, got {value}")
+    _not_negative("radius", radius)
+    _not_negative("nflip", nflip)
     if not images and not ids:
         raise HashsearchError("give at least one --image or --id")
     report = run_query(collection, images=images, ids=ids, k=k, pool=pool, radius=radius, nflip=nflip,
@@ -252,6 +263,9 @@ def bench(exhaustive, encode_source, n, dim, bits, queries, batch, pool, coarse,
         if not model_path:
             raise HashsearchError("--encode needs --model")
         _existing(model_path, "model")
+        _positive("limit", limit)
+        _positive("batch-size", batch_size)
+        _not_negative("workers", workers)
         result = run_encode_bench(model_path, encode_source, limit=limit, batch_size=batch_size,
                                   workers=workers, device=device)
         click.echo(format_encode_report(result))

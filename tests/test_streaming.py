@@ -16,15 +16,16 @@ import pytest
 N_SMALL = 2_000
 N_LARGE = int(os.environ.get("HASHSEARCH_STREAM_N", 20_000))
 
+# The child's own peak (VmHWM): ru_maxrss would carry over the pytest parent's.
 _PEAK_RSS = """
-import json, resource, sys, time
+import json, sys, time
+from hashsearch.bench.sysinfo import peak_rss_mb
 from hashsearch.cli import main
 t = time.perf_counter()
 try:
     main(sys.argv[1:], standalone_mode=False)
 finally:
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "seconds": time.perf_counter() - t}), file=sys.stderr)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "seconds": time.perf_counter() - t}), file=sys.stderr)
 """
 
 

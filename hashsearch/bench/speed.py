@@ -315,10 +315,6 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict, path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
-
-
 # -- scaling ----------------------------------------------------------------------
 def run_scaling(ns=(10_000, 100_000, 1_000_000), **kwargs) -> list[dict]:
     """run_exhaustive_bench at each N (synthetic collections only), same other settings."""

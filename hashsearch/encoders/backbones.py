@@ -93,6 +93,10 @@ class EfficientNetLite0(nn.Module):
         return torch.flatten(self.net._avg_pooling(self.net.extract_features(x)), 1)
 
 
+def _no_pretrained(name: str):
+    raise HashsearchError(f"backbone {name} trains from scratch and takes no --weights")
+
+
 def _load_state_dict(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -104,7 +108,7 @@ def _load_state_dict(path: str) -> dict:
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "small": BackboneSpec(lambda w: SmallCNN(), 512, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    "small": BackboneSpec(lambda w: SmallCNN() if w is None else _no_pretrained("small"), 512, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
     "alexnet": BackboneSpec(AlexNetF7, 4096, 224, IMAGENET_MEAN, IMAGENET_STD),
     "efficientnet-lite0": BackboneSpec(EfficientNetLite0, 1280, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
                                        EfficientNetLite0.installed_weights),

@@ -26,7 +26,8 @@ from .encoder import resolve_device
 from .preprocess import augment, normalize
 from .sources import open_source
 
-# Decoded training images are kept in RAM up to this size; beyond it they are re-read each epoch.
+# Decoded training images are kept in RAM, up to this size; beyond it, training
+# needs --freeze-backbone (which keeps only F7) or a smaller --input-size.
 PRELOAD_LIMIT_BYTES = 3 << 30
 
 
@@ -161,7 +162,7 @@ def _resume(cfg, config, model, optimizer, scheduler):
 
 
 class _Batches:
-    """Feeds training: from decoded images in RAM, by streaming, or from cached F7 when the backbone is frozen."""
+    """Feeds training: decoded images from RAM, or cached F7 when the backbone is frozen."""
 
     def __init__(self, cfg, model, device, train_x, train_y, val_x, val_y, config, features: bool, rejected: int):
         self.cfg, self.model, self.device, self.config = cfg, model, device, config
