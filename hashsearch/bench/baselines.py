@@ -109,6 +109,6 @@ def write_baseline_collection(src: Collection, out_root, method: str, bits: int,
             sl = slice(first, first + len(block))
             codes = encoder(np.asarray(block, np.float32))
             writer.add(codes, block, ids[sl], labels[sl], src.paths(np.arange(sl.start, sl.stop)),
-                       source_end=sl.stop, capacity_hint=src.n - first)
+                       source_end=sl.stop, capacity_hint=src.n - first, source_index=np.arange(sl.start, sl.stop))
         writer.finish(src.n)
     return Collection.open(out_root)

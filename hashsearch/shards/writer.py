@@ -126,8 +126,13 @@ class CollectionWriter:
         return self.manifest["items"] + self._rows
 
     # -- writing -------------------------------------------------------------
-    def add(self, codes, features, ids, labels, paths, *, source_end: int, capacity_hint: int | None = None) -> None:
-        """Append rows; `source_end` is the source index just past the last of them."""
+    def add(self, codes, features, ids, labels, paths, *, source_end: int, capacity_hint: int | None = None,
+            source_index=None) -> None:
+        """Append rows; `source_end` is the source index just past the last of them.
+
+        `source_index` gives each row's position in the source, where a shard that
+        closes mid-batch resumes; by default the ids, which `encode` assigns that way.
+        """
         n = len(ids)
         offset = 0
         while offset < n:
@@ -139,7 +144,7 @@ class CollectionWriter:
             offset += take
             if self._rows == self._capacity:
                 # A shard that ends mid-batch resumes inside that batch, at its first unwritten row.
-                end = source_end if offset == n else int(ids[offset])
+                end = source_end if offset == n else int((ids if source_index is None else source_index)[offset])
                 self._close_shard(end)
         self._source_end = source_end
 
