@@ -124,3 +124,37 @@ def test_image_from_array():
 
 def test_extensions():
     assert is_image_name("A.JPEG") and is_image_name("b.webp") and not is_image_name("notes.txt")
+
+
+# -- decode_file: the torchvision fast path must match the PIL path exactly ----------------------------
+def _jpeg(path, size, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (size, size, 3) if mode == "RGB" else (size, size)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path, quality=90)
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_decode_file_fast_path_matches_pil(tmp_path, mode):
+    import torch
+    from hashsearch.encoders import preprocess
+    path = _jpeg(tmp_path / "a.jpg", 32, mode)
+    fast = preprocess._jpeg_at_size(path, 32)
+    assert fast is not None                                  # the fast path was taken
+    slow = preprocess.to_uint8_tensor(load_image(path), 32)
+    assert torch.equal(fast, slow)
+    assert torch.equal(preprocess.decode_file(path, 32), slow)
+
+
+def test_decode_file_falls_back_to_pil(tmp_path):
+    import torch
+    from hashsearch.encoders import preprocess
+    other = _jpeg(tmp_path / "b.jpg", 40)
+    assert preprocess._jpeg_at_size(other, 32) is None           # needs a resize: PIL path
+    assert torch.equal(preprocess.decode_file(other, 32), preprocess.to_uint8_tensor(load_image(other), 32))
+    whole = open(_jpeg(tmp_path / "c.jpg", 32), "rb").read()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(whole[: len(whole) // 2])
+    assert preprocess._jpeg_at_size(str(cut), 32) is None        # truncated: PIL decides, and rejects it
+    with pytest.raises(ImageRejected):
+        preprocess.decode_file(str(cut), 32)

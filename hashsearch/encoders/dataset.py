@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .images import ImageRejected
-from .preprocess import to_uint8_tensor
+from .preprocess import decode_file, to_uint8_tensor
 
 
 class SourceDataset(Dataset):
@@ -23,7 +23,9 @@ class SourceDataset(Dataset):
 
     def __getitem__(self, i):
         try:
-            return i, to_uint8_tensor(self.source.load(i), self.size), None
+            file = self.source.file(i)
+            pixels = decode_file(file, self.size) if file else to_uint8_tensor(self.source.load(i), self.size)
+            return i, pixels, None
         except ImageRejected as exc:
             return i, None, str(exc) or "cannot decode image"
         except Exception as exc:  # a decoder crash on one odd file must not end a million-image run

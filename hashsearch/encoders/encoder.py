@@ -11,8 +11,8 @@ from ..codes import pack_codes
 from ..errors import HashsearchError
 from ..shards.manifest import file_sha256
 from .checkpoint import load_model
-from .images import ImageRejected, image_from_array, load_image
-from .preprocess import normalize, to_uint8_tensor
+from .images import ImageRejected, image_from_array
+from .preprocess import decode_file, normalize, to_uint8_tensor
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -67,7 +67,7 @@ class Encoder:
         """One image (path, PIL image or uint8 array) -> uint8 [3, S, S]."""
         if isinstance(image, (str, Path)):
             try:
-                image = load_image(image)
+                return decode_file(str(image), self.input_size)
             except ImageRejected as exc:
                 raise HashsearchError(f"cannot read image {image}: {exc}") from None
         elif isinstance(image, np.ndarray):

@@ -66,6 +66,10 @@ class Source:
     def load(self, i: int) -> Image.Image:
         raise NotImplementedError
 
+    def file(self, i: int) -> str | None:
+        """The image file behind item i, for sources backed by files; None for generated or packed ones."""
+        return None
+
     def labels(self) -> np.ndarray:
         raise NotImplementedError
 
@@ -101,6 +105,9 @@ class _FileListSource(Source):
 
     def load(self, i: int) -> Image.Image:
         return load_image(self._paths[i])
+
+    def file(self, i: int) -> str:
+        return self._paths[i]
 
     def labels(self) -> np.ndarray:
         return self._labels
