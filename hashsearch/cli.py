@@ -206,9 +206,10 @@ def info(collection, as_json, verify):
 @click.option("--map-all", is_flag=True, help="mAP over the full ranking instead of the top k.")
 @click.option("--json", "json_path", help="Write the metrics to this JSON file.")
 @click.option("--plot", "plot_path", help="Write precision@k curves to this PNG.")
+@click.option("--pr-plot", "pr_plot_path", help="Write the precision-recall curve of the Hamming ranking to this PNG.")
 @click.option("--baselines", "baselines_text", default="", metavar="TEXT",
               help="Also rank with baseline codes fitted on DATABASE's F7 features, comma-separated: lsh,itq.")
-def evaluate(database, queries_path, mode, topk, pool, map_all, json_path, plot_path, baselines_text):
+def evaluate(database, queries_path, mode, topk, pool, map_all, json_path, plot_path, pr_plot_path, baselines_text):
     """Retrieval quality of DATABASE for the labelled --queries (the paper's protocol)."""
     from .bench.baselines import METHODS
     from .bench.evaluate import evaluate as run_eval, format_table
@@ -220,8 +221,8 @@ def evaluate(database, queries_path, mode, topk, pool, map_all, json_path, plot_
     for b in baselines:
         if b not in METHODS:
             raise HashsearchError(f"unknown baseline {b!r} in --baselines; choose from {','.join(METHODS)}")
-    results = run_eval(Collection.open(database), Collection.open(queries_path), modes=modes, topk=topk,
-                       pool=pool, map_all=map_all, baselines=baselines)
+    db, queries = Collection.open(database), Collection.open(queries_path)
+    results = run_eval(db, queries, modes=modes, topk=topk, pool=pool, map_all=map_all, baselines=baselines)
     click.echo(format_table(results))
     if json_path:
         _write_json(json_path, results if len(results) > 1 else results[0])
@@ -229,6 +230,12 @@ def evaluate(database, queries_path, mode, topk, pool, map_all, json_path, plot_
         from .bench.plots import plot_precision_at_k
         plot_precision_at_k(results, plot_path)
         click.echo(f"wrote {plot_path}")
+    if pr_plot_path:
+        from .bench.metrics import pr_curve_hamming
+        from .bench.plots import plot_pr_curve
+        curve = pr_curve_hamming(queries.codes(), db.codes(), queries.labels(), db.labels())
+        plot_pr_curve({f"hashsearch, {db.bits} bits": curve}, pr_plot_path, title="Hamming ranking")
+        click.echo(f"wrote {pr_plot_path}")
 
 
 # -- bench -------------------------------------------------------------------------------

@@ -234,9 +234,9 @@ def test_cli_eval_with_baselines(tmp_path, pair):
 
     from hashsearch.cli import main
     db, q = pair
-    out, png = tmp_path / "out.json", tmp_path / "p.png"
+    out, png, pr = tmp_path / "out.json", tmp_path / "p.png", tmp_path / "pr.png"
     args = ["eval", str(db.root), "--queries", str(q.root), "--mode", "bcs", "--baselines", "lsh,itq",
-            "--topk", "50", "--json", str(out), "--plot", str(png)]
+            "--topk", "50", "--json", str(out), "--plot", str(png), "--pr-plot", str(pr)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, (result.output, result.exception)
     data = json.loads(out.read_text())
@@ -245,7 +245,7 @@ def test_cli_eval_with_baselines(tmp_path, pair):
         assert {"mode", "map", "precision_at_k", "precision_hamming2", "n_queries", "n_database"} <= set(r)
         assert r["n_queries"] == q.n and r["n_database"] == db.n and 0 <= r["map"] <= 1
         assert len(r["precision_at_k"]) == 50
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert png.read_bytes()[:4] == b"\x89PNG" and pr.read_bytes()[:4] == b"\x89PNG"
     assert "itq" in result.output and "lsh" in result.output
     bad = CliRunner().invoke(main, args[:6] + ["--baselines", "lsh,pq"])
     assert bad.exit_code == 1 and "unknown baseline 'pq'" in bad.output
