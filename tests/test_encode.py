@@ -161,6 +161,33 @@ def test_resume_after_crash_mid_shard(model, reference, tmp_path, monkeypatch):
     assert manifest(out)["complete"]
 
 
+def test_disk_full_fails_cleanly_and_resumes(model, reference, tmp_path, monkeypatch):
+    """ENOSPC from HDF5 mid-run: one error line, finished shards kept, the same command then finishes."""
+    import errno
+
+    import h5py
+    out = tmp_path / "coll"
+    real_setitem = h5py.Dataset.__setitem__
+    calls = {"n": 0}
+
+    def full_disk(self, key, value):
+        calls["n"] += 1
+        if calls["n"] == 30:                      # 5 datasets a batch: the 6th batch, past the first shards
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_setitem(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", full_disk)
+    r = cli("encode", *RESUME_ARGS, "--model", model, "--out", out, "--quiet", ok=False)
+    assert "No space left on device" in r.stderr
+    m = manifest(out)
+    assert not m["complete"] and len(m["shards"]) >= 1
+    assert not list((out / "shards").glob(".*"))           # the unfinished shard was dropped
+    monkeypatch.undo()
+
+    cli("encode", *RESUME_ARGS, "--model", model, "--out", out)
+    assert_same_collection(out, reference)
+
+
 def test_resume_after_losing_shards(model, reference, tmp_path, monkeypatch):
     """Roll a finished collection back to two shards, with a stray partial file, and re-run."""
     from hashsearch.encoders.encoder import Encoder
