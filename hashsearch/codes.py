@@ -31,20 +31,7 @@ def pack_codes(bits: np.ndarray) -> np.ndarray:
     return np.packbits(bits, axis=1, bitorder="little")
 
 
-def unpack_codes(codes: np.ndarray, bits: int | None = None) -> np.ndarray:
+def unpack_codes(codes: np.ndarray) -> np.ndarray:
     """Inverse of pack_codes: uint8 [n, K/8] to a boolean [n, K] matrix."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    out = np.unpackbits(codes, axis=1, bitorder="little").astype(bool)
-    return out if bits is None else out[:, :bits]
-
-
-def hamming_matrix(queries: np.ndarray, database: np.ndarray) -> np.ndarray:
-    """All Hamming distances between packed codes, int32 [nq, nb].
-
-    Uses the identity |a xor b| = |a| + |b| - 2 a.b on 0/1 vectors so that the
-    work is one BLAS product instead of a popcount loop.
-    """
-    q = unpack_codes(queries).astype(np.float32)
-    b = unpack_codes(database).astype(np.float32)
-    dist = q.sum(1, keepdims=True) + b.sum(1)[None, :] - 2.0 * (q @ b.T)
-    return np.rint(dist).astype(np.int32)
+    return np.unpackbits(codes, axis=1, bitorder="little").astype(bool)

@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 
 from hashsearch import Collection, CollectionWriter, HashsearchError, Index
-from hashsearch.codes import hamming_matrix, pack_codes
+from hashsearch.codes import pack_codes, unpack_codes
 from hashsearch.engine import load_flat_l2
 from hashsearch.engine.rerank import FeatureReader
 from hashsearch.shards import write_manifest
+
+
+def hamming_matrix(a, b):
+    """Brute-force reference: Hamming distances between every row of a and of b."""
+    return (unpack_codes(a)[:, None, :] != unpack_codes(b)[None, :, :]).sum(-1)
+
 
 N, DIM, BITS, SHARD = 700, 24, 32, 256       # three shards: 256, 256, 188 rows
 

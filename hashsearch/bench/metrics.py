@@ -24,7 +24,7 @@ class HammingScanner:
 
     Codes are held as uint64 words so a distance is a popcount of xors
     (np.bitwise_count, numpy >= 2; older numpy falls back to one BLAS product
-    over unpacked bits as in hashsearch.codes.hamming_matrix).  With ids, the
+    over unpacked bits, using |a xor b| = |a| + |b| - 2 a.b).  With ids, the
     database is stored in id order: a stable sort of the small-integer
     distances (numpy uses radix sort for them) then breaks ties by id for free.
     """

@@ -175,10 +175,11 @@ class Collection:
             ds = self._file(s)["features"]
             offset = ds.id.get_offset()
             if ds.chunks is not None or ds.compression is not None or offset is None:
-                return None
-            self._mapped[s] = np.memmap(self.shard_files[s], dtype=ds.dtype, mode="r",
-                                        offset=offset, shape=ds.shape)
-        return self._mapped[s]
+                self._mapped[s] = False      # remembered: h5py reads this shard
+            else:
+                self._mapped[s] = np.memmap(self.shard_files[s], dtype=ds.dtype, mode="r",
+                                            offset=offset, shape=ds.shape)
+        return self._mapped[s] if self._mapped[s] is not False else None
 
     def verify(self) -> list[str]:
         """Shards whose bytes no longer match the manifest, as 'name: reason' lines."""
