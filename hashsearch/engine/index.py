@@ -230,6 +230,18 @@ class Index:
         for f in [self._pool.submit(work, a, b) for a, b in zip(cuts[:-1], cuts[1:])]:
             f.result()
 
+    def close(self) -> None:
+        """Release the shard file handles and search threads."""
+        self._pool.shutdown(wait=True)
+        self.features.close()
+        self.collection.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def _result(self, query_codes, rows, dist) -> SearchResult:
         found = rows >= 0
         safe = np.where(found, rows, 0)
