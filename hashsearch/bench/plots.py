@@ -17,7 +17,15 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path) -> Path:
+def _finish(fig, ax, path, xlabel: str, ylabel: str, title: str | None) -> Path:
+    """Common axes dressing, then save as PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -34,14 +42,7 @@ def plot_precision_at_k(results: list[dict], path, title: str | None = None) -> 
             p = r["precision_at_k"]
             ks = np.array(sorted(int(k) for k in p))
             ax.plot(ks, [p[str(k)] for k in ks], label=f"{r['mode']} ({r['bits']} bits)" if "bits" in r else r["mode"])
-        ax.set_xlabel("number of top retrieved images k")
-        ax.set_ylabel("precision@k")
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        if title:
-            ax.set_title(title)
-        return _save(fig, path)
+        return _finish(fig, ax, path, "number of top retrieved images k", "precision@k", title)
     finally:
         plt.close(fig)
 
@@ -58,14 +59,7 @@ def plot_pr_curve(curves: dict, path, title: str | None = None) -> Path:
         for label, (_, precision, recall) in curves.items():
             ok = ~np.isnan(precision)
             ax.plot(np.asarray(recall)[ok], np.asarray(precision)[ok], marker=".", label=label)
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
         ax.set_xlim(0, 1.02)
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        if title:
-            ax.set_title(title)
-        return _save(fig, path)
+        return _finish(fig, ax, path, "recall", "precision", title)
     finally:
         plt.close(fig)
