@@ -14,6 +14,7 @@ from .engine import DEFAULT_POOL, Index
 from .engine.index import INDEX_DIR, read_index_meta
 from .errors import HashsearchError
 from .shards import Collection
+from .shards.manifest import disk_bytes
 
 
 def run_query(collection, *, images=(), ids=(), k: int = 10, pool: int | None = None, radius: int | None = None,
@@ -63,13 +64,12 @@ def run_query(collection, *, images=(), ids=(), k: int = 10, pool: int | None = 
 def collection_info(root, verify: bool = False) -> dict:
     coll = Collection.open(root, require_complete=False, allow_empty=True)
     m = coll.manifest
-    disk = sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
     report = {
         "path": str(Path(root).resolve()), "complete": bool(m.get("complete")),
         "items": coll.n, "shards": len(coll.shard_files), "bits": coll.bits,
         "feature_dim": coll.feature_dim, "feature_dtype": str(coll.feature_dtype),
         "rejected": coll.rejected, "backbone": m.get("backbone"), "source": m.get("source_spec"),
-        "classes": len(m.get("class_names") or []), "bytes_on_disk": disk,
+        "classes": len(m.get("class_names") or []), "bytes_on_disk": disk_bytes(root),
     }
     meta = read_index_meta(Path(root) / INDEX_DIR)
     if meta is not None:

@@ -32,6 +32,7 @@ from ..engine import Index, load_flat_l2
 from ..engine.threads import MAX_THREADS, faiss_threads
 from ..errors import HashsearchError
 from ..shards import Collection
+from ..shards.manifest import disk_bytes
 from .synthetic import SyntheticSpec, default_cache_root, generate_collection, make_queries
 from .sysinfo import machine_info, peak_rss_mb, rss_breakdown_mb
 
@@ -138,10 +139,6 @@ def _fastest_threads(call, tries: int) -> int:
     return min(best, key=best.get)
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
 def _setup(collection, n, dim, bits, queries, seed, cache_dir, progress) -> dict:
     """The collection and the queries: held-out synthetic ones, or a seeded sample of a real collection's rows."""
     if collection is not None:
@@ -184,7 +181,7 @@ def run_exhaustive_bench(n: int = 1_000_000, dim: int = 4096, bits: int = 128, q
     batches = [1] if batch == 1 else [1, batch]
     result = {"n": coll.n, "dim": coll.feature_dim, "bits": coll.bits, "k": K, "queries": nq, "batch": batch,
               "pool": pool, "source": setup["source"], "collection": str(coll.root), "seed": seed,
-              "generate_seconds": setup["generate_seconds"], "collection_bytes": _dir_bytes(coll.root / "shards")}
+              "generate_seconds": setup["generate_seconds"], "collection_bytes": disk_bytes(coll.root / "shards")}
     if setup["query_rows"] is not None:
         result["query_rows"] = setup["query_rows"].tolist()
 
@@ -196,7 +193,7 @@ def run_exhaustive_bench(n: int = 1_000_000, dim: int = 4096, bits: int = 128, q
         index = Index.build(coll, coarse, out=tmp / "index", **params)
         result["build_seconds"] = time.perf_counter() - t
         result["coarse"] = index.meta["coarse"]
-        result["index_bytes"] = _dir_bytes(tmp / "index")
+        result["index_bytes"] = disk_bytes(tmp / "index")
         del index
         np.savez(tmp / "queries.npz", codes=qcodes, features=qfeats)
         _log(progress, f"hierarchical and binary search in a child process ({nq} queries, pool {pool})")

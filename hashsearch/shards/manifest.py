@@ -22,6 +22,11 @@ def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def disk_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every file under `path`."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary name, fsync, then rename over the target.
 
