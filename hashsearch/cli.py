@@ -249,6 +249,9 @@ def evaluate(database, queries_path, mode, topk, pool, map_all, json_path, plot_
 @click.option("--batch", default=1, show_default=True, help="Queries per search call.")
 @click.option("--pool", type=int, help="Coarse candidate pool.")
 @click.option("--coarse", type=click.Choice(["flat", "hash", "multihash"]), help="Coarse index kind.")
+@click.option("--hash-bits", type=int, help="Bits per hash key of a hash or multihash coarse index.")
+@click.option("--nhash", type=int, help="Tables of a multihash coarse index.")
+@click.option("--nflip", type=int, help="Bits flipped when probing a hash or multihash coarse index.")
 @click.option("--collection", help="Benchmark a real encoded collection instead of synthetic data.")
 @click.option("--scaling", is_flag=True, help="Run N = 10k, 100k and 1M and plot latency against N.")
 @click.option("--plot", "plot_path", default="bench-scaling.png", show_default=True, help="PNG for --scaling.")
@@ -260,8 +263,8 @@ def evaluate(database, queries_path, mode, topk, pool, map_all, json_path, plot_
 @click.option("--workers", default=2, show_default=True, help="Loader workers for --encode.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_path", help="Write the results to this JSON file.")
-def bench(exhaustive, encode_source, n, dim, bits, queries, batch, pool, coarse, collection, scaling, plot_path,
-          cache_dir, seed, model_path, limit, batch_size, workers, device, json_path):
+def bench(exhaustive, encode_source, n, dim, bits, queries, batch, pool, coarse, hash_bits, nhash, nflip, collection,
+          scaling, plot_path, cache_dir, seed, model_path, limit, batch_size, workers, device, json_path):
     """Benchmarks: --exhaustive (search speed) or --encode SOURCE (encode throughput)."""
     if exhaustive == bool(encode_source):
         raise HashsearchError("choose one benchmark: --exhaustive or --encode SOURCE")
@@ -281,7 +284,7 @@ def bench(exhaustive, encode_source, n, dim, bits, queries, batch, pool, coarse,
         for name, value in (("n", n), ("dim", dim), ("queries", queries), ("batch", batch), ("pool", pool)):
             _positive(name, value)
         common = dict(dim=dim, bits=bits, queries=queries, batch=batch, pool=pool, coarse=coarse,
-                      seed=seed, cache_dir=cache_dir)
+                      seed=seed, cache_dir=cache_dir, hash_bits=hash_bits, nhash=nhash, nflip=nflip)
         if scaling:
             result = speed.run_scaling(**common)
             for r in result:

@@ -129,3 +129,16 @@ def test_scaling_runs_each_size_and_plots(tmp_path):
     png = tmp_path / "scaling.png"
     plot_scaling(results, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_passes_the_coarse_index_settings_through(tmp_path):
+    from conftest import cli
+    out = tmp_path / "r.json"
+    cli("bench", "--exhaustive", "--n", 2000, "--dim", 32, "--bits", 32, "--queries", 8, "--batch", 4,
+        "--coarse", "multihash", "--hash-bits", 8, "--nhash", 3, "--nflip", 1, "--pool", 20,
+        "--cache-dir", tmp_path, "--json", out)
+    r = json.loads(out.read_text())
+    assert r["coarse"] == {"kind": "multihash", "hash_bits": 8, "nhash": 3, "nflip": 1}
+    assert r["n"] == 2000 and 0 <= r["recall_at_10"] <= 1
+    cli("bench", "--exhaustive", "--n", 2000, "--dim", 32, "--bits", 32, "--coarse", "multihash",
+        "--hash-bits", 40, "--cache-dir", tmp_path, ok=False)

@@ -168,23 +168,28 @@ class Index:
         if mode == "es":
             with faiss_threads(MAX_THREADS):
                 dist, rows = scan_knn(self.collection, query_features, k)
-            return self._result(query_codes, rows, dist)
+            found = rows >= 0
+            ham = popcount_distances(query_codes, self.codes[np.where(found, rows, 0)])
+            return self._result(rows, dist, np.where(found, ham, -1))
         rows = np.full((nq, k), -1, np.int64)
+        ham = np.full((nq, k), -1, np.int32)
         dist = np.full((nq, k), np.nan if mode == "bcs" else np.inf, np.float32)
 
         def work(a, b):
             if mode == "bcs":
-                _, found = self._candidates(query_codes[a:b], k, radius)
+                found_ham, found = self._candidates(query_codes[a:b], k, radius)
                 rows[a:b, :found.shape[1]] = found[:, :k]
+                ham[a:b, :found.shape[1]] = np.where(found[:, :k] >= 0, found_ham[:, :k], -1)
                 return
-            _, cand = self._candidates(query_codes[a:b], max(pool, k), radius)
+            cand_ham, cand = self._candidates(query_codes[a:b], max(pool, k), radius)
             rr = self._reranker()
             for q in range(a, b):
-                rr.search(query_features[q:q + 1], cand[q - a], dist[q], rows[q])
+                order = rr.search(query_features[q:q + 1], cand[q - a], dist[q], rows[q])
+                ham[q, :len(order)] = cand_ham[q - a, order]
 
         with coarse_mod.probing(self.coarse, nflip):
             self._run(work, nq)
-        return self._result(query_codes, rows, dist)
+        return self._result(rows, dist, ham)
 
     def candidates(self, query_codes: np.ndarray, pool: int, *, radius: int | None = None,
                    nflip: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -242,10 +247,6 @@ class Index:
     def __exit__(self, *exc):
         self.close()
 
-    def _result(self, query_codes, rows, dist) -> SearchResult:
-        found = rows >= 0
-        safe = np.where(found, rows, 0)
-        ids = np.where(found, self.ids[safe], -1)
-        ham = np.where(found, popcount_distances(query_codes, self.codes[safe]), -1).astype(np.int32)
-        return SearchResult(rows=rows, ids=ids, hamming=ham, distances=dist)
-
+    def _result(self, rows, dist, hamming) -> SearchResult:
+        ids = np.where(rows >= 0, self.ids[rows], -1)     # row -1 reads the last id, then masked
+        return SearchResult(rows=rows, ids=ids, hamming=hamming.astype(np.int32, copy=False), distances=dist)

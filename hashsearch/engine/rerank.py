@@ -104,12 +104,13 @@ class Reranker:
         self.rows = [[memoryview(row).cast("B")] for row in self.buffer]
         self.capacity = m
 
-    def search(self, query: np.ndarray, candidates: np.ndarray, dist: np.ndarray, rows: np.ndarray) -> None:
-        """Rank candidate rows (-1 padded) for one query [1, D] float32 into dist/rows [k], which hold inf/-1."""
-        candidates = candidates[candidates >= 0]
-        m = len(candidates)
+    def search(self, query: np.ndarray, candidates: np.ndarray, dist: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Rank candidate rows (-1 padded at the end) for one query [1, D] float32 into dist/rows [k],
+        which hold inf/-1; returns the positions in `candidates` of the results."""
+        m = int(np.count_nonzero(candidates >= 0))
         if m == 0:
-            return
+            return candidates[:0]
+        candidates = candidates[:m]
         self._reserve(m)
         self.features.gather(candidates, self.rows, self.buffer)
         self.scratch.ntotal = m
@@ -118,3 +119,4 @@ class Reranker:
         if i.min() < 0:         # only a NaN in the query gets faiss to leave a slot empty
             raise HashsearchError("query features must be finite")
         dist[:take], rows[:take] = d[0], candidates[i[0]]
+        return i[0]
