@@ -63,7 +63,7 @@ def _existing(path, what="path"):
 @click.argument("source")
 @click.option("--bits", default=48, show_default=True, help="Code length K (multiple of 8).")
 @click.option("--backbone", default="small", show_default=True, help="small, alexnet or efficientnet-lite0.")
-@click.option("--weights", help="Pretrained backbone weights (a local state_dict file).")
+@click.option("--weights", help="Backbone weights: a local state_dict file, or a hashsearch checkpoint to reuse its backbone.")
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True, help="Learning rate of the new layers.")
@@ -71,6 +71,8 @@ def _existing(path, what="path"):
 @click.option("--weight-decay", default=5e-4, show_default=True)
 @click.option("--warmup-epochs", default=0.5, show_default=True)
 @click.option("--freeze-backbone", is_flag=True, help="Train only the latent and classifier layers on cached F7.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Autocast to bfloat16: about 2x faster on CPUs with AVX512-BF16/AMX.")
 @click.option("--input-size", type=int, help="Input side in pixels [the backbone's default].")
 @click.option("--val-fraction", default=0.05, show_default=True, help="Held out to report accuracy each epoch.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -107,10 +109,13 @@ def train(source, out, **opts):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--shard-size", default=100_000, show_default=True, help="Rows per HDF5 shard.")
 @click.option("--float32", "float32", is_flag=True, help="Store features as float32 (default float16).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Model arithmetic: auto is float16 on CUDA, float32 on CPU; bf16 is fast on CPUs with AVX512-BF16/AMX.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing collection made differently.")
 @click.option("--data-dir")
 @click.option("--quiet", is_flag=True)
-def encode(source, model_path, out, limit, batch_size, workers, device, shard_size, float32, overwrite, data_dir, quiet):
+def encode(source, model_path, out, limit, batch_size, workers, device, shard_size, float32, precision, overwrite,
+           data_dir, quiet):
     """Encode SOURCE into a collection of codes and F7 features."""
     from .encoders.runner import encode_collection
     _existing(model_path, "model")
@@ -119,7 +124,7 @@ def encode(source, model_path, out, limit, batch_size, workers, device, shard_si
     _not_negative("workers", workers)
     encode_collection(model_path, source, out, limit=limit, batch_size=batch_size, workers=workers,
                       device=device, shard_size=shard_size, feature_dtype="float32" if float32 else "float16",
-                      overwrite=overwrite, quiet=quiet, data_dir=data_dir, log=click.echo)
+                      overwrite=overwrite, quiet=quiet, data_dir=data_dir, precision=precision, log=click.echo)
 
 
 # -- build-index ----------------------------------------------------------------------

@@ -86,3 +86,35 @@ def test_train_unlabeled_folder_refused(tmp_path):
     save_image(tmp_path / "imgs" / "a.png")
     r = cli("train", tmp_path / "imgs", "--workers", "0", "--out", tmp_path / "m.pt", ok=False)
     assert "class labels" in r.stderr
+
+
+def test_weights_from_a_checkpoint_reuse_its_trained_backbone(model, tmp_path):
+    out = tmp_path / "b24.pt"
+    cli("train", *SMALL, "--bits", "24", "--epochs", "1", "--freeze-backbone", "--weights", model, "--out", out)
+    first = torch.load(model, weights_only=True)["state_dict"]
+    second = torch.load(out, weights_only=True)
+    assert second["config"]["bits"] == 24
+    backbone = [k for k in first if k.startswith("backbone.")]
+    assert backbone
+    for k in backbone:
+        torch.testing.assert_close(second["state_dict"][k], first[k])
+    assert second["state_dict"]["latent.weight"].shape[0] == 24
+
+
+def test_weights_from_a_checkpoint_of_another_backbone_are_refused(model, tmp_path):
+    r = cli("train", *SMALL, "--backbone", "alexnet", "--weights", model, "--out", tmp_path / "x.pt", ok=False)
+    assert "small backbone, not alexnet" in r.output
+
+
+def test_bf16_training_and_encoding_run_and_are_recorded(tmp_path):
+    out = tmp_path / "bf.pt"
+    cli("train", *SMALL, "--epochs", "1", "--precision", "bf16", "--out", out)
+    assert torch.load(out, weights_only=True)["train_state"]["recipe"]["precision"] == "bf16"
+    coll = tmp_path / "coll"
+    cli("encode", "synthetic:50", "--model", out, "--out", coll, "--precision", "bf16", "--workers", "0", "--quiet")
+    from hashsearch import Collection
+    with Collection.open(coll) as c:
+        assert c.n == 50 and c.manifest["precision"] == "bf16"
+    # a collection holds codes of one precision: resuming it in float32 is refused
+    r = cli("encode", "synthetic:50", "--model", out, "--out", coll, "--precision", "fp32", "--workers", "0", ok=False)
+    assert "--overwrite" in r.output

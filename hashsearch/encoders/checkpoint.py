@@ -30,9 +30,33 @@ def make_config(backbone: str, bits: int, class_names: list[str], input_size: in
 
 
 def build_model(config: dict, weights: str | None = None) -> HashNet:
-    """A HashNet for `config`; `weights` initialises a pretrained backbone."""
+    """A HashNet for `config`; `weights` initialises its backbone.
+
+    `weights` is the backbone's own state_dict file, or a hashsearch checkpoint
+    of the same backbone, whose trained backbone is reused (for example, to
+    train codes of another length on features already fine-tuned).
+    """
     spec = get_backbone(config["backbone"])
-    return HashNet(spec.build(weights), config["feature_dim"], config["bits"], config["num_classes"])
+    reused = _checkpoint_backbone(weights, config["backbone"]) if weights else None
+    model = HashNet(spec.build(None if reused is not None else weights), config["feature_dim"], config["bits"],
+                    config["num_classes"])
+    if reused is not None:
+        model.backbone.load_state_dict(reused)
+    return model
+
+
+def _checkpoint_backbone(path, backbone: str) -> dict | None:
+    """The backbone weights of a hashsearch checkpoint at `path`, or None if it is not one."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:   # not readable as a checkpoint here: the backbone's own loader reports it
+        return None
+    if not isinstance(payload, dict) or payload.get("format") != "hashsearch-model":
+        return None
+    if payload["config"].get("backbone") != backbone:
+        raise HashsearchError(f"{path} holds a {payload['config'].get('backbone')} backbone, not {backbone}")
+    prefix = "backbone."
+    return {k[len(prefix):]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
 
 
 def save_checkpoint(path, model: HashNet, config: dict, train_state: dict | None = None) -> None:

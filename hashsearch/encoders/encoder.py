@@ -25,6 +25,28 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The model's arithmetic: auto is float16 autocast on CUDA and float32 on the CPU.
+
+    bf16 runs convolutions in bfloat16 on CPUs with native support (AVX512-BF16,
+    AMX), where efficientnet-lite0 ran 2.3x faster than float32 (87 against 38
+    images/s at 224 px, 2 cores); elsewhere it is emulated and slower.
+    """
+    if precision not in PRECISIONS:
+        raise HashsearchError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=precision == "auto" and device.type == "cuda")
+
+
+def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    # channels_last lets oneDNN/cuDNN pick their fast NHWC convolutions (1.5x for lite0 on this CPU).
+    return model.to(device, memory_format=torch.channels_last)
+
+
 class Encoder:
     """Images in, (codes uint8 [n, bits/8], features float32 [n, D]) out.
 
@@ -33,16 +55,19 @@ class Encoder:
     >>> codes.shape, feats.shape                # (2, 6), (2, 512) for 48 bits, small
     """
 
-    def __init__(self, model, config: dict, device: str = "auto", model_path=None):
+    def __init__(self, model, config: dict, device: str = "auto", model_path=None, precision: str = "auto"):
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        autocast(self.device, precision)         # rejects an unknown precision now
+        self.precision = precision
+        self.model = to_device(model, self.device).eval()
         self.config = config
         self.model_path = Path(model_path) if model_path else None
 
     @classmethod
-    def from_checkpoint(cls, path, device: str = "auto", expect_bits: int | None = None) -> "Encoder":
+    def from_checkpoint(cls, path, device: str = "auto", expect_bits: int | None = None,
+                        precision: str = "auto") -> "Encoder":
         model, config = load_model(path, expect_bits=expect_bits)
-        return cls(model, config, device, model_path=path)
+        return cls(model, config, device, model_path=path, precision=precision)
 
     @property
     def bits(self) -> int:
@@ -92,6 +117,6 @@ class Encoder:
     def encode_batch(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [n, 3, S, S] -> (packed codes, float32 F7)."""
         x = normalize(batch.to(self.device, non_blocking=True), self.config["mean"], self.config["std"])
-        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            _, h, f7 = self.model(x)
+        with autocast(self.device, self.precision):
+            _, h, f7 = self.model(x.contiguous(memory_format=torch.channels_last))
         return pack_codes((h.float() > 0.5).cpu().numpy()), f7.float().cpu().numpy()

@@ -32,10 +32,10 @@ _DONE = object()
 def encode_collection(model_path, source_spec: str, out, *, limit: int | None = None, batch_size: int = 256,
                       workers: int = 2, device: str = "auto", shard_size: int = 100_000,
                       feature_dtype: str = "float16", overwrite: bool = False, quiet: bool = False,
-                      data_dir: str | None = None, log=print) -> dict:
+                      data_dir: str | None = None, precision: str = "auto", log=print) -> dict:
     if batch_size <= 0:
         raise HashsearchError(f"batch size must be positive, got {batch_size}")
-    encoder = Encoder.from_checkpoint(model_path, device=device)
+    encoder = Encoder.from_checkpoint(model_path, device=device, precision=precision)
     source = open_source(source_spec, data_dir=data_dir, limit=limit)
     if len(source) == 0:
         raise HashsearchError(f"no images in {source_spec}")
@@ -43,7 +43,9 @@ def encode_collection(model_path, source_spec: str, out, *, limit: int | None = 
     # SOURCE (a folder's subfolders, a list's labels), not from the model's training set.
     meta = {"model_fingerprint": encoder.fingerprint(), "source": source.fingerprint(),
             "source_spec": source.spec, "class_names": source.class_names,
-            "backbone": encoder.config["backbone"], "input_size": encoder.input_size}
+            "backbone": encoder.config["backbone"], "input_size": encoder.input_size,
+            # bf16 and float32 give slightly different codes; one collection holds one kind.
+            "precision": precision}
     writer = CollectionWriter(out, bits=encoder.bits, feature_dim=encoder.feature_dim,
                               feature_dtype=feature_dtype, shard_size=shard_size, meta=meta, overwrite=overwrite)
     if writer.complete:

@@ -22,7 +22,7 @@ from ..errors import HashsearchError
 from .backbones import get_backbone
 from .checkpoint import build_model, make_config, read_checkpoint, save_checkpoint
 from .dataset import make_loader
-from .encoder import resolve_device
+from .encoder import autocast, resolve_device, to_device
 from .preprocess import augment, normalize
 from .sources import open_source
 
@@ -44,6 +44,7 @@ class TrainConfig:
     warmup_epochs: float = 0.5
     backbone_lr_mult: float | None = None   # None: 1.0 from scratch, 0.1 with pretrained weights
     freeze_backbone: bool = False
+    precision: str = "fp32"
     val_fraction: float = 0.05
     input_size: int | None = None
     weights: str | None = None
@@ -69,7 +70,9 @@ def train(cfg: TrainConfig) -> dict:
     config = make_config(cfg.backbone, cfg.bits, class_names, cfg.input_size)
     spec = get_backbone(cfg.backbone)
     weights = cfg.weights or spec.default_weights()
-    model = build_model(config, weights).to(device)
+    model = to_device(build_model(config, weights), device)
+    if cfg.precision not in ("fp32", "bf16"):
+        raise HashsearchError(f"training precision must be fp32 or bf16, got {cfg.precision!r}")
     pretrained = weights is not None
 
     if cfg.resume:
@@ -104,7 +107,7 @@ def train(cfg: TrainConfig) -> dict:
         bar = tqdm(batches.train(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=cfg.quiet, leave=False)
         for x, y in bar:
-            logits = batches.logits(x)
+            logits = batches.logits(x).float()
             loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -124,7 +127,7 @@ def train(cfg: TrainConfig) -> dict:
         state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "history": history, "recipe": _recipe(cfg)}
         save_checkpoint(cfg.out, model.cpu(), config, train_state=state)
-        model.to(device)
+        to_device(model, device)
     return {"config": config, "history": history, "rejected": batches.rejected}
 
 
@@ -180,9 +183,11 @@ class _Batches:
             yield x.to(self.device), self.train_y[sel].to(self.device)
 
     def logits(self, x):
-        if self.features:
-            return self.model.classifier(torch.sigmoid(self.model.latent(x)))
-        return self.model(normalize(x, self.config["mean"], self.config["std"]))[0]
+        with autocast(self.device, self.cfg.precision):
+            if self.features:
+                return self.model.classifier(torch.sigmoid(self.model.latent(x)))
+            x = normalize(x, self.config["mean"], self.config["std"])
+            return self.model(x.contiguous(memory_format=torch.channels_last))[0]
 
     @torch.no_grad()
     def evaluate(self):
@@ -225,7 +230,8 @@ def _decode_all(cfg, source, labels, indices, size, model, config, device, what)
             continue
         if model is not None:
             x = normalize(pixels.to(device), config["mean"], config["std"])
-            xs.append(model.backbone(x).float().cpu())
+            with autocast(device, cfg.precision):
+                xs.append(model.backbone(x.contiguous(memory_format=torch.channels_last)).float().cpu())
         else:
             xs.append(pixels)
         ys.append(torch.as_tensor(labels[good], dtype=torch.long))

@@ -27,7 +27,7 @@ from .manifest import FORMAT, MANIFEST, VERSION, file_sha256, fsync_dir, read_ma
 SHARD_DIR = "shards"
 REJECTS = "rejects.jsonl"
 # Keys that must match for a run to continue an existing collection.
-IDENTITY_KEYS = ("bits", "feature_dim", "feature_dtype", "model_fingerprint", "source", "shard_size")
+IDENTITY_KEYS = ("bits", "feature_dim", "feature_dtype", "model_fingerprint", "source", "shard_size", "precision")
 FEATURE_DTYPES = ("float16", "float32")
 _COPY_BLOCK = 16384
 
