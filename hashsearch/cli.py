@@ -52,6 +52,11 @@ def _not_negative(name, value):
     return value
 
 
+def _encode_precision(help_text):
+    return click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+                        show_default=True, help=help_text)
+
+
 def _existing(path, what="path"):
     if not Path(path).exists():
         raise HashsearchError(f"{what} not found: {path}")
@@ -109,8 +114,7 @@ def train(source, out, **opts):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--shard-size", default=100_000, show_default=True, help="Rows per HDF5 shard.")
 @click.option("--float32", "float32", is_flag=True, help="Store features as float32 (default float16).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="Model arithmetic: auto is float16 on CUDA, float32 on CPU; bf16 is fast on CPUs with AVX512-BF16/AMX.")
+@_encode_precision("Model arithmetic: auto is float16 on CUDA, float32 on CPU; bf16 is fast on CPUs with AVX512-BF16/AMX.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing collection made differently.")
 @click.option("--data-dir")
 @click.option("--quiet", is_flag=True)
@@ -267,9 +271,10 @@ def evaluate(database, queries_path, mode, topk, pool, map_all, json_path, plot_
 @click.option("--batch-size", default=256, show_default=True, help="Batch size for --encode.")
 @click.option("--workers", default=2, show_default=True, help="Loader workers for --encode.")
 @click.option("--device", default="auto", show_default=True)
+@_encode_precision("Model arithmetic for --encode (see `encode --help`).")
 @click.option("--json", "json_path", help="Write the results to this JSON file.")
 def bench(exhaustive, encode_source, n, dim, bits, queries, batch, pool, coarse, hash_bits, nhash, nflip, collection,
-          scaling, plot_path, cache_dir, seed, model_path, limit, batch_size, workers, device, json_path):
+          scaling, plot_path, cache_dir, seed, model_path, limit, batch_size, workers, device, precision, json_path):
     """Benchmarks: --exhaustive (search speed) or --encode SOURCE (encode throughput)."""
     if exhaustive == bool(encode_source):
         raise HashsearchError("choose one benchmark: --exhaustive or --encode SOURCE")
@@ -282,7 +287,7 @@ def bench(exhaustive, encode_source, n, dim, bits, queries, batch, pool, coarse,
         _positive("batch-size", batch_size)
         _not_negative("workers", workers)
         result = run_encode_bench(model_path, encode_source, limit=limit, batch_size=batch_size,
-                                  workers=workers, device=device)
+                                  workers=workers, device=device, precision=precision)
         click.echo(format_encode_report(result))
     else:
         from .bench import speed

@@ -142,3 +142,15 @@ def test_cli_passes_the_coarse_index_settings_through(tmp_path):
     assert r["n"] == 2000 and 0 <= r["recall_at_10"] <= 1
     cli("bench", "--exhaustive", "--n", 2000, "--dim", 32, "--bits", 32, "--coarse", "multihash",
         "--hash-bits", 40, "--cache-dir", tmp_path, ok=False)
+
+
+def test_encode_bench_times_model_and_pipeline_on_the_same_images(model, tmp_path):
+    from conftest import cli
+    out = tmp_path / "enc.json"
+    r = cli("bench", "--encode", "synthetic:96", "--model", model, "--limit", 64, "--batch-size", 32,
+            "--workers", 0, "--precision", "fp32", "--json", out)
+    res = json.loads(out.read_text())
+    assert res["images"] == 64 and res["precision"] == "fp32" and res["backbone"] == "small"
+    assert res["model_images_per_s"] > 0 and res["pipeline_images_per_s"] > 0
+    assert res["ratio"] == pytest.approx(res["pipeline_images_per_s"] / res["model_images_per_s"], rel=0.01)
+    assert "pipeline / model" in r.output

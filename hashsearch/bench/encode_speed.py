@@ -20,8 +20,9 @@ from ..encoders.sources import open_source
 
 
 def run_encode_bench(model_path, source_spec: str, *, limit: int | None = 10_000, batch_size: int = 256,
-                     workers: int = 2, device: str = "auto", data_dir: str | None = None, quiet: bool = True) -> dict:
-    encoder = Encoder.from_checkpoint(model_path, device=device)
+                     workers: int = 2, device: str = "auto", data_dir: str | None = None, quiet: bool = True,
+                     precision: str = "auto") -> dict:
+    encoder = Encoder.from_checkpoint(model_path, device=device, precision=precision)
     source = open_source(source_spec, data_dir=data_dir, limit=limit)
     batches = [pixels for _, pixels, _, _ in make_loader(source, encoder.input_size, batch_size, workers)]
     n = sum(len(b) for b in batches)
@@ -36,12 +37,14 @@ def run_encode_bench(model_path, source_spec: str, *, limit: int | None = 10_000
     with tempfile.TemporaryDirectory(prefix="hashsearch-bench-") as tmp:
         started = time.perf_counter()
         encode_collection(model_path, source_spec, f"{tmp}/collection", limit=limit, batch_size=batch_size,
-                          workers=workers, device=device, data_dir=data_dir, quiet=quiet, log=lambda *_: None)
+                          workers=workers, device=device, data_dir=data_dir, quiet=quiet, precision=precision,
+                          log=lambda *_: None)
         pipeline_seconds = time.perf_counter() - started
     model_ips, pipeline_ips = n / model_seconds, len(source) / pipeline_seconds
     return {
         "source": source.spec, "images": len(source), "batch_size": batch_size, "workers": workers,
         "device": str(encoder.device), "backbone": encoder.config["backbone"], "torch_threads": torch.get_num_threads(),
+        "input_size": encoder.input_size, "precision": precision,
         "model_images_per_s": round(model_ips, 1), "pipeline_images_per_s": round(pipeline_ips, 1),
         "ratio": round(pipeline_ips / model_ips, 3),
     }
@@ -49,7 +52,8 @@ def run_encode_bench(model_path, source_spec: str, *, limit: int | None = 10_000
 
 def format_encode_report(r: dict) -> str:
     return "\n".join([
-        f"encode throughput: {r['images']} images of {r['source']} ({r['backbone']}, {r['device']}, "
+        f"encode throughput: {r['images']} images of {r['source']} ({r['backbone']} at {r['input_size']} px, "
+        f"{r['device']}, precision {r['precision']}, "
         f"batch {r['batch_size']}, {r['workers']} workers, {r['torch_threads']} torch threads)",
         f"  model alone (decoded batches in RAM): {r['model_images_per_s']:>10.1f} images/s",
         f"  hashsearch encode, end to end:        {r['pipeline_images_per_s']:>10.1f} images/s",
