@@ -27,7 +27,9 @@ def run_query(collection, *, images=(), ids=(), k: int = 10, pool: int | None = 
         model_path = model_path or coll.model_path
         if model_path is None:
             raise HashsearchError(f"{coll.root} has no model.pt; pass --model")
-        encoder = Encoder.from_checkpoint(model_path, device="cpu", expect_bits=coll.bits)
+        # bf16 collections get bf16 queries; fp16 (a GPU's) is not run on the CPU.
+        precision = "bf16" if coll.manifest.get("precision") == "bf16" else "fp32"
+        encoder = Encoder.from_checkpoint(model_path, device="cpu", expect_bits=coll.bits, precision=precision)
         if encoder.feature_dim != coll.feature_dim:
             raise HashsearchError(f"model {model_path} makes {encoder.feature_dim}-d features but {coll.root} "
                                   f"holds {coll.feature_dim}-d features")

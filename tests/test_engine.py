@@ -86,18 +86,20 @@ def test_bcs_is_the_brute_force_hamming_ranking(coll, flat):
     assert np.isnan(res.distances).all()
 
 
-@pytest.mark.parametrize("mode", ["hds", "bcs", "es"])
+@pytest.mark.parametrize("mode,radius", [("hds", None), ("bcs", None), ("es", None), ("hds", 2), ("bcs", 2)])
 @pytest.mark.parametrize("kind", ["flat", "multihash"])
-def test_reported_hamming_is_each_results_true_distance(coll, flat, tmp_path, mode, kind):
+def test_reported_hamming_is_each_results_true_distance(coll, flat, tmp_path, mode, radius, kind):
     index = flat if kind == "flat" else Index.build(coll, kind, out=tmp_path, hash_bits=8, nflip=0)
     codes, feats = make_queries(coll)
-    res = index.search(codes, feats, 10, mode=mode, pool=30)
+    res = index.search(codes, feats, 10, mode=mode, pool=30, radius=radius)
     ham = hamming_matrix(codes, coll.codes())
     found = res.rows >= 0
     assert found.sum() >= len(codes)
     np.testing.assert_array_equal(res.hamming[found], np.take_along_axis(ham, np.where(found, res.rows, 0), 1)[found])
     assert (res.hamming[~found] == -1).all() and (res.ids[~found] == -1).all()
     np.testing.assert_array_equal(res.ids[found], res.rows[found] + 1000)
+    if radius is not None:
+        assert (res.hamming[found] <= radius).all()
 
 
 @pytest.mark.parametrize("kind,params", [("hash", {"hash_bits": 10, "nflip": 2}),

@@ -238,6 +238,15 @@ def test_identity_mismatch_and_overwrite(tmp_path):
         CollectionWriter(root, bits=BITS, feature_dim=DIM, shard_size=8, meta={"source": "test"})
     w = CollectionWriter(root, bits=BITS, feature_dim=DIM, shard_size=7, meta={"source": "test"})
     assert w.complete                      # same identity: the finished collection is recognised
+    # a key added to the identity later (precision) is not held against older collections
+    assert CollectionWriter(root, bits=BITS, feature_dim=DIM, shard_size=7,
+                            meta={"source": "test", "precision": "fp32"}).complete
+    other = tmp_path / "bf"
+    with CollectionWriter(other, bits=BITS, feature_dim=DIM, shard_size=7,
+                          meta={"source": "test", "precision": "bf16"}) as w2:
+        w2.finish()
+    with pytest.raises(HashsearchError, match="different precision"):
+        CollectionWriter(other, bits=BITS, feature_dim=DIM, shard_size=7, meta={"source": "test", "precision": "fp32"})
     w = CollectionWriter(root, bits=32, feature_dim=DIM, shard_size=7, meta={"source": "test"}, overwrite=True)
     assert not w.complete and w.resume_from == 0
     assert not list((root / "shards").iterdir())

@@ -106,15 +106,44 @@ def test_weights_from_a_checkpoint_of_another_backbone_are_refused(model, tmp_pa
     assert "small backbone, not alexnet" in r.output
 
 
-def test_bf16_training_and_encoding_run_and_are_recorded(tmp_path):
-    out = tmp_path / "bf.pt"
-    cli("train", *SMALL, "--epochs", "1", "--precision", "bf16", "--out", out)
-    assert torch.load(out, weights_only=True)["train_state"]["recipe"]["precision"] == "bf16"
-    coll = tmp_path / "coll"
-    cli("encode", "synthetic:50", "--model", out, "--out", coll, "--precision", "bf16", "--workers", "0", "--quiet")
+def test_bf16_training_changes_the_arithmetic(tmp_path):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.pt"
+        cli("train", *SMALL, "--epochs", "1", "--precision", precision, "--out", out)
+        runs[precision] = torch.load(out, weights_only=True)
+    assert runs["bf16"]["train_state"]["recipe"]["precision"] == "bf16"
+    # same seed and batches: only the arithmetic differs, so the weights differ, a little
+    w32, w16 = (runs[p]["state_dict"]["latent.weight"] for p in ("fp32", "bf16"))
+    assert not torch.equal(w32, w16)
+    torch.testing.assert_close(w16, w32, atol=0.05, rtol=0)
+
+
+def test_bf16_encoding_is_close_to_fp32_and_recorded(model, tmp_path):
     from hashsearch import Collection
-    with Collection.open(coll) as c:
-        assert c.n == 50 and c.manifest["precision"] == "bf16"
-    # a collection holds codes of one precision: resuming it in float32 is refused
-    r = cli("encode", "synthetic:50", "--model", out, "--out", coll, "--precision", "fp32", "--workers", "0", ok=False)
-    assert "--overwrite" in r.output
+    auto, bf16 = tmp_path / "auto", tmp_path / "bf16"
+    cli("encode", "synthetic:50", "--model", model, "--out", auto, "--workers", "0", "--quiet")
+    cli("encode", "synthetic:50", "--model", model, "--out", bf16, "--precision", "bf16", "--workers", "0", "--quiet")
+    with Collection.open(auto) as a, Collection.open(bf16) as b:
+        assert a.manifest["precision"] == "fp32" and b.manifest["precision"] == "bf16"   # auto on a CPU is fp32
+        fa, fb = a.features(np.arange(50)), b.features(np.arange(50))
+    assert not np.array_equal(fa, fb)
+    assert np.corrcoef(fa.ravel(), fb.ravel())[0, 1] > 0.99
+    # the same arithmetic under another name is the same collection; another arithmetic is refused
+    assert "already complete" in cli("encode", "synthetic:50", "--model", model, "--out", auto,
+                                     "--precision", "fp32", "--workers", "0").output
+    r = cli("encode", "synthetic:50", "--model", model, "--out", auto, "--precision", "bf16", "--workers", "0", ok=False)
+    assert "different precision" in r.output and "--overwrite" in r.output
+
+
+def test_damaged_or_foreign_weights_get_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"format": "hashsearch-model"}, bad)
+    r = cli("train", *SMALL, "--weights", bad, "--out", tmp_path / "x.pt", ok=False)
+    assert "damaged hashsearch checkpoint" in r.output
+    r = cli("train", *SMALL, "--weights", tmp_path / "missing.pt", "--out", tmp_path / "x.pt", ok=False)
+    assert "not found" in r.output
+    plain = tmp_path / "plain.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, plain)
+    r = cli("train", *SMALL, "--weights", plain, "--out", tmp_path / "x.pt", ok=False)
+    assert "only be a hashsearch checkpoint" in r.output

@@ -94,7 +94,7 @@ class EfficientNetLite0(nn.Module):
 
 
 def _no_pretrained(name: str):
-    raise HashsearchError(f"backbone {name} trains from scratch and takes no --weights")
+    raise HashsearchError(f"backbone {name} trains from scratch; its --weights can only be a hashsearch checkpoint")
 
 
 def _load_state_dict(path: str) -> dict:

@@ -37,26 +37,35 @@ def build_model(config: dict, weights: str | None = None) -> HashNet:
     train codes of another length on features already fine-tuned).
     """
     spec = get_backbone(config["backbone"])
-    reused = _checkpoint_backbone(weights, config["backbone"]) if weights else None
+    reused = checkpoint_in(weights) if weights else None
     model = HashNet(spec.build(None if reused is not None else weights), config["feature_dim"], config["bits"],
                     config["num_classes"])
     if reused is not None:
-        model.backbone.load_state_dict(reused)
+        if reused["config"].get("backbone") != config["backbone"]:
+            raise HashsearchError(f"{weights} holds a {reused['config'].get('backbone')} backbone, "
+                                  f"not {config['backbone']}")
+        prefix = "backbone."
+        state = {k[len(prefix):]: v for k, v in reused["state_dict"].items() if k.startswith(prefix)}
+        try:
+            model.backbone.load_state_dict(state)
+        except RuntimeError as exc:
+            raise HashsearchError(f"the backbone in {weights} does not fit: {str(exc).splitlines()[0]}") from None
     return model
 
 
-def _checkpoint_backbone(path, backbone: str) -> dict | None:
-    """The backbone weights of a hashsearch checkpoint at `path`, or None if it is not one."""
+def checkpoint_in(path) -> dict | None:
+    """The hashsearch checkpoint at `path`, or None if the file holds something else."""
+    if not Path(path).exists():
+        raise HashsearchError(f"weights file not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:   # not readable as a checkpoint here: the backbone's own loader reports it
+    except Exception:   # not a checkpoint; the backbone's own loader reports what it is
         return None
     if not isinstance(payload, dict) or payload.get("format") != "hashsearch-model":
         return None
-    if payload["config"].get("backbone") != backbone:
-        raise HashsearchError(f"{path} holds a {payload['config'].get('backbone')} backbone, not {backbone}")
-    prefix = "backbone."
-    return {k[len(prefix):]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
+    if not isinstance(payload.get("config"), dict) or not isinstance(payload.get("state_dict"), dict):
+        raise HashsearchError(f"{path} is a damaged hashsearch checkpoint (no config or state_dict)")
+    return payload
 
 
 def save_checkpoint(path, model: HashNet, config: dict, train_state: dict | None = None) -> None:

@@ -35,11 +35,19 @@ def autocast(device: torch.device, precision: str = "auto"):
     AMX), where efficientnet-lite0 ran 2.3x faster than float32 (87 against 38
     images/s at 224 px, 2 cores); elsewhere it is emulated and slower.
     """
+    arithmetic = resolve_precision(device, precision)
+    if arithmetic == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if arithmetic == "bf16" else torch.float16)
+
+
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """The arithmetic `precision` means on `device`: fp16, fp32 or bf16."""
     if precision not in PRECISIONS:
         raise HashsearchError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=precision == "auto" and device.type == "cuda")
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -57,8 +65,7 @@ class Encoder:
 
     def __init__(self, model, config: dict, device: str = "auto", model_path=None, precision: str = "auto"):
         self.device = resolve_device(device)
-        autocast(self.device, precision)         # rejects an unknown precision now
-        self.precision = precision
+        self.precision = resolve_precision(self.device, precision)    # rejects an unknown one now
         self.model = to_device(model, self.device).eval()
         self.config = config
         self.model_path = Path(model_path) if model_path else None

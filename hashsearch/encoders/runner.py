@@ -44,8 +44,8 @@ def encode_collection(model_path, source_spec: str, out, *, limit: int | None = 
     meta = {"model_fingerprint": encoder.fingerprint(), "source": source.fingerprint(),
             "source_spec": source.spec, "class_names": source.class_names,
             "backbone": encoder.config["backbone"], "input_size": encoder.input_size,
-            # bf16 and float32 give slightly different codes; one collection holds one kind.
-            "precision": precision}
+            # fp32, fp16 and bf16 give slightly different codes; one collection holds one kind.
+            "precision": encoder.precision}
     writer = CollectionWriter(out, bits=encoder.bits, feature_dim=encoder.feature_dim,
                               feature_dtype=feature_dtype, shard_size=shard_size, meta=meta, overwrite=overwrite)
     if writer.complete:

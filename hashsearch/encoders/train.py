@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..errors import HashsearchError
 from .backbones import get_backbone
-from .checkpoint import build_model, make_config, read_checkpoint, save_checkpoint
+from .checkpoint import build_model, checkpoint_in, make_config, read_checkpoint, save_checkpoint
 from .dataset import make_loader
 from .encoder import autocast, resolve_device, to_device
 from .preprocess import augment, normalize
@@ -67,12 +67,16 @@ def train(cfg: TrainConfig) -> dict:
     if (labels < 0).any():
         raise HashsearchError("training needs class labels: use a folder with one subfolder per class, or a list file with labels")
     class_names = source.class_names or [str(c) for c in range(int(labels.max()) + 1)]
-    config = make_config(cfg.backbone, cfg.bits, class_names, cfg.input_size)
+    if cfg.precision not in ("fp32", "bf16"):
+        raise HashsearchError(f"training precision must be fp32 or bf16, got {cfg.precision!r}")
+    input_size = cfg.input_size
+    if input_size is None and cfg.weights:
+        reused = checkpoint_in(cfg.weights)     # a reused backbone keeps the input size it learned at
+        input_size = reused["config"]["input_size"] if reused else None
+    config = make_config(cfg.backbone, cfg.bits, class_names, input_size)
     spec = get_backbone(cfg.backbone)
     weights = cfg.weights or spec.default_weights()
     model = to_device(build_model(config, weights), device)
-    if cfg.precision not in ("fp32", "bf16"):
-        raise HashsearchError(f"training precision must be fp32 or bf16, got {cfg.precision!r}")
     pretrained = weights is not None
 
     if cfg.resume:

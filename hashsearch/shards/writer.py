@@ -89,7 +89,8 @@ class CollectionWriter:
             if overwrite:
                 self._remove_contents()
             else:
-                mismatch = [k for k in IDENTITY_KEYS if old.get(k) != self.manifest.get(k)]
+                # A key the old manifest lacks did not exist when it was written: not compared.
+                mismatch = [k for k in IDENTITY_KEYS if k in old and old[k] != self.manifest.get(k)]
                 if mismatch:
                     k = mismatch[0]
                     raise HashsearchError(
