@@ -70,7 +70,8 @@ def collection_info(root, verify: bool = False) -> dict:
         "path": str(Path(root).resolve()), "complete": bool(m.get("complete")),
         "items": coll.n, "shards": len(coll.shard_files), "bits": coll.bits,
         "feature_dim": coll.feature_dim, "feature_dtype": str(coll.feature_dtype),
-        "rejected": coll.rejected, "backbone": m.get("backbone"), "source": m.get("source_spec"),
+        "rejected": coll.rejected, "backbone": m.get("backbone"), "precision": m.get("precision"),
+        "source": m.get("source_spec"),
         "classes": len(m.get("class_names") or []), "bytes_on_disk": disk_bytes(root),
     }
     meta = read_index_meta(Path(root) / INDEX_DIR)

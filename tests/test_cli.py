@@ -43,6 +43,7 @@ def test_info_json(collection):
     assert report["bits"] == 16 and report["feature_dim"] == 512 and report["rejected"] == 0
     assert report["complete"] is True and report["index"] == "flat" and report["feature_dtype"] == "float16"
     assert report["source"] == "synthetic:300:32" and report["classes"] == 10 and report["backbone"] == "small"
+    assert report["precision"] == "fp32"        # auto, on the CPU
     assert report["bytes_on_disk"] > 0
 
 
