@@ -66,7 +66,7 @@ def _existing(path, what="path"):
 # -- train --------------------------------------------------------------------------
 @main.command()
 @click.argument("source")
-@click.option("--bits", default=48, show_default=True, help="Code length K (multiple of 8).")
+@click.option("--bits", default=48, show_default=True, help="Code length K (the paper uses 12, 32, 48; codes take ceil(K/8) bytes).")
 @click.option("--backbone", default="small", show_default=True, help="small, alexnet or efficientnet-lite0.")
 @click.option("--weights", help="Backbone weights: a local state_dict file, or a hashsearch checkpoint to reuse its backbone.")
 @click.option("--epochs", default=10, show_default=True)

@@ -223,8 +223,10 @@ def test_baselines_with_features_loaded_and_other_bits(pair):
     assert with_es[1]["bits"] == 8 and with_es[1]["map"] == pytest.approx(alone[0]["map"])
     with pytest.raises(HashsearchError, match="unknown baseline"):
         evaluate(db, q, baselines=("pq",))
-    with pytest.raises(HashsearchError, match="multiple of 8"):
-        evaluate(db, q, modes=(), baselines=("lsh",), baseline_bits=12)
+    twelve = evaluate(db, q, modes=(), baselines=("lsh", "itq"), baseline_bits=12)
+    assert [r["bits"] for r in twelve] == [12, 12] and all(0 < r["map"] <= 1 for r in twelve)
+    with pytest.raises(HashsearchError, match="bit length"):
+        evaluate(db, q, modes=(), baselines=("lsh",), baseline_bits=0)
 
 
 def test_cli_eval_with_baselines(tmp_path, pair):

@@ -105,3 +105,14 @@ def test_pr_curve_micro_average():
     assert precision[0] == 1 and precision[2] == pytest.approx(1 / 2) and precision[8] == pytest.approx(2 / 3)
     assert recall[0] == pytest.approx(1 / 2) and recall[7] == pytest.approx(1 / 2) and recall[8] == 1
     assert np.all(np.diff(recall) >= 0)
+
+
+def test_codes_of_any_length_pack_with_zero_padding_bits():
+    from hashsearch.codes import code_bytes
+    rng = np.random.default_rng(0)
+    for k in (1, 12, 32, 48, 60):
+        bits = rng.random((9, k)) > 0.5
+        packed = pack_codes(bits)
+        assert packed.shape == (9, code_bytes(k)) == (9, (k + 7) // 8)
+        np.testing.assert_array_equal(unpack_codes(packed, k), bits)
+        assert not unpack_codes(packed)[:, k:].any()          # spare bits are 0

@@ -1,4 +1,6 @@
 """`hashsearch train`: progress output, the checkpoint it writes, --resume."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -73,7 +75,7 @@ def test_resume_without_checkpoint(tmp_path):
     (["/no/such/folder"], "source not found"),
     (["bogus:thing"], "source not found"),
     (["synthetic:10", "--epochs", "0"], "epochs must be positive"),
-    (["synthetic:10", "--bits", "12"], "multiple of 8"),
+    (["synthetic:10", "--bits", "0"], "bit length must be between 1 and"),
 ])
 def test_train_bad_input(tmp_path, args, message):
     r = cli("train", *args, "--workers", "0", "--out", tmp_path / "m.pt", ok=False)
@@ -147,3 +149,19 @@ def test_damaged_or_foreign_weights_get_one_clear_error(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, plain)
     r = cli("train", *SMALL, "--weights", plain, "--out", tmp_path / "x.pt", ok=False)
     assert "only be a hashsearch checkpoint" in r.output
+
+
+def test_twelve_bit_codes_train_encode_and_search(tmp_path):
+    # the paper's shortest code: 12 bits in 2 bytes whose 4 spare bits stay 0
+    out, coll = tmp_path / "m12.pt", tmp_path / "c12"
+    cli("train", *SMALL, "--bits", "12", "--epochs", "1", "--out", out)
+    cli("encode", "synthetic:60", "--model", out, "--out", coll, "--workers", "0", "--quiet")
+    cli("build-index", coll, "--coarse", "multihash", "--hash-bits", "4")
+    from hashsearch import Collection
+    with Collection.open(coll) as c:
+        codes = c.codes()
+        assert c.bits == 12 and codes.shape == (60, 2)
+        assert not (codes[:, 1] & 0xF0).any()
+    r = json.loads(cli("query", coll, "--id", "3", "-k", "5", "--mode", "bcs", "--json").output)
+    assert r["queries"][0]["results"][0]["hamming"] == 0
+    assert all(0 <= x["hamming"] <= 12 for x in r["queries"][0]["results"])

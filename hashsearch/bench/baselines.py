@@ -33,7 +33,7 @@ Encoder = Callable[[np.ndarray], np.ndarray]
 
 
 def fit_baseline(method: str, train_feats: np.ndarray, bits: int, seed: int = 0) -> Encoder:
-    """A function mapping float features [n, D] to packed codes uint8 [n, bits/8]."""
+    """A function mapping float features [n, D] to packed codes uint8 [n, ceil(bits/8)]."""
     bits = check_bits(bits)
     x = np.ascontiguousarray(train_feats, np.float32)
     if x.ndim != 2 or len(x) < 2:

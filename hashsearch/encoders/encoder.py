@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..codes import pack_codes
+from ..codes import code_bytes, pack_codes
 from ..errors import HashsearchError
 from ..shards.manifest import file_sha256
 from .checkpoint import load_model
@@ -56,7 +56,7 @@ def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 class Encoder:
-    """Images in, (codes uint8 [n, bits/8], features float32 [n, D]) out.
+    """Images in, (codes uint8 [n, ceil(bits/8)], features float32 [n, D]) out.
 
     >>> enc = Encoder.from_checkpoint("model.pt")
     >>> codes, feats = enc.encode(["cat.jpg", "dog.png"])
@@ -111,7 +111,7 @@ class Encoder:
     def encode(self, images, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
         images = list(images)
         if not images:
-            return np.zeros((0, self.bits // 8), np.uint8), np.zeros((0, self.feature_dim), np.float32)
+            return np.zeros((0, code_bytes(self.bits)), np.uint8), np.zeros((0, self.feature_dim), np.float32)
         codes, feats = [], []
         for a in range(0, len(images), batch_size):
             batch = torch.stack([self.prepare(im) for im in images[a:a + batch_size]])

@@ -26,6 +26,7 @@ import threading
 import faiss
 import numpy as np
 
+from ..codes import code_bytes
 from ..errors import HashsearchError
 
 KINDS = ("flat", "hash", "multihash")
@@ -47,8 +48,9 @@ def default_hash_bits(bits: int, n: int, kind: str = "hash") -> int:
 def build_coarse(codes: np.ndarray, bits: int, kind: str = "flat", *, hash_bits: int | None = None,
                  nhash: int | None = None, nflip: int | None = None) -> faiss.IndexBinary:
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    if codes.ndim != 2 or codes.shape[1] * 8 != bits:
+    if codes.ndim != 2 or codes.shape[1] != code_bytes(bits):
         raise HashsearchError(f"codes of shape {codes.shape} do not hold {bits}-bit codes")
+    bits = codes.shape[1] * 8       # faiss works in whole bytes; padding bits are always 0
     if kind == "flat":
         index = faiss.IndexBinaryFlat(bits)
     elif kind in ("hash", "multihash"):

@@ -22,6 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from ..codes import code_bytes
 from ..errors import HashsearchError
 from ..shards import Collection
 from ..shards.manifest import atomic_write_bytes
@@ -155,8 +156,9 @@ class Index:
         if pool <= 0:
             raise HashsearchError(f"pool must be positive, got {pool}")
         query_codes = np.ascontiguousarray(np.atleast_2d(query_codes), dtype=np.uint8)
-        if query_codes.shape[1] * 8 != self.collection.bits:
-            raise HashsearchError(f"query codes have {query_codes.shape[1] * 8} bits; this collection has {self.collection.bits}")
+        if query_codes.shape[1] != code_bytes(self.collection.bits):
+            raise HashsearchError(f"query codes have {query_codes.shape[1]} bytes; this collection's codes have "
+                                  f"{self.collection.bits} bits in {code_bytes(self.collection.bits)} bytes")
         if mode != "bcs":
             if query_features is None:
                 raise HashsearchError(f"mode {mode} needs query features")

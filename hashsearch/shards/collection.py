@@ -1,6 +1,6 @@
 """Read side of a collection: codes in RAM, features memory-mapped.
 
-Search needs every code (K/8 bytes a row: 16 MB for 1M rows at 128 bits)
+Search needs every code (ceil(K/8) bytes a row: 16 MB for 1M rows at 128 bits)
 but only the F7 rows of a few hundred candidates per query, so features are
 never loaded whole.  Shards are written contiguous and uncompressed, which
 lets each features dataset be mapped straight from its byte offset in the
@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..codes import code_bytes
 from ..errors import HashsearchError
 from .manifest import file_sha256, read_manifest
 from .writer import REJECTS
@@ -25,7 +26,7 @@ class Collection:
 
     >>> coll = Collection.open("my-collection")
     >>> coll.n, coll.bits, coll.feature_dim
-    >>> codes = coll.codes()                  # uint8 [n, bits/8], in RAM
+    >>> codes = coll.codes()                  # uint8 [n, ceil(bits/8)], in RAM
     >>> feats = coll.features([0, 5, 42])     # float32 [3, D], read from disk
     """
 
@@ -77,7 +78,7 @@ class Collection:
     def codes(self) -> np.ndarray:
         if self._codes is None:
             if self.n == 0:
-                return np.zeros((0, self.bits // 8), np.uint8)
+                return np.zeros((0, code_bytes(self.bits)), np.uint8)
             self._codes = np.ascontiguousarray(self._column("codes"), dtype=np.uint8)
         return self._codes
 
