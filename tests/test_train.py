@@ -165,3 +165,20 @@ def test_twelve_bit_codes_train_encode_and_search(tmp_path):
     r = json.loads(cli("query", coll, "--id", "3", "-k", "5", "--mode", "bcs", "--json").output)
     assert r["queries"][0]["results"][0]["hamming"] == 0
     assert all(0 <= x["hamming"] <= 12 for x in r["queries"][0]["results"])
+
+
+def test_every_resolved_precision_is_a_valid_precision():
+    # an Encoder keeps the resolved arithmetic and autocasts with it: auto on CUDA resolves to fp16
+    import warnings
+    from hashsearch.encoders.encoder import autocast, resolve_precision
+    for device in ("cpu", "cuda"):
+        for precision in ("auto", "fp32", "bf16"):
+            arithmetic = resolve_precision(torch.device(device), precision)
+            assert arithmetic == {"auto": "fp16" if device == "cuda" else "fp32"}.get(precision, precision)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")         # torch warns that CUDA is absent
+                with autocast(torch.device(device), arithmetic):
+                    pass
+    from hashsearch import HashsearchError
+    with pytest.raises(HashsearchError, match="unknown precision"):
+        resolve_precision(torch.device("cpu"), "int8")

@@ -25,7 +25,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")     # fp16: what auto resolves to on CUDA
 
 
 def autocast(device: torch.device, precision: str = "auto"):
