@@ -29,27 +29,27 @@ def make_config(backbone: str, bits: int, class_names: list[str], input_size: in
     }
 
 
-def build_model(config: dict, weights: str | None = None) -> HashNet:
+def build_model(config: dict, weights: str | dict | None = None) -> HashNet:
     """A HashNet for `config`; `weights` initialises its backbone.
 
     `weights` is the backbone's own state_dict file, or a hashsearch checkpoint
-    of the same backbone, whose trained backbone is reused (for example, to
-    train codes of another length on features already fine-tuned).
+    of the same backbone (its path, or the dict checkpoint_in returned), whose
+    trained backbone is reused (for example, to train codes of another length
+    on features already fine-tuned).
     """
     spec = get_backbone(config["backbone"])
-    reused = checkpoint_in(weights) if weights else None
+    reused = weights if isinstance(weights, dict) else checkpoint_in(weights) if weights else None
     model = HashNet(spec.build(None if reused is not None else weights), config["feature_dim"], config["bits"],
                     config["num_classes"])
     if reused is not None:
-        if reused["config"].get("backbone") != config["backbone"]:
-            raise HashsearchError(f"{weights} holds a {reused['config'].get('backbone')} backbone, "
-                                  f"not {config['backbone']}")
+        if reused["config"]["backbone"] != config["backbone"]:
+            raise HashsearchError(f"--weights holds a {reused['config']['backbone']} backbone, not {config['backbone']}")
         prefix = "backbone."
         state = {k[len(prefix):]: v for k, v in reused["state_dict"].items() if k.startswith(prefix)}
         try:
             model.backbone.load_state_dict(state)
         except RuntimeError as exc:
-            raise HashsearchError(f"the backbone in {weights} does not fit: {str(exc).splitlines()[0]}") from None
+            raise HashsearchError(f"the backbone in --weights does not fit: {str(exc).splitlines()[0]}") from None
     return model
 
 
@@ -58,13 +58,21 @@ def checkpoint_in(path) -> dict | None:
     if not Path(path).exists():
         raise HashsearchError(f"weights file not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: telling a large foreign weights file apart costs no full read
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:   # not a checkpoint; the backbone's own loader reports what it is
         return None
     if not isinstance(payload, dict) or payload.get("format") != "hashsearch-model":
         return None
+    return _checked(path, payload)
+
+
+def _checked(path, payload: dict) -> dict:
     if not isinstance(payload.get("config"), dict) or not isinstance(payload.get("state_dict"), dict):
         raise HashsearchError(f"{path} is a damaged hashsearch checkpoint (no config or state_dict)")
+    missing = [k for k in CONFIG_KEYS if k not in payload["config"]]
+    if missing:
+        raise HashsearchError(f"model {path} lacks config keys: {', '.join(missing)}")
     return payload
 
 
@@ -89,10 +97,7 @@ def read_checkpoint(path) -> dict:
         raise HashsearchError(f"cannot read model {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(payload, dict) or payload.get("format") != "hashsearch-model":
         raise HashsearchError(f"{path} is not a hashsearch model checkpoint")
-    missing = [k for k in CONFIG_KEYS if k not in payload["config"]]
-    if missing:
-        raise HashsearchError(f"model {path} lacks config keys: {', '.join(missing)}")
-    return payload
+    return _checked(path, payload)
 
 
 def load_model(path, expect_bits: int | None = None) -> tuple[HashNet, dict]:

@@ -69,18 +69,16 @@ def train(cfg: TrainConfig) -> dict:
     class_names = source.class_names or [str(c) for c in range(int(labels.max()) + 1)]
     if cfg.precision not in ("fp32", "bf16"):
         raise HashsearchError(f"training precision must be fp32 or bf16, got {cfg.precision!r}")
-    input_size = cfg.input_size
-    if input_size is None and cfg.weights:
-        reused = checkpoint_in(cfg.weights)     # a reused backbone keeps the input size it learned at
-        input_size = reused["config"]["input_size"] if reused else None
+    reused = checkpoint_in(cfg.weights) if cfg.weights else None
+    # a reused backbone keeps the input size it learned at
+    input_size = cfg.input_size or (reused["config"]["input_size"] if reused else None)
     config = make_config(cfg.backbone, cfg.bits, class_names, input_size)
-    spec = get_backbone(cfg.backbone)
-    weights = cfg.weights or spec.default_weights()
+    weights = reused or cfg.weights or get_backbone(cfg.backbone).default_weights()
     model = to_device(build_model(config, weights), device)
     pretrained = weights is not None
 
-    if cfg.resume:
-        read_checkpoint(cfg.out)  # fail before the slow decoding if there is nothing to resume
+    # read now, to fail before the slow decoding if there is nothing to resume
+    resumed = read_checkpoint(cfg.out) if cfg.resume else None
     train_idx, val_idx = split_holdout(len(source), cfg.val_fraction, cfg.seed)
     batches = _batch_provider(cfg, source, labels, config, model, train_idx, val_idx, device)
 
@@ -98,7 +96,7 @@ def train(cfg: TrainConfig) -> dict:
 
     start_epoch, history = 0, []
     if cfg.resume:
-        start_epoch, history = _resume(cfg, config, model, optimizer, scheduler)
+        start_epoch, history = _resume(cfg, resumed, config, model, optimizer, scheduler)
 
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(start_epoch, cfg.epochs):
@@ -155,8 +153,7 @@ def _recipe(cfg: TrainConfig) -> dict:
     return {k: v for k, v in vars(cfg).items() if k not in ("resume", "quiet", "device", "workers")}
 
 
-def _resume(cfg, config, model, optimizer, scheduler):
-    payload = read_checkpoint(cfg.out)
+def _resume(cfg, payload, config, model, optimizer, scheduler):
     if payload["config"] != config:
         raise HashsearchError(f"{cfg.out} was trained with another configuration; drop --resume to start over")
     state = payload.get("train_state")
