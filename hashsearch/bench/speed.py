@@ -31,7 +31,7 @@ import numpy as np
 from ..engine import Index, load_flat_l2
 from ..engine.threads import MAX_THREADS, faiss_threads
 from ..errors import HashsearchError
-from ..shards import Collection
+from ..shards import SHARD_DIR, Collection
 from ..shards.manifest import disk_bytes
 from .synthetic import SyntheticSpec, default_cache_root, generate_collection, make_queries
 from .sysinfo import machine_info, peak_rss_mb, rss_breakdown_mb
@@ -181,7 +181,7 @@ def run_exhaustive_bench(n: int = 1_000_000, dim: int = 4096, bits: int = 128, q
     batches = [1] if batch == 1 else [1, batch]
     result = {"n": coll.n, "dim": coll.feature_dim, "bits": coll.bits, "k": K, "queries": nq, "batch": batch,
               "pool": pool, "source": setup["source"], "collection": str(coll.root), "seed": seed,
-              "generate_seconds": setup["generate_seconds"], "collection_bytes": disk_bytes(coll.root / "shards")}
+              "generate_seconds": setup["generate_seconds"], "collection_bytes": disk_bytes(coll.root / SHARD_DIR)}
     if setup["query_rows"] is not None:
         result["query_rows"] = setup["query_rows"].tolist()
 
@@ -321,10 +321,8 @@ def run_scaling(ns=(10_000, 100_000, 1_000_000), **kwargs) -> list[dict]:
 
 
 def plot_scaling(results: list[dict], png) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from .plots import _pyplot
+    plt = _pyplot()
     ns = [r["n"] for r in results]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     batches = sorted({int(b) for r in results for b in r["timings"]})
