@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from hashsearch import Collection
 from hashsearch.bench.speed import format_report, plot_scaling, recall_at, run_exhaustive_bench, run_scaling
 from hashsearch.bench.synthetic import SyntheticSpec, generate_collection, make_queries
+from hashsearch.engine.threads import MAX_THREADS
 from hashsearch.shards import write_manifest
 
 SMALL = dict(n=3000, dim=64, bits=32, queries=20, progress=False)
@@ -37,12 +39,14 @@ def test_result_has_every_reported_number(bench, tmp_path):
             assert 0 < t["median_ms"] <= t["p95_ms"] and t["qps"] > 0
     assert r["timings"]["1"]["exhaustive"]["queries"] == 5       # capped by exhaustive_queries
     assert set(r["exhaustive_threads"]) == {"1", "8"} and all(t >= 1 for t in r["exhaustive_threads"].values())
+    assert set(r["exhaustive_threads"].values()) <= {1, MAX_THREADS}      # the faster of 1 and all threads
     assert r["speedup"] == pytest.approx(r["exhaustive_ms"] / r["hierarchical_ms"])
     assert r["coarse"]["kind"] == "multihash" and r["coarse"]["nflip"] == 0
     assert 0 < r["mean_candidates"] <= 40
     assert 0 < r["rss_mb"] < 2000 and r["open_seconds"] > 0 and r["index_bytes"] > 0
     assert r["collection_bytes"] > 3000 * 64 * 2                  # fp16 features alone
     assert r["machine"]["cores"] >= 1 and r["machine"]["faiss"]
+    assert r["machine"]["cores"] == os.cpu_count()
     text = format_report(r)
     assert "speedup" in text and "recall@10" in text and "hierarchical" in text
     back = json.loads(json.dumps(r))         # what `bench --json` writes

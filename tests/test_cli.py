@@ -306,6 +306,8 @@ def test_help_and_version():
     for command in ("train", "encode", "build-index", "query", "info"):
         assert command in out
     assert "version" in cli("--version").stdout
+    import hashsearch
+    assert hashsearch.__version__ in cli("--version").stdout
 
 
 def test_query_by_grayscale_image(collection, tmp_path):

@@ -66,9 +66,16 @@ def test_hds_with_whole_collection_as_pool_equals_exhaustive(coll, flat):
     np.testing.assert_allclose(es.distances, ((stored - feats[:, None]) ** 2).sum(-1), rtol=1e-4)
 
 
-def test_batched_search_equals_one_query_at_a_time(coll, flat):
-    codes, feats = make_queries(coll, nq=40)          # large enough for the threaded rerank
+def test_batched_search_equals_one_query_at_a_time(coll, flat, monkeypatch):
+    codes, feats = make_queries(coll, nq=40)
+    # split the batch across the search threads whatever this machine's core count
+    monkeypatch.setattr("hashsearch.engine.index.threads_for_batch", lambda nq: 3)
+    submitted = []
+    submit = flat._pool.submit
+    monkeypatch.setattr(flat._pool, "submit", lambda *a: submitted.append(a) or submit(*a))
     batch = flat.search(codes, feats, 7, pool=60)
+    assert len(submitted) == 3
+    monkeypatch.undo()
     for q in range(len(codes)):
         one = flat.search(codes[q], feats[q], 7, pool=60)
         np.testing.assert_array_equal(one.rows[0], batch.rows[q])

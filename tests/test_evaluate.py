@@ -3,7 +3,7 @@ import pytest
 
 from hashsearch.bench.baselines import fit_baseline, itq_codes, lsh_codes, write_baseline_collection
 from hashsearch.bench.evaluate import evaluate, format_table
-from hashsearch.bench.metrics import mean_average_precision, pr_curve_hamming, rank_by_hamming
+from hashsearch.bench.metrics import mean_average_precision, pr_curve_hamming, precision_within_radius, rank_by_hamming
 from hashsearch.bench.plots import plot_precision_at_k, plot_pr_curve
 from hashsearch.codes import pack_codes
 from hashsearch.errors import HashsearchError
@@ -70,6 +70,8 @@ def test_evaluate_keys_and_ordering(pair, random_pair):
     by = {r["mode"]: r for r in results}
     assert by["es"]["precision_hamming2"] is None
     assert by["bcs"]["precision_hamming2"] == by["hds"]["precision_hamming2"]
+    assert by["bcs"]["precision_hamming2"] == pytest.approx(
+        precision_within_radius(q.codes(), db.codes(), q.labels(), db.labels(), 2))
     rand = {r["mode"]: r for r in evaluate(*random_pair, modes=("bcs",), topk=50)}
     # Clustered F7 retrieves by class; random codes are at chance (about 1/8).
     assert by["es"]["map"] > 0.9

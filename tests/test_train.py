@@ -124,8 +124,9 @@ def test_bf16_training_changes_the_arithmetic(tmp_path):
 def test_bf16_encoding_is_close_to_fp32_and_recorded(model, tmp_path):
     from hashsearch import Collection
     auto, bf16 = tmp_path / "auto", tmp_path / "bf16"
-    cli("encode", "synthetic:50", "--model", model, "--out", auto, "--workers", "0", "--quiet")
-    cli("encode", "synthetic:50", "--model", model, "--out", bf16, "--precision", "bf16", "--workers", "0", "--quiet")
+    cpu = ("--device", "cpu", "--workers", "0")
+    cli("encode", "synthetic:50", "--model", model, "--out", auto, *cpu, "--quiet")
+    cli("encode", "synthetic:50", "--model", model, "--out", bf16, "--precision", "bf16", *cpu, "--quiet")
     with Collection.open(auto) as a, Collection.open(bf16) as b:
         assert a.manifest["precision"] == "fp32" and b.manifest["precision"] == "bf16"   # auto on a CPU is fp32
         fa, fb = a.features(np.arange(50)), b.features(np.arange(50))
@@ -133,8 +134,8 @@ def test_bf16_encoding_is_close_to_fp32_and_recorded(model, tmp_path):
     assert np.corrcoef(fa.ravel(), fb.ravel())[0, 1] > 0.99
     # the same arithmetic under another name is the same collection; another arithmetic is refused
     assert "already complete" in cli("encode", "synthetic:50", "--model", model, "--out", auto,
-                                     "--precision", "fp32", "--workers", "0").output
-    r = cli("encode", "synthetic:50", "--model", model, "--out", auto, "--precision", "bf16", "--workers", "0", ok=False)
+                                     "--precision", "fp32", *cpu).output
+    r = cli("encode", "synthetic:50", "--model", model, "--out", auto, "--precision", "bf16", *cpu, ok=False)
     assert "different precision" in r.output and "--overwrite" in r.output
 
 
