@@ -10,6 +10,7 @@ import pytest
 from hashsearch import Collection, CollectionWriter, HashsearchError, Index
 from hashsearch.codes import pack_codes, unpack_codes
 from hashsearch.engine import load_flat_l2
+from hashsearch.engine.index import nearest_of_ranges
 from hashsearch.engine.rerank import FeatureReader
 from hashsearch.shards import write_manifest
 
@@ -153,6 +154,25 @@ def test_radius_returns_every_code_within_it_sorted_and_capped_by_pool(coll, fla
     assert capped.shape[1] <= 3
     res = flat.search(codes, make_queries(coll)[1], 5, radius=0)
     assert (res.hamming[res.rows >= 0] == 0).all()
+
+
+def test_nearest_of_ranges_sorts_each_query_by_distance_then_row_and_caps_at_pool():
+    # three queries' range-search results, as faiss lays them out: query 1 found nothing
+    lims = np.array([0, 4, 4, 6], np.uint64)
+    dist = np.array([3, 1, 3, 0, 2, 2], np.int32)
+    labels = np.array([9, 7, 2, 5, 8, 1], np.int64)
+    d, rows = nearest_of_ranges(lims, dist, labels, pool=3)
+    assert rows.tolist() == [[5, 7, 2], [-1, -1, -1], [1, 8, -1]]
+    assert d.tolist() == [[0, 1, 3], [-1, -1, -1], [2, 2, -1]]
+    d, rows = nearest_of_ranges(lims, dist, labels, pool=10)
+    assert rows.shape == (3, 4) and rows[0].tolist() == [5, 7, 2, 9]
+    d, rows = nearest_of_ranges(np.zeros(3, np.uint64), dist[:0], labels[:0], pool=5)
+    assert rows.tolist() == [[-1], [-1]]
+    # one query alone takes a shorter path to the same answer
+    d, rows = nearest_of_ranges(lims[:2], dist[:4], labels[:4], pool=3)
+    assert rows.tolist() == [[5, 7, 2]] and d.tolist() == [[0, 1, 3]] and d.dtype == np.int32
+    d, rows = nearest_of_ranges(lims[1:3] - 4, dist[4:4], labels[4:4], pool=3)
+    assert rows.tolist() == [[-1]]
 
 
 def test_query_with_no_candidates_is_padded(coll, tmp_path):

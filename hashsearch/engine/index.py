@@ -62,6 +62,27 @@ def popcount_distances(query_codes: np.ndarray, codes: np.ndarray) -> np.ndarray
     return _POPCOUNT[np.bitwise_xor(codes, query_codes[:, None, :])].sum(-1, dtype=np.int32)
 
 
+def nearest_of_ranges(lims: np.ndarray, dist: np.ndarray, labels: np.ndarray, pool: int):
+    """The `pool` nearest of each query's range-search results: (hamming, rows) [nq, m],
+    sorted by distance then row, padded with -1.  One sort for the whole batch."""
+    if len(lims) == 2 and lims[1] > 0:     # one query, the latency-bound case: skip the batch bookkeeping
+        order = np.lexsort((labels, dist))[:pool]
+        return dist[order][None].astype(np.int32), labels[order][None]
+    lims = lims.astype(np.int64)        # faiss gives size_t
+    nq = len(lims) - 1
+    width = np.diff(lims)
+    m = max(1, min(pool, int(width.max(initial=0))))
+    query = np.repeat(np.arange(nq), width)
+    order = np.lexsort((labels, dist, query))       # query-major, so query[order] == query
+    rank = np.arange(len(order)) - lims[query]
+    keep = rank < m
+    out_d = np.full((nq, m), -1, np.int32)
+    out_i = np.full((nq, m), -1, np.int64)
+    out_d[query[keep], rank[keep]] = dist[order[keep]]
+    out_i[query[keep], rank[keep]] = labels[order[keep]]
+    return out_d, out_i
+
+
 def read_index_meta(index_dir) -> dict | None:
     """index.json of an index directory, or None where there is none."""
     path = Path(index_dir) / META_FILE
@@ -208,16 +229,7 @@ class Index:
         if radius is None:
             return self.coarse.search(query_codes, min(pool, self.collection.n))
         lims, dist, labels = self.coarse.range_search(query_codes, int(radius) + 1)
-        nq = len(query_codes)
-        widths = np.diff(lims)
-        m = int(min(pool, widths.max())) if nq else 0
-        out_d = np.full((nq, max(m, 1)), -1, np.int32)
-        out_i = np.full((nq, max(m, 1)), -1, np.int64)
-        for q in range(nq):
-            d, i = dist[lims[q]:lims[q + 1]], labels[lims[q]:lims[q + 1]]
-            order = np.lexsort((i, d))[:m]
-            out_d[q, :len(order)], out_i[q, :len(order)] = d[order], i[order]
-        return out_d, out_i
+        return nearest_of_ranges(lims, dist, labels, pool)
 
     def _run(self, work, nq: int) -> None:
         """work(a, b) over the query range: here for a few queries, else split across threads.
