@@ -257,6 +257,7 @@ def evaluate(database, queries_path, mode, topk, pool, map_all, json_path, plot_
 @click.option("--queries", default=200, show_default=True)
 @click.option("--batch", default=1, show_default=True, help="Queries per search call.")
 @click.option("--pool", type=int, help="Coarse candidate pool.")
+@click.option("--radius", type=int, help="Rerank only the candidates within this Hamming radius (at most --pool).")
 @click.option("--coarse", type=click.Choice(["flat", "hash", "multihash"]), help="Coarse index kind.")
 @click.option("--hash-bits", type=int, help="Bits per hash key of a hash or multihash coarse index.")
 @click.option("--nhash", type=int, help="Tables of a multihash coarse index.")
@@ -273,7 +274,7 @@ def evaluate(database, queries_path, mode, topk, pool, map_all, json_path, plot_
 @click.option("--device", default="auto", show_default=True)
 @_encode_precision("Model arithmetic for --encode (see `encode --help`).")
 @click.option("--json", "json_path", help="Write the results to this JSON file.")
-def bench(exhaustive, encode_source, n, dim, bits, queries, batch, pool, coarse, hash_bits, nhash, nflip, collection,
+def bench(exhaustive, encode_source, n, dim, bits, queries, batch, pool, radius, coarse, hash_bits, nhash, nflip, collection,
           scaling, plot_path, cache_dir, seed, model_path, limit, batch_size, workers, device, precision, json_path):
     """Benchmarks: --exhaustive (search speed) or --encode SOURCE (encode throughput)."""
     if exhaustive == bool(encode_source):
@@ -293,7 +294,8 @@ def bench(exhaustive, encode_source, n, dim, bits, queries, batch, pool, coarse,
         from .bench import speed
         for name, value in (("n", n), ("dim", dim), ("queries", queries), ("batch", batch), ("pool", pool)):
             _positive(name, value)
-        common = dict(dim=dim, bits=bits, queries=queries, batch=batch, pool=pool, coarse=coarse,
+        _not_negative("radius", radius)
+        common = dict(dim=dim, bits=bits, queries=queries, batch=batch, pool=pool, radius=radius, coarse=coarse,
                       seed=seed, cache_dir=cache_dir, hash_bits=hash_bits, nhash=nhash, nflip=nflip)
         if scaling:
             result = speed.run_scaling(**common)

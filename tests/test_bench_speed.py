@@ -148,6 +148,28 @@ def test_cli_passes_the_coarse_index_settings_through(tmp_path):
         "--hash-bits", 40, "--cache-dir", tmp_path, ok=False)
 
 
+def test_radius_bounds_the_hierarchical_pool(tmp_path):
+    from conftest import cli
+    runs = {}
+    for radius in (None, 6):
+        out = tmp_path / f"r{radius}.json"
+        cli("bench", "--exhaustive", "--n", 2000, "--dim", 32, "--bits", 32, "--queries", 8, "--batch", 1,
+            "--coarse", "flat", "--pool", 50, *(("--radius", radius) if radius is not None else ()),
+            "--cache-dir", tmp_path, "--json", out)
+        runs[radius] = json.loads(out.read_text())
+    r = runs[6]
+    assert r["radius"] == 6 and runs[None]["radius"] is None
+    assert 0 < r["mean_candidates"] < runs[None]["mean_candidates"] == 50
+    coll = Collection.open(r["collection"])
+    codes, _, _ = make_queries(coll, 8, 0)
+    hds = np.array(r["top10"]["hierarchical"])
+    found = hds >= 0
+    ham = np.unpackbits(codes[:, None, :] ^ coll.codes()[np.where(found, hds, 0)], axis=-1).sum(-1)
+    assert found.any() and (ham[found] <= 6).all()
+    # binary search is a plain top-10 Hamming ranking either way
+    assert r["top10"]["binary"] == runs[None]["top10"]["binary"]
+
+
 def test_encode_bench_times_model_and_pipeline_on_the_same_images(model, tmp_path):
     from conftest import cli
     out = tmp_path / "enc.json"

@@ -91,13 +91,15 @@ def time_calls(search, nq: int, batch: int, *, min_seconds: float = MIN_TIMED_SE
 def _child(args: dict) -> dict:
     q = np.load(args["queries"])
     codes, feats = q["codes"], q["features"]
-    nq, pool, nflip = len(codes), args["pool"], args["nflip"]
+    nq, pool, radius, nflip = len(codes), args["pool"], args["radius"], args["nflip"]
     t = time.perf_counter()
     index = Index.open(args["collection"], args["index_dir"])
     open_seconds = time.perf_counter() - t
 
     def search(mode):
-        return lambda a, b: index.search(codes[a:b], feats[a:b], K, mode=mode, pool=pool, nflip=nflip).rows
+        # The radius bounds the rerank pool; binary search stays a plain top-K Hamming ranking.
+        r = radius if mode == "hds" else None
+        return lambda a, b: index.search(codes[a:b], feats[a:b], K, mode=mode, pool=pool, radius=r, nflip=nflip).rows
 
     out = {"open_seconds": open_seconds, "timings": {}}
     for batch in args["batches"]:
@@ -107,7 +109,7 @@ def _child(args: dict) -> dict:
             timing[method], rows = time_calls(search(mode), nq, batch)
             if batch == 1:
                 out[f"{mode}_rows"] = np.concatenate(rows).tolist()
-    _, cand = index.candidates(codes, pool, nflip=nflip)
+    _, cand = index.candidates(codes, pool, radius=radius, nflip=nflip)
     out["mean_candidates"] = float((cand >= 0).sum(1).mean())
     out["rss_mb"] = peak_rss_mb()
     out["rss_end_mb"] = rss_breakdown_mb()
@@ -158,7 +160,8 @@ def _setup(collection, n, dim, bits, queries, seed, cache_dir, progress) -> dict
 
 
 def run_exhaustive_bench(n: int = 1_000_000, dim: int = 4096, bits: int = 128, queries: int = 200,
-                         batch: int = 256, pool: int | None = None, coarse: str | None = None, collection=None,
+                         batch: int = 256, pool: int | None = None, radius: int | None = None,
+                         coarse: str | None = None, collection=None,
                          seed: int = 0, cache_dir=None, exhaustive_queries: int | None = None,
                          progress: bool = True, hash_bits: int | None = None, nhash: int | None = None,
                          nflip: int | None = None) -> dict:
@@ -167,7 +170,9 @@ def run_exhaustive_bench(n: int = 1_000_000, dim: int = 4096, bits: int = 128, q
     `exhaustive_queries` caps the batch-1 exhaustive timing (default: as many
     queries as fit in EXHAUSTIVE_BUDGET_SECONDS, at least 3); its top-10 for
     every query still comes from the batched pass.  pool and coarse default to
-    DEFAULT_POOL and DEFAULT_COARSE, the settings recommended for 1M rows.
+    DEFAULT_POOL and DEFAULT_COARSE, the settings recommended for 1M rows;
+    `radius` drops the pool's candidates beyond that Hamming distance, the
+    paper's threshold (Index.search's radius).
     """
     pool, coarse = pool or DEFAULT_POOL, coarse or DEFAULT_COARSE
     if batch < 1 or queries < 1 or pool < 1:
@@ -180,7 +185,7 @@ def run_exhaustive_bench(n: int = 1_000_000, dim: int = 4096, bits: int = 128, q
     nq = len(qcodes)
     batches = [1] if batch == 1 else [1, batch]
     result = {"n": coll.n, "dim": coll.feature_dim, "bits": coll.bits, "k": K, "queries": nq, "batch": batch,
-              "pool": pool, "source": setup["source"], "collection": str(coll.root), "seed": seed,
+              "pool": pool, "radius": radius, "source": setup["source"], "collection": str(coll.root), "seed": seed,
               "generate_seconds": setup["generate_seconds"], "collection_bytes": disk_bytes(coll.root / SHARD_DIR)}
     if setup["query_rows"] is not None:
         result["query_rows"] = setup["query_rows"].tolist()
@@ -198,7 +203,7 @@ def run_exhaustive_bench(n: int = 1_000_000, dim: int = 4096, bits: int = 128, q
         np.savez(tmp / "queries.npz", codes=qcodes, features=qfeats)
         _log(progress, f"hierarchical and binary search in a child process ({nq} queries, pool {pool})")
         child = _run_child({"collection": str(coll.root), "index_dir": str(tmp / "index"),
-                            "queries": str(tmp / "queries.npz"), "pool": pool, "nflip": nflip,
+                            "queries": str(tmp / "queries.npz"), "pool": pool, "radius": radius, "nflip": nflip,
                             "batches": batches, "out": str(tmp / "child.out.json")}, tmp)
 
     _log(progress, f"loading the exhaustive IndexFlatL2 ({coll.n * coll.feature_dim * 4 / 1e9:.1f} GB float32)")
@@ -281,7 +286,8 @@ def format_report(result: dict) -> str:
     head = f"{'method':<14}" + "".join(f"{'batch ' + str(b) + ': median ms':>24}{'p95 ms':>10}{'q/s':>10}"
                                        for b in batches)
     lines = [f"n={r['n']:,}  dim={r['dim']}  bits={r['bits']}  queries={r['queries']}  k={r['k']}  "
-             f"coarse={_coarse_text(r['coarse'])}  pool={r['pool']}",
+             f"coarse={_coarse_text(r['coarse'])}  pool={r['pool']}"
+             + (f"  radius={r['radius']}" if r.get("radius") is not None else ""),
              f"queries: {r['source']}", "", head, "-" * len(head)]
     for method in METHODS:
         row = f"{method:<14}"
