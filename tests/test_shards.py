@@ -71,6 +71,22 @@ def test_features_are_memory_mapped(tmp_path):
                 np.testing.assert_array_equal(np.asarray(m), f["features"][...])
 
 
+def test_large_feature_datasets_start_on_a_page(tmp_path):
+    # 4 KiB rows: a full 80-row shard and a trimmed 20-row one, both past the alignment threshold
+    dim, n = 2048, 100
+    w = CollectionWriter(tmp_path / "c", bits=BITS, feature_dim=dim, shard_size=80, meta={"source": "test"})
+    data = rows(n)
+    w.add(data["codes"], np.zeros((n, dim), np.float32) + np.arange(n)[:, None], data["ids"], data["labels"],
+          data["paths"], source_end=n)
+    w.finish()
+    with Collection.open(tmp_path / "c") as coll:
+        assert [s["rows"] for s in coll.manifest["shards"]] == [80, 20]
+        for s, path in enumerate(coll.shard_files):
+            with h5py.File(path) as f:
+                assert f["features"].id.get_offset() % 4096 == 0
+            assert coll.mapped_features(s)[:, 0].tolist() == list(range(80 * s, min(n, 80 * (s + 1))))
+
+
 def test_last_partial_shard_is_trimmed(tmp_path):
     write(tmp_path / "c", rows(23), shard_size=10)
     m = read_manifest(tmp_path / "c")
