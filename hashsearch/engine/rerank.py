@@ -25,6 +25,11 @@ from ..errors import HashsearchError
 from ..shards import Collection
 
 
+# Batch-1 latency is ~0.1 ms, so the faiss Python wrappers' per-call costs show: its
+# __setattr__ guard takes ~2 us to set ntotal, and search() allocates its outputs.
+_set_ntotal = faiss.Index.ntotal.fset
+
+
 def flat_index_for(dtype: np.dtype, dim: int) -> faiss.Index:
     if np.dtype(dtype) == np.float16:
         return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
@@ -113,10 +118,12 @@ class Reranker:
         candidates = candidates[:m]
         self._reserve(m)
         self.features.gather(candidates, self.rows, self.buffer)
-        self.scratch.ntotal = m
+        _set_ntotal(self.scratch, m)
         take = min(len(rows), m)
-        d, i = self.scratch.search(query, take)
+        d, i = np.empty(take, np.float32), np.empty(take, np.int64)
+        query = np.ascontiguousarray(query, dtype=np.float32)      # swig_ptr reads raw memory
+        self.scratch.search_c(1, faiss.swig_ptr(query), take, faiss.swig_ptr(d), faiss.swig_ptr(i))
         if i.min() < 0:         # only a NaN in the query gets faiss to leave a slot empty
             raise HashsearchError("query features must be finite")
-        dist[:take], rows[:take] = d[0], candidates[i[0]]
-        return i[0]
+        dist[:take], rows[:take] = d, candidates[i]
+        return i

@@ -19,8 +19,11 @@ def threads_for_batch(nq: int) -> int:
 
 @contextlib.contextmanager
 def faiss_threads(n: int):
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(max(1, n))
+    previous, n = faiss.omp_get_max_threads(), max(1, n)
+    if n == previous:       # the common batch-1 case: no OpenMP calls at all
+        yield
+        return
+    faiss.omp_set_num_threads(n)
     try:
         yield
     finally:
