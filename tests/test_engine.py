@@ -11,7 +11,7 @@ from hashsearch import Collection, CollectionWriter, HashsearchError, Index
 from hashsearch.codes import pack_codes, unpack_codes
 from hashsearch.engine import load_flat_l2
 from hashsearch.engine.index import nearest_of_ranges
-from hashsearch.engine.rerank import FeatureReader
+from hashsearch.engine.rerank import FeatureReader, Reranker
 from hashsearch.shards import write_manifest
 
 
@@ -154,6 +154,19 @@ def test_radius_returns_every_code_within_it_sorted_and_capped_by_pool(coll, fla
     assert capped.shape[1] <= 3
     res = flat.search(codes, make_queries(coll)[1], 5, radius=0)
     assert (res.hamming[res.rows >= 0] == 0).all()
+
+
+def test_reranker_ranks_candidates_by_exact_l2_and_refuses_a_query_of_another_width(coll):
+    rr = Reranker(FeatureReader(coll))
+    cand = np.array([5, 17, 300, 650, -1, -1])
+    q = coll.features([17]) + 0.01
+    dist, rows = np.full(3, np.inf, np.float32), np.full(3, -1, np.int64)
+    pos = rr.search(q, cand, dist, rows)
+    exact = ((coll.features(cand[:4]) - q) ** 2).sum(1)
+    assert pos.tolist() == np.argsort(exact)[:3].tolist() and rows.tolist() == cand[pos].tolist()
+    np.testing.assert_allclose(dist, np.sort(exact)[:3], rtol=1e-3)
+    with pytest.raises(HashsearchError, match="features"):
+        rr.search(q[:, :DIM - 1], cand, dist, rows)
 
 
 def test_nearest_of_ranges_sorts_each_query_by_distance_then_row_and_caps_at_pool():

@@ -122,6 +122,8 @@ class Reranker:
         take = min(len(rows), m)
         d, i = np.empty(take, np.float32), np.empty(take, np.int64)
         query = np.ascontiguousarray(query, dtype=np.float32)      # swig_ptr reads raw memory
+        if query.size != self.dim:
+            raise HashsearchError(f"query has {query.size} features; this collection's have {self.dim}")
         self.scratch.search_c(1, faiss.swig_ptr(query), take, faiss.swig_ptr(d), faiss.swig_ptr(i))
         if i.min() < 0:         # only a NaN in the query gets faiss to leave a slot empty
             raise HashsearchError("query features must be finite")
