@@ -33,7 +33,9 @@ from ..errors import HashsearchError
 from ..shards import Collection, CollectionWriter
 from ..shards.manifest import read_manifest
 
-VERSION = 1
+# 2: shards are page-aligned (shards.writer), so caches written before are regenerated and timed as
+# the engine writes collections now; the rows themselves are unchanged.
+VERSION = 2
 BLOCK_ROWS = 8192
 # Streams of the seed's SeedSequence, so that each part stays fixed when another changes.
 _MODEL, _LAYOUT, _CALIBRATION, _QUERIES, _BLOCKS = range(5)
