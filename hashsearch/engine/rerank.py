@@ -112,6 +112,9 @@ class Reranker:
     def search(self, query: np.ndarray, candidates: np.ndarray, dist: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Rank candidate rows (-1 padded at the end) for one query [1, D] float32 into dist/rows [k],
         which hold inf/-1; returns the positions in `candidates` of the results."""
+        query = np.ascontiguousarray(query, dtype=np.float32)      # swig_ptr reads raw memory
+        if query.size != self.dim:
+            raise HashsearchError(f"query has {query.size} features; this collection's have {self.dim}")
         m = int(np.count_nonzero(candidates >= 0))
         if m == 0:
             return candidates[:0]
@@ -121,9 +124,6 @@ class Reranker:
         _set_ntotal(self.scratch, m)
         take = min(len(rows), m)
         d, i = np.empty(take, np.float32), np.empty(take, np.int64)
-        query = np.ascontiguousarray(query, dtype=np.float32)      # swig_ptr reads raw memory
-        if query.size != self.dim:
-            raise HashsearchError(f"query has {query.size} features; this collection's have {self.dim}")
         self.scratch.search_c(1, faiss.swig_ptr(query), take, faiss.swig_ptr(d), faiss.swig_ptr(i))
         if i.min() < 0:         # only a NaN in the query gets faiss to leave a slot empty
             raise HashsearchError("query features must be finite")
