@@ -86,7 +86,7 @@ def _existing(path, what="path"):
 @click.option("--data-dir", help="Where named datasets such as fashion-mnist live.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="No progress bars; the one line per epoch stays.")
 @click.option("--out", required=True, help="Checkpoint to write (rewritten after every epoch).")
 def train(source, out, **opts):
     """Train the hash network on a labelled SOURCE."""

@@ -49,6 +49,7 @@ def test_result_has_every_reported_number(bench, tmp_path):
     assert r["machine"]["cores"] == os.cpu_count()
     text = format_report(r)
     assert "speedup" in text and "recall@10" in text and "hierarchical" in text
+    assert f"peak RSS: {r['rss_mb']:,.0f} MiB" in text          # peak_rss_mb counts MiB
     back = json.loads(json.dumps(r))         # what `bench --json` writes
     assert back["recall_at_10"] == r["recall_at_10"] and back["n"] == 3000
 

@@ -60,7 +60,10 @@ def test_resume_runs_only_the_remaining_epochs(tmp_path):
 
 def test_resume_refuses_another_configuration(tmp_path):
     out = tmp_path / "m.pt"
-    cli("train", *SMALL, "--epochs", "1", "--quiet", "--out", out)
+    quiet = cli("train", *SMALL, "--epochs", "1", "--quiet", "--out", out)
+    # --quiet drops the progress bars but keeps the epoch's summary line
+    assert "epoch 1/1  loss" in quiet.stdout and "held-out acc" in quiet.stdout
+    assert "it/s" not in quiet.stdout + quiet.stderr
     args = [a if a != "16" else "32" for a in SMALL]
     r = cli("train", *args, "--epochs", "2", "--resume", "--out", out, ok=False)
     assert "another configuration" in r.stderr

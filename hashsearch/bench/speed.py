@@ -303,11 +303,11 @@ def format_report(result: dict) -> str:
               f"recall@10 of hierarchical vs exhaustive top-10: {r['recall_at_10']:.3f}"
               f"   (binary only: {r['recall_at_10_binary']:.3f})",
               f"candidates reranked per query: {r['mean_candidates']:.1f} (pool {r['pool']})",
-              f"search process peak RSS: {r['rss_mb']:,.0f} MB   index open: {r['open_seconds']:.3f} s"
+              f"search process peak RSS: {r['rss_mb']:,.0f} MiB   index open: {r['open_seconds']:.3f} s"
               f"   index build: {r['build_seconds']:.2f} s",
               f"on disk: index {_bytes(r['index_bytes'])}, collection {_bytes(r['collection_bytes'])};"
               f" exhaustive index in RAM {_bytes(r['exhaustive_bytes'])} (loaded in {r['exhaustive_load_seconds']:.1f} s,"
-              f" peak RSS {r['exhaustive_rss_mb']:,.0f} MB)",
+              f" peak RSS {r['exhaustive_rss_mb']:,.0f} MiB)",
               f"batch-1 exhaustive timed on {e1} of {r['queries']} queries; faiss threads for exhaustive "
               f"(faster of 1 and all, per batch size): "
               + ", ".join(f"{n} at batch {b}" for b, n in r["exhaustive_threads"].items()),

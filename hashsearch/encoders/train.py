@@ -122,10 +122,10 @@ def train(cfg: TrainConfig) -> dict:
         record = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
                   "val_acc": batches.evaluate(), "seconds": round(time.perf_counter() - started, 1)}
         history.append(record)
-        if not cfg.quiet:
-            val = "n/a" if record["val_acc"] is None else f"{record['val_acc']:.4f}"
-            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  "
-                       f"train acc {record['train_acc']:.4f}  held-out acc {val}  ({record['seconds']}s)")
+        # one line per epoch even with --quiet: a log of a long run needs it
+        val = "n/a" if record["val_acc"] is None else f"{record['val_acc']:.4f}"
+        tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  "
+                   f"train acc {record['train_acc']:.4f}  held-out acc {val}  ({record['seconds']}s)")
         state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "history": history, "recipe": _recipe(cfg)}
         save_checkpoint(cfg.out, model.cpu(), config, train_state=state)
