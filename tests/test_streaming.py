@@ -13,6 +13,7 @@ comes from /usr/bin/time.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -24,6 +25,13 @@ N_SMALL, N_LARGE = 1_000, 12_000
 
 
 def resident_mb() -> float:
+    # glibc keeps freed heap pages resident; handing them back first leaves what
+    # is still referenced.  Without it, 1 run in about 10 read 13.5 MB of growth
+    # with no leak; with it, 0.6 MB, against 33 MB for an injected leak.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass                                      # not glibc: measure as it is
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
