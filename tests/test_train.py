@@ -58,12 +58,15 @@ def test_resume_runs_only_the_remaining_epochs(tmp_path):
     assert torch.load(out, weights_only=True)["train_state"]["epoch"] == 2
 
 
-def test_resume_refuses_another_configuration(tmp_path):
-    out = tmp_path / "m.pt"
-    quiet = cli("train", *SMALL, "--epochs", "1", "--quiet", "--out", out)
-    # --quiet drops the progress bars but keeps the epoch's summary line
+def test_quiet_keeps_the_epoch_line_and_drops_the_progress_bars(tmp_path):
+    quiet = cli("train", *SMALL, "--epochs", "1", "--quiet", "--out", tmp_path / "m.pt")
     assert "epoch 1/1  loss" in quiet.stdout and "held-out acc" in quiet.stdout
     assert "it/s" not in quiet.stdout + quiet.stderr
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    out = tmp_path / "m.pt"
+    cli("train", *SMALL, "--epochs", "1", "--quiet", "--out", out)
     args = [a if a != "16" else "32" for a in SMALL]
     r = cli("train", *args, "--epochs", "2", "--resume", "--out", out, ok=False)
     assert "another configuration" in r.stderr
