@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from .engine import DEFAULT_POOL, Index
-from .engine.index import INDEX_DIR, read_index_meta
 from .errors import HashsearchError
 from .shards import Collection
 from .shards.manifest import disk_bytes
@@ -67,16 +66,18 @@ def collection_info(root, verify: bool = False) -> dict:
     coll = Collection.open(root, require_complete=False, allow_empty=True)
     m = coll.manifest
     report = {
-        "path": str(Path(root).resolve()), "complete": bool(m.get("complete")),
-        "items": coll.n, "shards": len(coll.shard_files), "bits": coll.bits,
+        "path": str(Path(root).resolve()), "complete": bool(m.get("complete")), "generation": coll.generation,
+        "items": coll.items, "deleted": len(coll.deleted_rows), "shards": len(coll.shards), "bits": coll.bits,
         "feature_dim": coll.feature_dim, "feature_dtype": str(coll.feature_dtype),
         "rejected": coll.rejected, "backbone": m.get("backbone"), "precision": m.get("precision"),
         "source": m.get("source_spec"),
         "classes": len(m.get("class_names") or []), "bytes_on_disk": disk_bytes(root),
     }
-    meta = read_index_meta(Path(root) / INDEX_DIR)
-    if meta is not None:
-        report["index"] = meta["coarse"]["kind"]
+    index = m.get("index")
+    if index is not None:
+        report["index"] = index["coarse"]["kind"]
+        # Rows added since the index was built: searched exhaustively until the next build-index.
+        report["index_delta"] = coll.n - int(coll.offsets[len(index["base_shards"])])
     if verify:
         report["problems"] = coll.verify()
         report["verified"] = not report["problems"]

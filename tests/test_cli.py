@@ -140,8 +140,8 @@ def test_build_index_kinds(collection, tmp_path, kind, extra):
     r = cli("build-index", collection, "--coarse", kind, *extra, "--out", out)
     assert f"built {kind} index over {COLL_N} codes" in r.stdout
     meta = json.loads((out / "index.json").read_text())
-    assert meta["coarse"]["kind"] == kind and meta["n"] == COLL_N and meta["bits"] == 16
-    assert (out / "coarse.faissindex").exists()
+    assert meta["coarse"]["kind"] == kind and meta["ntotal"] == COLL_N and meta["bits"] == 16
+    assert (out / meta["file"]).exists() and meta["file"].startswith("coarse-")
     for mode in ("hds", "bcs"):
         q = query_json(collection, "--index", out, "--id", 123, "-k", 5, "--mode", mode,
                        *pool_for(collection, 123))["queries"][0]
@@ -168,7 +168,7 @@ def test_query_needs_index(collection_copy):
     import shutil
     shutil.rmtree(collection_copy / "index")
     r = cli("query", collection_copy, "--id", 1, ok=False)
-    assert "no index" in r.stderr
+    assert "coarse index" in r.stderr and "rebuild it with `hashsearch build-index`" in r.stderr
 
 
 # -- errors --------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ from hashsearch import Collection, CollectionWriter, HashsearchError, Index
 from hashsearch.codes import pack_codes, unpack_codes
 from hashsearch.engine import load_flat_l2
 from hashsearch.engine.index import nearest_of_ranges
-from hashsearch.engine.rerank import FeatureReader, Reranker
-from hashsearch.shards import write_manifest
+from hashsearch.engine.rerank import Reranker
+from hashsearch.shards import RowReader
+from hashsearch.shards import read_manifest, write_manifest
 
 
 def hamming_matrix(a, b):
@@ -157,7 +158,7 @@ def test_radius_returns_every_code_within_it_sorted_and_capped_by_pool(coll, fla
 
 
 def test_reranker_ranks_candidates_by_exact_l2_and_refuses_a_query_of_another_width(coll):
-    rr = Reranker(FeatureReader(coll))
+    rr = Reranker(RowReader(coll))
     cand = np.array([5, 17, 300, 650, -1, -1])
     q = coll.features([17]) + 0.01
     dist, rows = np.full(3, np.inf, np.float32), np.full(3, -1, np.int64)
@@ -209,7 +210,7 @@ def test_open_finds_the_built_index_and_detects_stale_ones(tmp_path):
     codes, feats = make_queries(coll)
     assert (index.search(codes, feats, 3).rows >= 0).all()
     # the same shard names with other contents: the fingerprint no longer matches
-    manifest = dict(coll.manifest)
+    manifest = read_manifest(tmp_path / "c")
     manifest["shards"] = [dict(s, sha256="0" * 64) for s in manifest["shards"]]
     write_manifest(tmp_path / "c", manifest)
     with pytest.raises(HashsearchError, match="rebuild"):
@@ -246,7 +247,7 @@ def test_chunked_compressed_shards_give_the_same_answers(coll, flat, tmp_path):
             del f["features"]
             f.create_dataset("features", data=data, chunks=(16, DIM), compression="gzip")
     other = Collection.open(tmp_path / "c")
-    assert other.mapped_features(0) is None
+    assert other.shards[0].features_offset is None
     index = Index.build(other, "flat", out=tmp_path / "i")
     codes, feats = make_queries(coll)
     for mode, pool in (("hds", 80), ("es", 1)):
@@ -263,8 +264,7 @@ def test_exhaustive_index_holds_every_row(coll):
 
 def test_feature_reader_reads_rows_across_shards_in_the_order_asked(coll):
     rows = np.array([0, 255, 256, 699, 3, 511, 512, 300], np.int64)
-    reader = FeatureReader(coll)
+    reader = RowReader(coll)
     out = np.zeros((len(rows), DIM), coll.feature_dtype)
     reader.gather(rows, [[memoryview(r).cast("B")] for r in out], out)
     np.testing.assert_array_equal(out, coll.raw_features(rows))
-    reader.close()

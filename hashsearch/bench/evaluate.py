@@ -37,7 +37,6 @@ import numpy as np
 from ..errors import HashsearchError
 from ..shards import Collection
 from ..codes import check_bits
-from ..engine.exhaustive import feature_blocks
 from .baselines import METHODS, fit_baseline, training_features
 from .metrics import HammingScanner, QUERY_BLOCK, average_precision, precision_within_radius
 
@@ -152,7 +151,7 @@ def _encode(encoder, coll: Collection, feats: np.ndarray | None) -> np.ndarray:
     """Baseline codes of every item of `coll`, from `feats` when in RAM, else block by block."""
     if feats is not None:
         return encoder(feats)
-    return np.concatenate([encoder(np.asarray(block, np.float32)) for _, block in feature_blocks(coll)])
+    return np.concatenate([encoder(np.asarray(block, np.float32)) for _, block in coll.iter_feature_blocks()])
 
 
 def _smallest_k(key: np.ndarray, k: int) -> np.ndarray:
@@ -192,7 +191,7 @@ def _relevant_counts(q_labels: np.ndarray, db_labels: np.ndarray) -> np.ndarray:
 def _all_features(coll: Collection) -> np.ndarray:
     # Filled block by block: features(arange(n)) would hold the stored copy and the float32 one at once.
     out = np.empty((coll.n, coll.feature_dim), np.float32)
-    for first, block in feature_blocks(coll):
+    for first, block in coll.iter_feature_blocks():
         out[first:first + len(block)] = block
     return out
 

@@ -49,6 +49,7 @@ def encode_collection(model_path, source_spec: str, out, *, limit: int | None = 
     writer = CollectionWriter(out, bits=encoder.bits, feature_dim=encoder.feature_dim,
                               feature_dtype=feature_dtype, shard_size=shard_size, meta=meta, overwrite=overwrite)
     if writer.complete:
+        writer.close()
         log(f"{out} is already complete ({writer.manifest['items']} items); nothing to do")
         return writer.manifest
     _copy_model(model_path, Path(out) / "model.pt")

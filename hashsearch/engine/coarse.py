@@ -57,10 +57,10 @@ def build_coarse(codes: np.ndarray, bits: int, kind: str = "flat", *, hash_bits:
         for name, value in (("hash bits", hash_bits), ("nhash", nhash)):
             if value is not None and value < 1:
                 raise HashsearchError(f"{name} must be at least 1, got {value}")
-        _check_nflip(nflip)
         b = hash_bits or default_hash_bits(bits, len(codes), kind)
         if not 1 <= b <= min(bits, 64):
             raise HashsearchError(f"hash bits must be between 1 and {min(bits, 64)}, got {b}")
+        _check_nflip(nflip, b)
         if kind == "hash":
             index = faiss.IndexBinaryHash(bits, b)
         else:
@@ -83,30 +83,60 @@ def describe(index: faiss.IndexBinary) -> dict:
     return {"kind": "flat"}
 
 
-def _check_nflip(nflip: int | None) -> None:
-    # faiss loops forever on a negative nflip.
-    if nflip is not None and nflip < 0:
-        raise HashsearchError(f"nflip must be zero or more, got {nflip}")
-
-
-_NFLIP_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def probing(index: faiss.IndexBinary, nflip: int | None):
-    """Search `index` with another nflip inside the block, then restore the built one.
-
-    nflip is a field of the shared faiss index, so searches that override it
-    run one at a time; searches with the built value are not held up.
-    """
-    _check_nflip(nflip)
-    if nflip is None or not hasattr(index, "nflip"):
-        yield
+def _check_nflip(nflip: int | None, hash_bits: int | None = None) -> None:
+    # faiss loops forever on a negative nflip, and on one above the key's bits.
+    if nflip is None:
         return
-    with _NFLIP_LOCK:
-        built = index.nflip
-        index.nflip = int(nflip)
-        try:
+    top = 64 if hash_bits is None else hash_bits
+    if isinstance(nflip, bool) or not isinstance(nflip, (int, np.integer)) or not 0 <= nflip <= top:
+        raise HashsearchError(f"nflip must be an integer from 0 to {top} (the hash key's bits), got {nflip}")
+
+
+class Coarse:
+    """A faiss binary index with per-call probing depth (nflip), safe to share between threads.
+
+    nflip is a field of the faiss index itself, with no per-search parameter
+    (binary hash indexes take no SearchParameters), so every search of a hash
+    kind sets the depth it wants and runs under one lock: a search can never
+    run with another thread's setting.  Flat indexes have no such field and
+    search without the lock.
+    """
+
+    def __init__(self, index: faiss.IndexBinary):
+        self.index = index
+        self.params = describe(index)
+        self.hashed = "nflip" in self.params
+        self.built_nflip = self.params.get("nflip")
+        self._lock = threading.Lock()
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def check_nflip(self, nflip: int | None) -> None:
+        _check_nflip(nflip, self.params.get("hash_bits"))
+
+    def search(self, codes: np.ndarray, k: int, nflip: int | None = None):
+        if not self.hashed:
+            return self.index.search(codes, k)
+        with self._probing(nflip):
+            return self.index.search(codes, k)
+
+    def range_search(self, codes: np.ndarray, radius: int, nflip: int | None = None):
+        if not self.hashed:
+            return self.index.range_search(codes, radius)
+        with self._probing(nflip):
+            return self.index.range_search(codes, radius)
+
+    @contextlib.contextmanager
+    def _probing(self, nflip: int | None):
+        want = self.built_nflip if nflip is None else int(nflip)
+        with self._lock:
+            if self.index.nflip != want:
+                self.index.nflip = want
             yield
-        finally:
-            index.nflip = built
+
+    def like(self, codes: np.ndarray, bits: int) -> "Coarse":
+        """A new index of the same kind and parameters over `codes` (the delta of newer rows)."""
+        params = {k: v for k, v in self.params.items() if k != "kind"}
+        return Coarse(build_coarse(codes, bits, self.params["kind"], **params))

@@ -6,40 +6,17 @@ Two ways, for two situations:
                  more than this machine has at 1M x 4096).  Fastest search.
   scan_knn       streams blocks and merges each block's top-k, so RAM
                  stays at one block whatever N is.
-Both read the features with pread into one reused buffer rather than
+Both read the features with the collection's block reader (pread into one reused buffer) rather than
 through the memory map, which would leave every page of the features file
 mapped, and counted in the process's RSS, until the end (8 GB at 1M on top
 of the 16 GB index).
 """
 from __future__ import annotations
 
-import os
-
 import faiss
 import numpy as np
 
-from ..errors import HashsearchError
 from ..shards import Collection
-
-
-def feature_blocks(coll: Collection, block_rows: int = 8192):
-    """Yield (first_row, block) over all features in their stored dtype; a block is only valid until the next."""
-    layouts = [coll.mapped_features(s) for s in range(len(coll.shard_files))]
-    if any(layout is None for layout in layouts):      # chunked or compressed shards: h5py decodes them
-        yield from coll.iter_feature_blocks(block_rows)
-        return
-    buffer = np.empty((block_rows, coll.feature_dim), coll.feature_dtype)
-    row_bytes = buffer[0].nbytes
-    for path, layout, first in zip(coll.shard_files, layouts, coll.offsets.tolist()):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            for a in range(0, len(layout), block_rows):
-                m = min(len(layout), a + block_rows) - a
-                if os.preadv(fd, [memoryview(buffer[:m]).cast("B")], layout.offset + a * row_bytes) != m * row_bytes:
-                    raise HashsearchError(f"short read from {path}: was it truncated?")
-                yield first + a, buffer[:m]
-        finally:
-            os.close(fd)
 
 
 def load_flat_l2(coll: Collection, block_rows: int = 8192, progress=None) -> faiss.IndexFlatL2:
@@ -47,7 +24,7 @@ def load_flat_l2(coll: Collection, block_rows: int = 8192, progress=None) -> fai
     index = faiss.IndexFlatL2(d)
     index.codes.resize(n * d * 4)
     storage = faiss.rev_swig_ptr(index.codes.data(), n * d * 4).view(np.float32).reshape(n, d)
-    for first, block in feature_blocks(coll, block_rows):
+    for first, block in coll.iter_feature_blocks(block_rows):
         storage[first:first + len(block)] = block
         if progress is not None:
             progress(len(block))
@@ -59,7 +36,7 @@ def scan_knn(coll: Collection, queries: np.ndarray, k: int, block_rows: int = 81
     """Exact top-k by squared L2 over all rows: (distances [nq, k], rows [nq, k])."""
     queries = np.ascontiguousarray(queries, np.float32)
     heap = faiss.ResultHeap(len(queries), k)
-    for first, block in feature_blocks(coll, block_rows):
+    for first, block in coll.iter_feature_blocks(block_rows):
         d, i = faiss.knn(queries, np.ascontiguousarray(block, np.float32), min(k, len(block)))
         if d.shape[1] < k:
             pad = k - d.shape[1]

@@ -5,8 +5,22 @@
   bcs  Hamming ranking of the codes alone.
   es   exhaustive L2 over all F7 features: the paper's baseline.
 
-The index directory holds the coarse faiss binary index and index.json,
-which ties it to the exact shards it was built from.
+The index follows a changing collection without a rebuild.  faiss's binary
+Hash and MultiHash indexes support neither remove_ids nor an IDSelector,
+and MultiHash has no add_with_ids, so the coarse level is three parts:
+  base        the faiss index `build-index` wrote, immutable, over the live
+              rows of the shards it was built on (which stay a prefix of
+              the collection's shards until compaction, which rebuilds it);
+  delta       an index of the same kind and parameters over the rows added
+              since, built in memory when a generation is opened: cheap,
+              since the delta is small, and searched exactly as the base is;
+  tombstones  rows deleted since, skipped.  The base search over-fetches to
+              make up for them and fetches more while a query comes up
+              short, so the pool is always the nearest live rows.
+Candidates from both parts merge by (Hamming, row), the order faiss's flat
+index itself uses, so after any adds and deletes a flat index answers
+exactly as a fresh build-index over the same live rows would; hash kinds
+find the same candidates (the same buckets are probed in both parts).
 """
 from __future__ import annotations
 
@@ -24,34 +38,28 @@ import numpy as np
 
 from ..codes import code_bytes
 from ..errors import HashsearchError
-from ..shards import Collection
-from ..shards.manifest import atomic_write_bytes
+from ..fileio import atomic_write_bytes, open_regular
+from ..shards import Collection, RowReader, editing, publish, read_manifest
+from ..shards.manifest import check_file_entry, inside
 from . import coarse as coarse_mod
 from .exhaustive import scan_knn
-from .rerank import FeatureReader, Reranker
+from .rerank import Reranker
 from .threads import MAX_THREADS, faiss_threads, threads_for_batch
 
 MODES = ("hds", "bcs", "es")
 INDEX_DIR = "index"
-COARSE_FILE = "coarse.faissindex"
 META_FILE = "index.json"
 DEFAULT_POOL = 200
+_NO_ROW = np.iinfo(np.int64).max
 
 
 @dataclass
 class SearchResult:
-    """Per query, k results padded with -1 (rows, ids) and inf (distances)."""
+    """Per query, up to k results padded with -1 (rows, ids) and inf (distances); k is capped at the live items."""
     rows: np.ndarray        # int64 [nq, k], collection rows
     ids: np.ndarray         # int64 [nq, k]
     hamming: np.ndarray     # int32 [nq, k], Hamming distance of each result's code to the query's
     distances: np.ndarray   # float32 [nq, k], squared L2 on F7; nan in bcs mode
-
-
-def collection_fingerprint(coll: Collection) -> str:
-    digest = hashlib.sha256()
-    for entry in coll.manifest["shards"]:
-        digest.update(entry["sha256"].encode())
-    return digest.hexdigest()
 
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.int32)
@@ -84,136 +92,314 @@ def nearest_of_ranges(lims: np.ndarray, dist: np.ndarray, labels: np.ndarray, po
     return out_d, out_i
 
 
+def merge_candidates(parts: list[tuple[np.ndarray, np.ndarray]], pool: int):
+    """The `pool` nearest of several (hamming, rows) candidate lists [nq, m_i], by (Hamming, row), padded with -1."""
+    ham = np.concatenate([h for h, _ in parts], axis=1).astype(np.int64)
+    rows = np.concatenate([r for _, r in parts], axis=1)
+    key = np.where(rows >= 0, (ham << 40) | rows, _NO_ROW)        # rows < 2**40, Hamming < 2**23
+    order = np.argsort(key, axis=1, kind="stable")[:, :pool]
+    rows, ham = np.take_along_axis(rows, order, 1), np.take_along_axis(ham, order, 1)
+    return np.where(rows >= 0, ham, -1).astype(np.int32), rows
+
+
+def _live_first(ham: np.ndarray, rows: np.ndarray, alive: np.ndarray, pool: int):
+    """Each query's live candidates, in their order, first `pool` of them; the rest -1."""
+    order = np.argsort(~alive, axis=1, kind="stable")[:, :pool]
+    keep = np.take_along_axis(alive, order, 1)
+    return (np.where(keep, np.take_along_axis(ham, order, 1), -1),
+            np.where(keep, np.take_along_axis(rows, order, 1), -1))
+
+
+# -- the index's files ----------------------------------------------------------------
+def _read_checked(base: Path, entry: dict, what: str) -> bytes:
+    path = inside(base, entry["file"], what)
+    try:
+        with os.fdopen(open_regular(path), "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise HashsearchError(f"cannot read {what} {path}: {exc.strerror or exc}; rebuild it with "
+                              "`hashsearch build-index`") from None
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise HashsearchError(f"{what} {path} does not match its checksum (altered or from elsewhere); "
+                              "rebuild it with `hashsearch build-index`")
+    return data
+
+
+def _check_meta(meta, where) -> dict:
+    try:
+        check_file_entry(meta, "the coarse index")
+        assert meta["coarse"]["kind"] in coarse_mod.KINDS
+        assert isinstance(meta["ntotal"], int) and meta["ntotal"] >= 0
+        assert isinstance(meta["base_shards"], list) and all(isinstance(s, str) for s in meta["base_shards"])
+        if meta.get("rows_file") is not None:
+            check_file_entry({"file": meta["rows_file"], "sha256": meta.get("rows_sha256")}, "the index rows")
+    except Exception as exc:  # noqa: BLE001 - any malformed field means the same thing
+        raise HashsearchError(f"unreadable index metadata in {where} ({exc or type(exc).__name__}); "
+                              "rebuild it with `hashsearch build-index`") from None
+    return meta
+
+
 def read_index_meta(index_dir) -> dict | None:
-    """index.json of an index directory, or None where there is none."""
+    """index.json of an index directory outside a collection, or None where there is none."""
     path = Path(index_dir) / META_FILE
     if not path.exists():
         return None
     try:
-        meta = json.loads(path.read_text())
-        meta["coarse"]["kind"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        with os.fdopen(open_regular(path), "rb") as f:
+            meta = json.loads(f.read(1 << 26))
+    except (OSError, ValueError) as exc:
         raise HashsearchError(f"unreadable index metadata {path} ({exc}); rebuild it with `hashsearch build-index`") from None
+    return _check_meta(meta, path)
+
+
+def _write_index_files(coll: Collection, kind: str, out: Path, prefix: str, tag: str, **params) -> dict:
+    """Build the coarse index over `coll`'s live rows and write its files; its metadata."""
+    start = time.perf_counter()
+    live = coll.live_rows()
+    coarse = coarse_mod.build_coarse(coll.codes()[live], coll.bits, kind, **params)
+    meta = {"coarse": coarse_mod.describe(coarse), "ntotal": int(coarse.ntotal), "bits": coll.bits,
+            "base_shards": [s.sha256 for s in coll.shards], "generation": coll.generation}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        data = faiss.serialize_index_binary(coarse).tobytes()
+        meta["file"], meta["sha256"] = f"{prefix}coarse-{tag}.faissindex", hashlib.sha256(data).hexdigest()
+        atomic_write_bytes(out / f"coarse-{tag}.faissindex", data)
+        meta["rows_file"] = None
+        if len(coll.deleted_rows):      # positions of the index are not rows: record which rows they are
+            rows = live.astype(np.int64).tobytes()
+            meta["rows_file"], meta["rows_sha256"] = f"{prefix}rows-{tag}.bin", hashlib.sha256(rows).hexdigest()
+            atomic_write_bytes(out / f"rows-{tag}.bin", rows)
+    except (OSError, RuntimeError) as exc:
+        raise HashsearchError(f"cannot write index to {out}: {exc}") from None
+    meta["build_seconds"] = round(time.perf_counter() - start, 3)
     return meta
 
 
+@dataclass
+class _Generation:
+    """Everything one search reads, for one generation: searches in flight keep theirs across a refresh."""
+    collection: Collection
+    meta: dict
+    base: coarse_mod.Coarse
+    base_rows: np.ndarray | None    # index position -> row; None: position == row
+    base_end: int                   # rows of the shards the base was built on
+    delta: coarse_mod.Coarse | None
+    deleted: np.ndarray | None      # bool [n], rows deleted and not yet compacted
+    base_has_deleted: bool
+    reader: RowReader
+    codes: np.ndarray
+    ids: np.ndarray
+
+    @property
+    def exact_base(self) -> bool:
+        """The base alone answers: positions are rows, nothing deleted in it, nothing added."""
+        return self.base_rows is None and self.delta is None and not self.base_has_deleted
+
+
+def _load_generation(coll: Collection, index_dir: Path | None, previous: _Generation | None) -> _Generation:
+    if index_dir is None:
+        meta, base_dir = coll.manifest.get("index"), coll.root
+        if meta is None:
+            raise HashsearchError(f"no index in {coll.root}; run `hashsearch build-index {coll.root}` first")
+        meta = _check_meta(meta, coll.root / "manifest.json")
+    else:
+        meta, base_dir = read_index_meta(index_dir), Path(index_dir)
+        if meta is None:
+            raise HashsearchError(f"no index in {index_dir}; run `hashsearch build-index {coll.root}` first")
+    shas = [s.sha256 for s in coll.shards]
+    n_base = len(meta["base_shards"])
+    if meta["bits"] != coll.bits or shas[:n_base] != meta["base_shards"]:
+        raise HashsearchError(f"the index of {coll.root} was built for other shards; rebuild it with "
+                              "`hashsearch build-index`")
+    base_end = int(coll.offsets[n_base])
+    if previous is not None and previous.meta == meta:
+        base, base_rows = previous.base, previous.base_rows
+    else:
+        base, base_rows = _read_base(meta, base_dir, base_end, coll)
+    delta = None
+    codes = coll.codes()
+    if base_end < coll.n:
+        delta = base.like(codes[base_end:], coll.bits)
+    deleted = coll.deleted_mask() if len(coll.deleted_rows) else None
+    if deleted is None:
+        base_has_deleted = False
+    elif base_rows is None:
+        base_has_deleted = bool(deleted[:base_end].any())
+    else:
+        base_has_deleted = bool(deleted[base_rows].any())
+    return _Generation(coll, meta, base, base_rows, base_end, delta, deleted, base_has_deleted,
+                       RowReader(coll), codes, coll.ids())
+
+
+def _read_base(meta: dict, base_dir: Path, base_end: int, coll: Collection):
+    data = _read_checked(base_dir, meta, "coarse index")
+    try:
+        index = faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
+    except RuntimeError as exc:
+        raise HashsearchError(f"cannot read coarse index in {base_dir}: {str(exc).splitlines()[0]}") from None
+    if index.ntotal != meta["ntotal"] or index.code_size != code_bytes(coll.bits):
+        raise HashsearchError(f"the coarse index of {coll.root} does not hold the {meta['ntotal']} codes it records; "
+                              "rebuild it with `hashsearch build-index`")
+    base_rows = None
+    if meta.get("rows_file"):
+        raw = _read_checked(base_dir, {"file": meta["rows_file"], "sha256": meta["rows_sha256"]}, "index rows")
+        base_rows = np.frombuffer(raw, np.int64) if len(raw) % 8 == 0 else None
+        if base_rows is None or len(base_rows) != index.ntotal or (len(base_rows) and (
+                base_rows[0] < 0 or base_rows[-1] >= base_end or np.any(np.diff(base_rows) <= 0))):
+            raise HashsearchError(f"the index rows of {coll.root} are damaged; rebuild it with `hashsearch build-index`")
+    elif index.ntotal != base_end:
+        raise HashsearchError(f"the coarse index of {coll.root} holds {index.ntotal} codes for {base_end} rows; "
+                              "rebuild it with `hashsearch build-index`")
+    return coarse_mod.Coarse(index), base_rows
+
+
 class Index:
-    """Coarse-to-fine search over one collection.
+    """Coarse-to-fine search over one collection, following it as it changes.
 
     >>> index = Index.build(Collection.open("coll"), kind="flat")    # once
     >>> index = Index.open("coll")                                    # later
     >>> res = index.search(query_codes, query_features, k=10, pool=200)
     >>> res.ids[0], res.distances[0]
+    >>> index.refresh()       # after add / delete / compact in any process
+
+    An Index pins the generation it opened; refresh() moves it to the newest
+    one, reusing the coarse index, shard handles and anything else unchanged.
+    Searches in flight finish on the generation they started on.
     """
 
-    def __init__(self, collection: Collection, coarse: faiss.IndexBinary, meta: dict):
-        self.collection = collection
-        self.coarse = coarse
-        self.meta = meta
-        self.codes = collection.codes()
-        self.ids = collection.ids()
-        self.features = FeatureReader(collection)
+    def __init__(self, collection: Collection, index_dir=None, *, _generation: _Generation | None = None):
+        self._index_dir = None if index_dir is None else Path(index_dir)
+        self._gen = _generation or _load_generation(collection, self._index_dir, None)
+        self._refresh_lock = threading.Lock()
         self._local = threading.local()
+        self._closed = False
         # Threads start on first use, so an Index that only serves batch-1 queries has none.
         self._pool = ThreadPoolExecutor(MAX_THREADS, initializer=faiss.omp_set_num_threads, initargs=(1,))
 
-    def _reranker(self) -> Reranker:
-        # Each thread gathers into its own faiss buffer.
-        rr = getattr(self._local, "reranker", None)
-        if rr is None:
-            rr = self._local.reranker = Reranker(self.features)
-        return rr
+    def _current(self) -> _Generation:
+        if self._closed:
+            raise HashsearchError("this index is closed")
+        return self._gen
+
+    @property
+    def collection(self) -> Collection:
+        return self._current().collection
+
+    @property
+    def codes(self) -> np.ndarray:
+        return self._current().codes
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._current().ids
+
+    @property
+    def meta(self) -> dict:
+        return self._current().meta
 
     @property
     def kind(self) -> str:
         return self.meta["coarse"]["kind"]
 
+    @property
+    def generation(self) -> int:
+        return self._current().collection.generation
+
+    def _reranker(self, reader: RowReader) -> Reranker:
+        # Each thread gathers into its own faiss buffer.
+        rr = getattr(self._local, "reranker", None)
+        if rr is None:
+            rr = self._local.reranker = Reranker(reader)
+        rr.features = reader
+        return rr
+
     # -- building and opening ------------------------------------------------------
     @classmethod
-    def build(cls, collection: Collection, kind: str = "flat", out=None, **params) -> "Index":
-        if collection.n == 0:
-            raise HashsearchError(f"collection {collection.root} is empty")
-        start = time.perf_counter()
-        coarse = coarse_mod.build_coarse(collection.codes(), collection.bits, kind, **params)
-        meta = {
-            "coarse": coarse_mod.describe(coarse), "n": collection.n, "bits": collection.bits,
-            "collection_fingerprint": collection_fingerprint(collection),
-            "build_seconds": round(time.perf_counter() - start, 3),
-        }
-        out = Path(out) if out else collection.root / INDEX_DIR
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = out / f".{COARSE_FILE}.tmp"
-            faiss.write_index_binary(coarse, str(tmp))
-            os.replace(tmp, out / COARSE_FILE)
+    def build(cls, collection, kind: str = "flat", out=None, *, wait: bool = False, **params) -> "Index":
+        """Build the coarse index over the collection's live rows.
+
+        Without `out`, it becomes part of the collection: a new generation names
+        it, under the collection's write lock.  With `out`, it is written to that
+        directory and the collection is not touched.
+        """
+        if kind not in coarse_mod.KINDS:
+            raise HashsearchError(f"unknown coarse index {kind!r}; choose one of {', '.join(coarse_mod.KINDS)}")
+        root = collection.root if isinstance(collection, Collection) else Path(collection)
+        if out is not None:
+            coll = collection if isinstance(collection, Collection) else Collection.open(root)
+            if coll.items == 0:
+                raise HashsearchError(f"collection {root} is empty")
+            out = Path(out)
+            meta = _write_index_files(coll, kind, out, "", f"{coll.generation:06d}", **params)
             atomic_write_bytes(out / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
-        except (OSError, RuntimeError) as exc:
-            raise HashsearchError(f"cannot write index to {out}: {exc}") from None
-        return cls(collection, coarse, meta)
+            for old in [*out.glob("coarse-*.faissindex"), *out.glob("rows-*.bin")]:
+                if old.name not in (meta["file"], meta["rows_file"]):
+                    old.unlink()
+            return cls(coll, out)
+        with editing(root, wait=wait) as manifest:
+            coll = Collection.open(root, allow_empty=True)
+            if coll.items == 0:
+                raise HashsearchError(f"collection {root} is empty")
+            tag = f"{coll.generation + 1:06d}"
+            manifest["index"] = _write_index_files(coll, kind, root / INDEX_DIR, f"{INDEX_DIR}/", tag, **params)
+            publish(root, manifest)
+        return cls(Collection.open(root, previous=coll))
 
     @classmethod
     def open(cls, collection, index_dir=None) -> "Index":
         if not isinstance(collection, Collection):
             collection = Collection.open(collection)
-        index_dir = Path(index_dir) if index_dir else collection.root / INDEX_DIR
-        meta = read_index_meta(index_dir)
-        if meta is None:
-            raise HashsearchError(f"no index in {index_dir}; run `hashsearch build-index {collection.root}` first")
-        if meta.get("collection_fingerprint") != collection_fingerprint(collection):
-            raise HashsearchError(f"index {index_dir} was built for other shards; rebuild it with `hashsearch build-index`")
-        try:
-            coarse = faiss.read_index_binary(str(index_dir / COARSE_FILE))
-        except RuntimeError as exc:
-            raise HashsearchError(f"cannot read coarse index {index_dir / COARSE_FILE}: {exc}") from None
-        return cls(collection, coarse, meta)
+        return cls(collection, index_dir)
+
+    def refresh(self) -> bool:
+        """Move to the collection's newest generation; False if there is none newer."""
+        with self._refresh_lock:
+            gen = self._current()
+            root = gen.collection.root
+            if read_manifest(root).get("generation", 0) == gen.collection.generation:
+                return False
+            coll = Collection.open(root, previous=gen.collection)
+            self._gen = _load_generation(coll, self._index_dir, gen)
+            return True
 
     # -- searching --------------------------------------------------------------------
     def search(self, query_codes: np.ndarray, query_features: np.ndarray | None = None, k: int = 10, *,
                mode: str = "hds", pool: int = DEFAULT_POOL, radius: int | None = None,
                nflip: int | None = None) -> SearchResult:
-        if k <= 0:
-            raise HashsearchError(f"k must be positive, got {k}")
+        gen = self._current()
         if mode not in MODES:
             raise HashsearchError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if pool <= 0:
-            raise HashsearchError(f"pool must be positive, got {pool}")
-        query_codes = np.ascontiguousarray(np.atleast_2d(query_codes), dtype=np.uint8)
-        if query_codes.shape[1] != code_bytes(self.collection.bits):
-            raise HashsearchError(f"query codes have {query_codes.shape[1]} bytes; this collection's codes have "
-                                  f"{self.collection.bits} bits in {code_bytes(self.collection.bits)} bytes")
+        k, pool = _positive_count("k", k, gen), _positive_count("pool", pool, gen)
+        self._check_probe(gen, radius, nflip)
+        query_codes = self._check_codes(gen, query_codes)
         if mode != "bcs":
             if query_features is None:
                 raise HashsearchError(f"mode {mode} needs query features")
             query_features = np.ascontiguousarray(np.atleast_2d(query_features), dtype=np.float32)
-            if query_features.shape != (len(query_codes), self.collection.feature_dim):
+            if query_features.shape != (len(query_codes), gen.collection.feature_dim):
                 raise HashsearchError(f"query features have shape {query_features.shape}; expected "
-                                      f"({len(query_codes)}, {self.collection.feature_dim})")
+                                      f"({len(query_codes)}, {gen.collection.feature_dim})")
         nq = len(query_codes)
         if mode == "es":
-            with faiss_threads(MAX_THREADS):
-                dist, rows = scan_knn(self.collection, query_features, k)
-            found = rows >= 0
-            ham = popcount_distances(query_codes, self.codes[np.where(found, rows, 0)])
-            return self._result(rows, dist, np.where(found, ham, -1))
+            return self._exhaustive(gen, query_codes, query_features, k)
         rows = np.full((nq, k), -1, np.int64)
         ham = np.full((nq, k), -1, np.int32)
         dist = np.full((nq, k), np.nan if mode == "bcs" else np.inf, np.float32)
 
         def work(a, b):
             if mode == "bcs":
-                found_ham, found = self._candidates(query_codes[a:b], k, radius)
+                found_ham, found = self._candidates(gen, query_codes[a:b], k, radius, nflip)
                 rows[a:b, :found.shape[1]] = found[:, :k]
                 ham[a:b, :found.shape[1]] = np.where(found[:, :k] >= 0, found_ham[:, :k], -1)
                 return
-            cand_ham, cand = self._candidates(query_codes[a:b], max(pool, k), radius)
-            rr = self._reranker()
+            cand_ham, cand = self._candidates(gen, query_codes[a:b], max(pool, k), radius, nflip)
+            rr = self._reranker(gen.reader)
             for q in range(a, b):
                 order = rr.search(query_features[q:q + 1], cand[q - a], dist[q], rows[q])
                 ham[q, :len(order)] = cand_ham[q - a, order]
 
-        with coarse_mod.probing(self.coarse, nflip):
-            self._run(work, nq)
-        return self._result(rows, dist, ham)
+        self._run(work, nq)
+        return self._result(gen, rows, dist, ham)
 
     def candidates(self, query_codes: np.ndarray, pool: int, *, radius: int | None = None,
                    nflip: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -221,16 +407,87 @@ class Index:
 
         With `radius`, every code within that Hamming distance (at most `pool`).
         """
-        if pool <= 0:
-            raise HashsearchError(f"pool must be positive, got {pool}")
-        with coarse_mod.probing(self.coarse, nflip):
-            return self._candidates(query_codes, pool, radius)
+        gen = self._current()
+        pool = _positive_count("pool", pool, gen)
+        self._check_probe(gen, radius, nflip)
+        return self._candidates(gen, self._check_codes(gen, query_codes), pool, radius, nflip)
 
-    def _candidates(self, query_codes, pool, radius):
+    @staticmethod
+    def _check_codes(gen: _Generation, query_codes) -> np.ndarray:
+        query_codes = np.ascontiguousarray(np.atleast_2d(query_codes), dtype=np.uint8)
+        width = code_bytes(gen.collection.bits)
+        if query_codes.ndim != 2 or query_codes.shape[1] != width:
+            raise HashsearchError(f"query codes have shape {query_codes.shape}; this collection's codes have "
+                                  f"{gen.collection.bits} bits in {width} bytes")
+        return query_codes
+
+    @staticmethod
+    def _check_probe(gen: _Generation, radius, nflip) -> None:
+        bits = gen.collection.bits
+        if radius is not None and (isinstance(radius, bool) or not isinstance(radius, (int, np.integer))
+                                   or not 0 <= radius <= bits):
+            raise HashsearchError(f"radius must be an integer from 0 to the code length ({bits}), got {radius!r}")
+        gen.base.check_nflip(nflip)
+
+    def _candidates(self, gen: _Generation, query_codes, pool: int, radius: int | None, nflip: int | None):
+        if gen.exact_base:
+            if radius is None:
+                return gen.base.search(query_codes, min(pool, gen.base.ntotal), nflip)
+            lims, dist, labels = gen.base.range_search(query_codes, int(radius) + 1, nflip)
+            return nearest_of_ranges(lims, dist, labels, pool)
+        parts = []
+        if gen.base.ntotal:
+            parts.append(self._base_candidates(gen, query_codes, pool, radius, nflip))
+        if gen.delta is not None:
+            ham, found = self._part_candidates(gen.delta, query_codes, pool, radius, nflip)
+            rows = np.where(found >= 0, found + gen.base_end, -1)
+            if gen.deleted is not None:
+                alive = (rows >= 0) & ~gen.deleted[np.maximum(rows, 0)]
+                ham, rows = _live_first(ham, rows, alive, pool)
+            parts.append((ham, rows))
+        return merge_candidates(parts, pool)
+
+    @staticmethod
+    def _part_candidates(coarse, query_codes, want: int, radius, nflip):
         if radius is None:
-            return self.coarse.search(query_codes, min(pool, self.collection.n))
-        lims, dist, labels = self.coarse.range_search(query_codes, int(radius) + 1)
-        return nearest_of_ranges(lims, dist, labels, pool)
+            return coarse.search(query_codes, min(want, coarse.ntotal), nflip)
+        lims, dist, labels = coarse.range_search(query_codes, int(radius) + 1, nflip)
+        return nearest_of_ranges(lims, dist, labels.astype(np.int64), want)
+
+    def _base_candidates(self, gen: _Generation, query_codes, pool: int, radius, nflip):
+        """The base's `pool` nearest live candidates, mapped to rows."""
+        want = pool
+        if gen.base_has_deleted and radius is None:
+            # Fetch for the expected share of deleted rows, then more while a query is short.
+            share = float(np.count_nonzero(gen.deleted)) / max(gen.collection.n, 1)
+            want = min(gen.base.ntotal, int(pool / max(1 - share, 0.05)) + 8)
+        while True:
+            ham, found = self._part_candidates(gen.base, query_codes, want if radius is None else gen.base.ntotal,
+                                               radius, nflip)
+            rows = found if gen.base_rows is None else np.where(found >= 0, gen.base_rows[np.maximum(found, 0)], -1)
+            if not gen.base_has_deleted:
+                return ham, rows
+            alive = (rows >= 0) & ~gen.deleted[np.maximum(rows, 0)]
+            exhausted = (found[:, -1] < 0) | (want >= gen.base.ntotal) | (radius is not None)
+            if np.all((alive.sum(1) >= pool) | exhausted):
+                return _live_first(ham, rows, alive, pool)
+            want = min(gen.base.ntotal, 2 * want)
+
+    def _exhaustive(self, gen: _Generation, query_codes, query_features, k: int) -> SearchResult:
+        if not np.isfinite(query_features).all():
+            raise HashsearchError("query features must be finite")
+        dead = 0 if gen.deleted is None else int(np.count_nonzero(gen.deleted))
+        with faiss_threads(MAX_THREADS):
+            dist, rows = scan_knn(gen.collection, query_features, min(k + dead, gen.collection.n))
+        if dead:
+            alive = (rows >= 0) & ~gen.deleted[np.maximum(rows, 0)]
+            order = np.argsort(~alive, axis=1, kind="stable")[:, :k]
+            keep = np.take_along_axis(alive, order, 1)
+            dist = np.where(keep, np.take_along_axis(dist, order, 1), np.inf).astype(np.float32)
+            rows = np.where(keep, np.take_along_axis(rows, order, 1), -1)
+        found = rows >= 0
+        ham = popcount_distances(query_codes, gen.codes[np.where(found, rows, 0)])
+        return self._result(gen, rows, dist, np.where(found, ham, -1))
 
     def _run(self, work, nq: int) -> None:
         """work(a, b) over the query range: here for a few queries, else split across threads.
@@ -251,10 +508,12 @@ class Index:
             f.result()
 
     def close(self) -> None:
-        """Release the shard file handles and search threads."""
+        """Release the shard file handles and search threads; any later call raises."""
+        if self._closed:
+            return
+        self._closed = True
         self._pool.shutdown(wait=True)
-        self.features.close()
-        self.collection.close()
+        self._gen.collection.close()
 
     def __enter__(self):
         return self
@@ -262,6 +521,16 @@ class Index:
     def __exit__(self, *exc):
         self.close()
 
-    def _result(self, rows, dist, hamming) -> SearchResult:
-        ids = np.where(rows >= 0, self.ids[rows], -1)     # row -1 reads the last id, then masked
+    @staticmethod
+    def _result(gen: _Generation, rows, dist, hamming) -> SearchResult:
+        ids = np.where(rows >= 0, gen.ids[rows], -1)     # row -1 reads the last id, then masked
         return SearchResult(rows=rows, ids=ids, hamming=hamming.astype(np.int32, copy=False), distances=dist)
+
+
+def _positive_count(name: str, value, gen: _Generation) -> int:
+    """k or pool, checked, and capped at the live items before anything of that size is allocated."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise HashsearchError(f"{name} must be an integer, got {value!r}")
+    if value <= 0:
+        raise HashsearchError(f"{name} must be positive, got {value}")
+    return int(min(value, max(gen.collection.items, 1)))

@@ -1,6 +1,6 @@
 """The fine level: exact L2 on F7 over each query's candidate pool.
 
-Candidate rows are read from the shards (pread, see FeatureReader) straight
+Candidate rows are read from the shards (pread, see shards.RowReader) straight
 into the storage of a small faiss flat index and scanned there: float16
 rows by an IndexScalarQuantizer(QT_fp16), whose SIMD decode is far faster
 than numpy's float16 -> float32 cast, float32 rows by an IndexFlatL2.
@@ -15,14 +15,11 @@ because it needs every feature in RAM as float32 (16 GB at 1M).
 """
 from __future__ import annotations
 
-import itertools
-import os
-
 import faiss
 import numpy as np
 
 from ..errors import HashsearchError
-from ..shards import Collection
+from ..shards import RowReader
 
 
 # Batch-1 latency is ~0.1 ms, so the faiss Python wrappers' per-call costs show: its
@@ -36,63 +33,10 @@ def flat_index_for(dtype: np.dtype, dim: int) -> faiss.Index:
     return faiss.IndexFlatL2(dim)
 
 
-class FeatureReader:
-    """Reads feature rows of a collection by pread(), shared by every thread of one Index.
-
-    Why not the memory map: every row read through it maps ~40 KB of page
-    cache into the process (the kernel maps pages around each fault), so a
-    search process's RSS would grow towards the whole features file, and
-    unmapping to bound it makes each later read a minor fault, twice the
-    cost of a pread (~4 us against ~2 us a row, measured).  pread copies
-    straight from the page cache into the rerank buffer and RSS stays flat.
-    """
-
-    def __init__(self, collection: Collection):
-        self.collection = collection
-        self.offsets = collection.offsets
-        self.row_bytes = collection.feature_dim * collection.feature_dtype.itemsize
-        self.fds, starts = [], []
-        for s, path in enumerate(collection.shard_files):
-            layout = collection.mapped_features(s)
-            if layout is None:      # chunked or compressed: no byte offset, read through h5py
-                self.close()
-                self.fds = None
-                return
-            self.fds.append(os.open(path, os.O_RDONLY))
-            starts.append(layout.offset)
-        self.fd_of_shard = np.array(self.fds, np.int64)
-        self.start_of_shard = np.array(starts, np.int64)
-
-    def gather(self, rows: np.ndarray, out: list[list[memoryview]], buffer: np.ndarray) -> None:
-        """Read the features of `rows` (valid, int64) into buffer[:len(rows)]; out[j] is [view of buffer row j]."""
-        if self.fds is None:
-            buffer[:len(rows)] = self.collection.raw_features(rows)
-            return
-        if len(self.fds) == 1:
-            fds = itertools.repeat(self.fds[0])
-            where = self.start_of_shard[0] + rows * self.row_bytes
-        else:
-            shard = np.searchsorted(self.offsets, rows, side="right") - 1
-            fds = self.fd_of_shard[shard].tolist()
-            where = self.start_of_shard[shard] + (rows - self.offsets[shard]) * self.row_bytes
-        # map() keeps the per-row loop in C: the syscall is then most of a row's ~2 us.
-        got = list(map(os.preadv, fds, out, where.tolist()))
-        if got.count(self.row_bytes) != len(got):
-            raise HashsearchError(f"short read from a shard of {self.collection.root}: was it truncated?")
-
-    def close(self) -> None:
-        for fd in self.fds or ():
-            os.close(fd)
-        self.fds = None
-
-    def __del__(self):
-        self.close()
-
-
 class Reranker:
     """Ranks candidate rows by exact L2.  One per thread: it owns a faiss buffer."""
 
-    def __init__(self, features: FeatureReader, capacity: int = 256):
+    def __init__(self, features: RowReader, capacity: int = 256):
         self.features = features
         self.dim = features.collection.feature_dim
         self.dtype = features.collection.feature_dtype

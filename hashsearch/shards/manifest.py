@@ -1,22 +1,43 @@
-"""manifest.json: what a collection holds, written atomically."""
+"""manifest.json: what one generation of a collection holds, checked field by field.
+
+A collection changes by generations.  Each writer (encode, add, delete,
+compact, build-index) publishes a whole new manifest atomically, with
+`generation` one higher; the shard, tombstone and index files it names are
+never modified afterwards.  A reader that read one manifest therefore sees
+one generation whole, whatever writers do next.
+
+A manifest may come from anywhere (a download, a failing disk), so every
+field is checked for type and range before it is used, and every file it
+names must stay inside the collection.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
+from ..codes import MAX_BITS
 from ..errors import HashsearchError
+from ..fileio import atomic_write_bytes, fsync_dir, open_regular
 
 MANIFEST = "manifest.json"
 FORMAT = "hashsearch-collection"
-VERSION = 1
-REQUIRED_KEYS = ("bits", "feature_dim", "feature_dtype", "shards")
+# 2: generations, tombstones, next_id and the index named by the manifest.  Version 1 manifests read as generation 0.
+VERSION = 2
+FEATURE_DTYPES = ("float16", "float32")
+MAX_FEATURE_DIM = 1 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_INT64_MAX = (1 << 63) - 1
+
+__all__ = ["MANIFEST", "FORMAT", "VERSION", "FEATURE_DTYPES", "read_manifest", "write_manifest", "publish",
+           "file_sha256", "disk_bytes", "inside", "fsync_dir", "atomic_write_bytes", "check_file_entry"]
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
@@ -27,50 +48,140 @@ def disk_bytes(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary name, fsync, then rename over the target.
-
-    A crash leaves either the old file or the new one, never half of either.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(root: str | os.PathLike, manifest: dict) -> None:
     atomic_write_bytes(Path(root) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
+def publish(root: str | os.PathLike, manifest: dict) -> dict:
+    """Write `manifest` as the next generation (the caller holds the collection's lock)."""
+    manifest["generation"] = int(manifest.get("generation", 0)) + 1
+    manifest["version"] = VERSION
+    write_manifest(root, manifest)
+    return manifest
+
+
+def inside(root: Path, name, what: str) -> Path:
+    """The file `name` of the collection at `root`: a relative path that stays inside it once symlinks resolve."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\0" in name:
+        raise HashsearchError(f"collection {root} names {what} {name!r}, which is not a relative path")
+    path = root / name
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+        raise HashsearchError(f"collection {root} names {what} {name!r}, which lies outside the collection")
+    return path
+
+
 def read_manifest(root: str | os.PathLike) -> dict:
-    path = Path(root) / MANIFEST
-    if not Path(root).exists():
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.exists():
         raise HashsearchError(f"collection not found: {root}")
+    if not root.is_dir():
+        raise HashsearchError(f"not a hashsearch collection (not a directory): {root}")
     if not path.exists():
         raise HashsearchError(f"not a hashsearch collection (no {MANIFEST}): {root}")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        with os.fdopen(open_regular(path), "rb") as f:
+            manifest = json.loads(f.read(64 << 20))
+    except (OSError, ValueError, RecursionError) as exc:
         raise HashsearchError(f"unreadable manifest {path}: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise HashsearchError(f"{path} is not a hashsearch manifest")
-    if manifest.get("version", 0) > VERSION:
-        raise HashsearchError(f"{path} has format version {manifest['version']}; this hashsearch reads up to {VERSION}")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    shards_ok = isinstance(manifest.get("shards"), list) and all(
-        isinstance(e, dict) and {"file", "rows", "sha256"} <= e.keys() for e in manifest["shards"])
-    if missing or not shards_ok:
-        raise HashsearchError(f"damaged manifest {path}: " + (f"missing {', '.join(missing)}" if missing else "bad shard list"))
+    try:
+        _check_manifest(manifest)
+    except _Bad as exc:
+        raise HashsearchError(f"damaged manifest {path}: {exc}") from None
     return manifest
+
+
+class _Bad(Exception):
+    pass
+
+
+def _is_int(value, lo: int = 0, hi: int = _INT64_MAX) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise _Bad(message)
+
+
+def check_file_entry(entry, what: str) -> None:
+    """A {file, sha256, ...} entry naming an immutable file of the collection."""
+    _need(isinstance(entry, dict), f"{what} is not an object")
+    _need(isinstance(entry.get("file"), str) and entry["file"] != "", f"{what} has no file name")
+    _need(isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"]) is not None,
+          f"{what} has no valid sha256")
+
+
+def _check_manifest(m: dict) -> None:
+    _need(_is_int(m.get("version", 1), 1), f"version {m.get('version')!r} is not a positive integer")
+    if m.get("version", 1) > VERSION:
+        raise _Bad(f"format version {m['version']} is newer than this hashsearch reads ({VERSION})")
+    for key in ("bits", "feature_dim", "feature_dtype", "shards"):
+        _need(key in m, f"missing {key}")
+    _need(_is_int(m["bits"], 1, MAX_BITS), f"bits {m['bits']!r} is not an integer from 1 to {MAX_BITS}")
+    _need(_is_int(m["feature_dim"], 1, MAX_FEATURE_DIM),
+          f"feature_dim {m['feature_dim']!r} is not an integer from 1 to {MAX_FEATURE_DIM}")
+    _need(m["feature_dtype"] in FEATURE_DTYPES, f"feature_dtype {m['feature_dtype']!r} is not one of {FEATURE_DTYPES}")
+    for key in ("generation", "items", "rejected", "deleted", "next_id", "next_shard", "shard_size"):
+        _need(key not in m or _is_int(m[key]), f"{key} {m.get(key)!r} is not a non-negative integer")
+    _need(isinstance(m.get("complete", False), bool), "complete is not true or false")
+    names = m.get("class_names")
+    _need(names is None or (isinstance(names, list) and all(isinstance(c, str) for c in names)),
+          "class_names is not a list of names")
+    shards = m["shards"]
+    _need(isinstance(shards, list), "shards is not a list")
+    seen = set()
+    for s, entry in enumerate(shards):
+        check_file_entry(entry, f"shard {s}")
+        _need(_is_int(entry.get("rows")), f"shard {s} has rows {entry.get('rows')!r}, not a count")
+        _need(_is_int(entry.get("source_end", 0)), f"shard {s} has a bad source_end")
+        _need(entry["file"] not in seen, f"shard file {entry['file']} is listed twice")
+        seen.add(entry["file"])
+    tombstones = m.get("tombstones")
+    if tombstones is not None:
+        check_file_entry(tombstones, "tombstones")
+        _need(_is_int(tombstones.get("count"), 1), "tombstones has no count")
+    if m.get("index") is not None:
+        _need(isinstance(m["index"], dict), "index is not an object")
+
+
+# Folders whose files belong to generations; anything in them no generation names is garbage.
+GENERATION_DIRS = ("shards", "tombstones", "index")
+
+
+def referenced_files(manifest: dict) -> set[str]:
+    names = {entry["file"] for entry in manifest["shards"]}
+    if manifest.get("tombstones"):
+        names.add(manifest["tombstones"]["file"])
+    index = manifest.get("index") or {}
+    names.update(index[key] for key in ("file", "rows_file") if isinstance(index.get(key), str))
+    return {os.path.normpath(n) for n in names}
+
+
+def remove_unreferenced(root: str | os.PathLike, manifest: dict) -> int:
+    """Delete the files of earlier generations and the temporary files of killed writers.
+
+    Run by a writer, under the lock, before it changes anything: files that the
+    previous writer replaced stay for one whole writer cycle, so a reader that
+    pinned the previous generation has long opened them (an open file stays
+    readable after its name is removed).
+    """
+    root = Path(root)
+    keep = referenced_files(manifest)
+    removed = 0
+    for folder in GENERATION_DIRS:
+        base = root / folder
+        if not base.is_dir() or base.is_symlink():
+            continue
+        for path in base.iterdir():
+            if os.path.normpath(path.relative_to(root)) not in keep and (path.is_file() or path.is_symlink()):
+                path.unlink()
+                removed += 1
+    for stale in root.glob(".*.tmp"):
+        stale.unlink()
+    if removed:
+        fsync_dir(root)
+    return removed

@@ -22,13 +22,14 @@ import numpy as np
 
 from ..codes import code_bytes
 from ..errors import HashsearchError
-from .manifest import FORMAT, MANIFEST, VERSION, file_sha256, fsync_dir, read_manifest, write_manifest
+from ..fileio import atomic_write_bytes, fsync_dir
+from .lock import LOCK_FILE, WriteLock
+from .manifest import FEATURE_DTYPES, FORMAT, MANIFEST, VERSION, file_sha256, publish, read_manifest, remove_unreferenced
 
 SHARD_DIR = "shards"
 REJECTS = "rejects.jsonl"
 # Keys that must match for a run to continue an existing collection.
 IDENTITY_KEYS = ("bits", "feature_dim", "feature_dtype", "model_fingerprint", "source", "shard_size", "precision")
-FEATURE_DTYPES = ("float16", "float32")
 _COPY_BLOCK = 16384
 # Datasets this large start on a page boundary, so that a 4096-d float16 row (8 KiB)
 # spans 2 pages, not 3: a pread of it costs ~15% less (measured at 1M rows).
@@ -52,16 +53,64 @@ def shard_name(number: int) -> str:
     return f"{SHARD_DIR}/shard-{number:05d}.h5"
 
 
+def next_shard_number(manifest: dict) -> int:
+    # Compaction retires shard numbers, so a new shard takes a number never used before.
+    return max(manifest.get("next_shard", 0), len(manifest["shards"]))
+
+
+def stored_path(path) -> str | bytes:
+    """A path as the paths dataset stores it: UTF-8 text, or its raw bytes where the file system's name
+    is not UTF-8 (os.fsencode's surrogateescape bytes), so such a name survives the round trip."""
+    path = str(path)
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape")
+
+
+def copy_shard(src, keep: np.ndarray, root: Path, number: int, source_end: int) -> dict:
+    """Write shard `number` holding the rows `keep` (local, increasing) of shard `src`; its manifest entry.
+
+    Used by compaction: the new file is complete, fsynced and checksummed
+    before it gets its final name, and nothing names it until a manifest does.
+    """
+    final = root / shard_name(number)
+    partial = final.with_name(f".{final.name}.partial")
+    try:
+        with _new_shard_file(partial) as dst:
+            for name in ("codes", "features", "ids", "labels", "paths"):
+                ds = src.h5[name]
+                out = dst.create_dataset(name, (len(keep),) + ds.shape[1:], ds.dtype)
+                for a in range(0, len(keep), _COPY_BLOCK):
+                    out[a:a + _COPY_BLOCK] = ds[keep[a:a + _COPY_BLOCK]]
+        with open(partial, "rb+") as fh:
+            os.fsync(fh.fileno())
+        checksum = file_sha256(partial)
+        os.replace(partial, final)
+        fsync_dir(final.parent)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise HashsearchError(f"cannot write shard {final}: {exc}") from None
+    return {"file": shard_name(number), "rows": int(len(keep)), "sha256": checksum, "source_end": int(source_end)}
+
+
 class CollectionWriter:
     """Append rows to a collection directory; resumes an unfinished one.
 
     >>> w = CollectionWriter("coll", bits=48, feature_dim=256, meta={"source": "x"})
     >>> w.add(codes, features, ids, labels, paths, source_end=len(ids))
     >>> w.finish()
+
+    It holds the collection's write lock from construction to finish() or
+    abort(); a second writer fails at once (or, with wait=True, waits).  Ids
+    must be strictly increasing across the whole collection.  Each finished
+    shard is published as a new generation.
     """
 
     def __init__(self, root, *, bits: int, feature_dim: int, feature_dtype: str = "float16",
-                 shard_size: int = 100_000, meta: dict | None = None, overwrite: bool = False):
+                 shard_size: int = 100_000, meta: dict | None = None, overwrite: bool = False,
+                 wait: bool = False):
         if feature_dtype not in FEATURE_DTYPES:
             raise HashsearchError(f"feature dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
         if shard_size <= 0:
@@ -75,23 +124,50 @@ class CollectionWriter:
             "format": FORMAT, "version": VERSION, "complete": False,
             "bits": int(bits), "feature_dim": int(feature_dim), "feature_dtype": feature_dtype,
             "shard_size": int(shard_size), **(meta or {}),
-            "items": 0, "rejected": 0, "shards": [],
+            "generation": 0, "items": 0, "deleted": 0, "rejected": 0, "next_id": 0, "next_shard": 0, "shards": [],
         }
-        self._open_root(overwrite)
         self._file = None
         self._rows = 0
         self._capacity = 0
         self._pending_rejects: list[dict] = []
+        self._open_root(overwrite, wait)
 
     # -- opening -----------------------------------------------------------
-    def _open_root(self, overwrite: bool) -> None:
+    @classmethod
+    def append(cls, root, *, wait: bool = False) -> "CollectionWriter":
+        """A writer that adds new shards to the finished collection at `root` (hashsearch add)."""
+        writer = cls.__new__(cls)
+        writer.root = Path(root)
+        writer.lock = WriteLock(writer.root, wait=wait)
+        try:
+            writer.manifest = read_manifest(writer.root)
+            if not writer.manifest.get("complete"):
+                raise HashsearchError(f"collection {root} is unfinished; finish its encode before adding to it")
+            remove_unreferenced(writer.root, writer.manifest)
+        except BaseException:
+            writer.lock.release()
+            raise
+        m = writer.manifest
+        writer.code_bytes, writer.feature_dim = code_bytes(m["bits"]), m["feature_dim"]
+        writer.feature_dtype, writer.shard_size = np.dtype(m["feature_dtype"]), m.get("shard_size", 100_000)
+        writer._file, writer._rows, writer._capacity, writer._pending_rejects = None, 0, 0, []
+        return writer
+
+    def _open_root(self, overwrite: bool, wait: bool) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            (self.root / SHARD_DIR).mkdir(exist_ok=True)
         except OSError as exc:
             raise HashsearchError(f"cannot create collection {self.root}: {exc.strerror}") from None
         if not os.access(self.root, os.W_OK):
             raise HashsearchError(f"collection directory is not writable: {self.root}")
+        self.lock = WriteLock(self.root, wait=wait)
+        try:
+            self._take_root(overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _take_root(self, overwrite: bool) -> None:
         if (self.root / MANIFEST).exists():
             old = read_manifest(self.root)
             if overwrite:
@@ -107,18 +183,18 @@ class CollectionWriter:
                 self.manifest = old
                 if not old.get("complete"):
                     self._truncate_rejects(self.resume_from)
-        elif any(p.name != SHARD_DIR for p in self.root.iterdir()) and not overwrite:
+        elif any(p.name not in (SHARD_DIR, LOCK_FILE) for p in self.root.iterdir()) and not overwrite:
             raise HashsearchError(f"{self.root} exists and is not a hashsearch collection; choose an empty directory")
-        for stale in (self.root / SHARD_DIR).glob(".*.partial*"):   # .partial and .partial.trim
-            stale.unlink()
-        write_manifest(self.root, self.manifest)
+        (self.root / SHARD_DIR).mkdir(exist_ok=True)
+        remove_unreferenced(self.root, self.manifest)     # and a killed run's unfinished shard
+        if not self.complete:
+            publish(self.root, self.manifest)
 
     def _remove_contents(self) -> None:
-        shutil.rmtree(self.root / SHARD_DIR, ignore_errors=True)
-        shutil.rmtree(self.root / "index", ignore_errors=True)
+        for folder in (SHARD_DIR, "index", "tombstones"):
+            shutil.rmtree(self.root / folder, ignore_errors=True)
         for name in (MANIFEST, REJECTS):
             (self.root / name).unlink(missing_ok=True)
-        (self.root / SHARD_DIR).mkdir()
 
     @property
     def complete(self) -> bool:
@@ -161,26 +237,40 @@ class CollectionWriter:
         self._pending_rejects.append({"index": int(index), "path": str(path), "reason": str(reason)})
 
     def finish(self, source_end: int | None = None) -> dict:
-        """Close the last shard and mark the collection complete."""
+        """Close the last shard, mark the collection complete and release the lock."""
         end = source_end if source_end is not None else getattr(self, "_source_end", self.resume_from)
         if self._file is not None:
             self._close_shard(end)
         elif self._pending_rejects:
             self._flush_rejects()
         self.manifest["complete"] = True
-        write_manifest(self.root, self.manifest)
+        self.manifest["next_id"] = max(self.manifest.get("next_id", 0), self._next_id())
+        publish(self.root, self.manifest)
+        self.lock.release()
         return self.manifest
 
     def abort(self) -> None:
-        """Drop the unfinished shard; finished ones stay for a resume."""
+        """Drop the unfinished shard and release the lock; finished shards stay for a resume."""
         if self._file is not None:
-            path = self._file.filename
-            self._file.close()
-            self._file = None
-            Path(path).unlink(missing_ok=True)
+            # The h5py file may already be unusable (a full disk mid-write): close it
+            # defensively and delete the partial file by its own name, never through h5py.
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except Exception:  # noqa: BLE001 - whatever HDF5 says, the partial file goes
+                pass
+            Path(self._partial).unlink(missing_ok=True)
+        self.lock.release()
+
+    def close(self) -> None:
+        """Release the lock without finishing (an unfinished shard is dropped, finished ones stay)."""
+        self.abort()
+
+    def _next_id(self) -> int:
+        return int(getattr(self, "_last_id", -1)) + 1
 
     def _open_shard(self, capacity_hint: int | None) -> None:
-        number = len(self.manifest["shards"])
+        self._number = number = next_shard_number(self.manifest)
         self._final = self.root / shard_name(number)
         self._partial = self._final.with_name(f".{self._final.name}.partial")
         cap = self.shard_size if capacity_hint is None else max(1, min(self.shard_size, capacity_hint))
@@ -195,18 +285,32 @@ class CollectionWriter:
             raise HashsearchError(f"cannot write shard {self._partial}: {exc}") from None
         self._file, self._rows, self._capacity = f, 0, cap
 
+    def _check_ids(self, ids: np.ndarray) -> None:
+        """Ids only grow: a repeated id could never be told apart from its twin."""
+        if not hasattr(self, "_last_id"):
+            # An unfinished collection holds source indices as ids, all below where writing resumes.
+            start = self.manifest.get("next_id", 0) if self.complete else self.resume_from
+            self._last_id = start - 1
+        if len(ids) and (ids[0] <= self._last_id or np.any(np.diff(ids) <= 0)):
+            raise HashsearchError(f"ids must be unique and increasing: got {ids[:5].tolist()}... after id {self._last_id} "
+                                  f"in {self.root}")
+
     def _write(self, codes, features, ids, labels, paths) -> None:
         f, a, b = self._file, self._rows, self._rows + len(ids)
+        ids = np.asarray(ids, np.int64)
+        self._check_ids(ids)
         try:
             f["codes"][a:b] = np.asarray(codes, np.uint8)
             f["features"][a:b] = np.asarray(features, self.feature_dtype)
-            f["ids"][a:b] = np.asarray(ids, np.int64)
+            f["ids"][a:b] = ids
             f["labels"][a:b] = np.asarray(labels, np.int64)
-            f["paths"][a:b] = [str(p) for p in paths]
+            f["paths"][a:b] = [stored_path(p) for p in paths]
         except (OSError, ValueError, TypeError) as exc:
             self.abort()
             raise HashsearchError(f"cannot write shard {self._partial}: {exc}") from None
         self._rows = b
+        if len(ids):
+            self._last_id = int(ids[-1])
 
     def _close_shard(self, source_end: int) -> None:
         rows = self._rows
@@ -229,8 +333,10 @@ class CollectionWriter:
             "file": str(self._final.relative_to(self.root)), "rows": rows,
             "sha256": checksum, "source_end": int(source_end),
         })
-        self.manifest["items"] += rows
-        write_manifest(self.root, self.manifest)
+        self.manifest["items"] = self.manifest.get("items", 0) + rows
+        self.manifest["next_shard"] = self._number + 1
+        self.manifest["next_id"] = max(self.manifest.get("next_id", 0), self._next_id())
+        publish(self.root, self.manifest)
         self._rows = self._capacity = 0
 
     def _trim(self, rows: int) -> None:
@@ -267,9 +373,7 @@ class CollectionWriter:
             return
         kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                 if _reject_index(line) < source_end]
-        tmp = path.with_name(".rejects.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
         self.manifest["rejected"] = len(kept)
 
     def __enter__(self):

@@ -1,0 +1,125 @@
+"""Changing a finished collection: delete (tombstones) and the shard rewrite behind compact.
+
+Shards never change once a generation names them, so a delete publishes a
+new, immutable tombstone file (the sorted ids of every deleted item) and a
+new generation naming it; searches skip those ids from then on.  Compaction
+copies the shards that are mostly tombstones without their deleted rows
+and retires the old files.  Ids never change.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+
+import numpy as np
+
+from ..errors import HashsearchError
+from ..fileio import atomic_write_bytes
+from .collection import Collection
+from .lock import WriteLock
+from .manifest import publish, read_manifest, remove_unreferenced
+from .writer import copy_shard, next_shard_number
+
+TOMBSTONE_DIR = "tombstones"
+# Rewrite a shard once more than this share of its rows are deleted: rewriting costs a
+# shard's worth of I/O, and a few dead rows cost searches almost nothing.
+DEFAULT_COMPACT_THRESHOLD = 0.2
+
+
+@contextlib.contextmanager
+def editing(root, *, wait: bool = False):
+    """Hold the write lock of the finished collection at `root`; yields its manifest, old files cleared."""
+    lock = WriteLock(root, wait=wait)
+    try:
+        manifest = read_manifest(root)
+        if not manifest.get("complete"):
+            raise HashsearchError(f"collection {root} is unfinished; run the same encode command again to finish it")
+        remove_unreferenced(root, manifest)
+        yield manifest
+    finally:
+        lock.release()
+
+
+def _with_tombstones(root, manifest: dict, ids: np.ndarray, rows_stored: int) -> dict:
+    """`manifest` with its tombstones set to `ids` (sorted, unique), written as a new immutable file."""
+    manifest = dict(manifest)
+    if len(ids):
+        name = f"{TOMBSTONE_DIR}/deleted-{manifest.get('generation', 0) + 1:06d}.npy"
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(ids, np.int64), allow_pickle=False)
+        (root / TOMBSTONE_DIR).mkdir(exist_ok=True)
+        atomic_write_bytes(root / name, buffer.getvalue())
+        manifest["tombstones"] = {"file": name, "count": int(len(ids)),
+                                  "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
+    else:
+        manifest["tombstones"] = None
+    manifest["deleted"] = int(len(ids))
+    manifest["items"] = rows_stored - int(len(ids))
+    return manifest
+
+
+def delete_items(root, *, ids=(), paths=(), wait: bool = False) -> dict:
+    """Delete items by id or by path; from the moment this returns no search returns them.
+
+    An id or path that is not a live item of the collection is an error, and then nothing is deleted.
+    """
+    if not len(ids) and not len(paths):
+        raise HashsearchError("give at least one id or path to delete")
+    with editing(root, wait=wait) as manifest:
+        coll = Collection.open(root, allow_empty=True)
+        try:
+            rows = [coll.rows_for_ids(ids, live=True)] if len(ids) else []
+            if len(paths):
+                rows.append(_rows_for_paths(coll, paths))
+            doomed = coll.ids()[np.concatenate(rows)]
+            old = coll.ids()[coll.deleted_rows]
+            manifest = _with_tombstones(coll.root, manifest, np.union1d(old, doomed), coll.n)
+        finally:
+            coll.close()
+        return publish(root, manifest)
+
+
+def _rows_for_paths(coll: Collection, paths) -> np.ndarray:
+    live = np.ones(coll.n, bool)
+    live[coll.deleted_rows] = False
+    row_of = {}
+    for s, shard in enumerate(coll.shards):
+        for r, path in enumerate(shard.all_paths(), start=int(coll.offsets[s])):
+            if live[r]:
+                row_of[path] = r
+    missing = [p for p in paths if str(p) not in row_of]
+    if missing:
+        raise HashsearchError(f"path {missing[0]!r} is not an item of collection {coll.root}")
+    return np.array([row_of[str(p)] for p in paths], np.int64)
+
+
+def rewrite_shards(root, manifest: dict, threshold: float = DEFAULT_COMPACT_THRESHOLD) -> tuple[dict, int]:
+    """The manifest of a compacted generation (not yet published) and the number of shards rewritten.
+
+    Every shard whose deleted share is above `threshold` is copied without its
+    deleted rows (or dropped when none is left); the others are kept as they are.
+    """
+    if not 0 <= threshold < 1:
+        raise HashsearchError(f"threshold must be at least 0 and below 1, got {threshold}")
+    coll = Collection.open(root, allow_empty=True)
+    try:
+        deleted = coll.deleted_mask()
+        shards, kept_dead, number, rewritten = [], [], next_shard_number(manifest), 0
+        for s, (shard, entry) in enumerate(zip(coll.shards, manifest["shards"])):
+            dead = deleted[coll.offsets[s]:coll.offsets[s + 1]]
+            if shard.rows == 0 or dead.mean() <= threshold or not dead.any():
+                shards.append(entry)
+                kept_dead.append(shard.column("ids")[dead])
+                continue
+            rewritten += 1
+            keep = np.flatnonzero(~dead)
+            if len(keep):
+                shards.append(copy_shard(shard, keep, coll.root, number, entry.get("source_end", 0)))
+                number += 1
+        stored = sum(e["rows"] for e in shards)
+        new = _with_tombstones(coll.root, {**manifest, "shards": shards, "next_shard": number},
+                               np.concatenate(kept_dead) if kept_dead else np.zeros(0, np.int64), stored)
+    finally:
+        coll.close()
+    return new, rewritten
