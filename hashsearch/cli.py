@@ -57,6 +57,14 @@ def _encode_precision(help_text):
                         show_default=True, help=help_text)
 
 
+_WAIT_HELP = "If another process is writing the collection, wait for it instead of failing."
+
+
+def readable(path: str) -> str:
+    """A stored path for the terminal: bytes of a name that is not UTF-8 shown as \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _existing(path, what="path"):
     if not Path(path).exists():
         raise HashsearchError(f"{what} not found: {path}")
@@ -118,8 +126,9 @@ def train(source, out, **opts):
 @click.option("--overwrite", is_flag=True, help="Replace an existing collection made differently.")
 @click.option("--data-dir")
 @click.option("--quiet", is_flag=True)
+@click.option("--wait", is_flag=True, help=_WAIT_HELP)
 def encode(source, model_path, out, limit, batch_size, workers, device, shard_size, float32, precision, overwrite,
-           data_dir, quiet):
+           data_dir, quiet, wait):
     """Encode SOURCE into a collection of codes and F7 features."""
     from .encoders.runner import encode_collection
     _existing(model_path, "model")
@@ -128,7 +137,72 @@ def encode(source, model_path, out, limit, batch_size, workers, device, shard_si
     _not_negative("workers", workers)
     encode_collection(model_path, source, out, limit=limit, batch_size=batch_size, workers=workers,
                       device=device, shard_size=shard_size, feature_dtype="float32" if float32 else "float16",
-                      overwrite=overwrite, quiet=quiet, data_dir=data_dir, precision=precision, log=click.echo)
+                      overwrite=overwrite, quiet=quiet, data_dir=data_dir, precision=precision, wait=wait,
+                      log=click.echo)
+
+
+# -- add / delete / compact -------------------------------------------------------------
+@main.command()
+@click.argument("collection")
+@click.argument("source")
+@click.option("--limit", type=int, help="Use only the first N items of SOURCE.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--data-dir")
+@click.option("--quiet", is_flag=True)
+@click.option("--wait", is_flag=True, help=_WAIT_HELP)
+def add(collection, source, limit, batch_size, workers, device, data_dir, quiet, wait):
+    """Encode the new images of SOURCE with COLLECTION's model and add them (paths already present are skipped)."""
+    from .encoders.runner import add_to_collection
+    _positive("limit", limit)
+    _not_negative("workers", workers)
+    add_to_collection(collection, source, limit=limit, batch_size=batch_size, workers=workers, device=device,
+                      quiet=quiet, data_dir=data_dir, wait=wait, log=click.echo)
+
+
+@main.command()
+@click.argument("collection")
+@click.option("--id", "ids", multiple=True, help="Id of an item to delete (repeatable).")
+@click.option("--ids-file", type=click.Path(dir_okay=False), help="A file of ids, one per line.")
+@click.option("--path", "paths", multiple=True, help="Stored path of an item to delete (repeatable).")
+@click.option("--wait", is_flag=True, help=_WAIT_HELP)
+def delete(collection, ids, ids_file, paths, wait):
+    """Delete items from COLLECTION: no search returns them once this returns."""
+    from .shards import delete_items
+    ids = list(ids)
+    if ids_file:
+        _existing(ids_file, "ids file")
+        ids += Path(ids_file).read_text(encoding="utf-8", errors="replace").split()
+    manifest = delete_items(collection, ids=_parse_ids(ids), paths=list(paths), wait=wait)
+    click.echo(f"deleted; {collection} now holds {manifest['items']} items "
+               f"({manifest['deleted']} awaiting compaction), generation {manifest['generation']}")
+
+
+@main.command()
+@click.argument("collection")
+@click.option("--threshold", default=0.2, show_default=True,
+              help="Rewrite the shards in which more than this share of rows is deleted.")
+@click.option("--wait", is_flag=True, help=_WAIT_HELP)
+def compact(collection, threshold, wait):
+    """Rewrite COLLECTION's shards without their deleted rows; ids stay, disk space comes back."""
+    from .engine.compact import compact as run_compact
+    report = run_compact(collection, threshold, wait=wait)
+    click.echo(f"compacted {collection}: {report['rewritten']} shard(s) rewritten, {report['items']} items in "
+               f"{report['shards']} shard(s), generation {report['generation']}")
+
+
+def _parse_ids(values) -> list[int]:
+    ids = []
+    for value in values:
+        try:
+            number = int(value)
+        except ValueError:
+            raise HashsearchError(f"id {value!r} is not an integer") from None
+        if not -(1 << 63) <= number < (1 << 63):
+            raise HashsearchError(f"id {value} does not fit in 64 bits")
+        ids.append(number)
+    return ids
 
 
 # -- build-index ----------------------------------------------------------------------
@@ -138,22 +212,21 @@ def encode(source, model_path, out, limit, batch_size, workers, device, shard_si
 @click.option("--hash-bits", type=int, help="Bits per hash key (hash, multihash).")
 @click.option("--nhash", type=int, help="Number of hash tables (multihash).")
 @click.option("--nflip", type=int, help="Bits flipped when probing buckets [hash 2, multihash 0].")
-@click.option("--out", help="Index directory [COLLECTION/index].")
-def build_index(collection, coarse, hash_bits, nhash, nflip, out):
-    """Build the coarse binary index of COLLECTION."""
+@click.option("--out", help="Write the index to this directory instead of into the collection.")
+@click.option("--wait", is_flag=True, help=_WAIT_HELP)
+def build_index(collection, coarse, hash_bits, nhash, nflip, out, wait):
+    """Build the coarse binary index of COLLECTION (folding in rows added since the last build)."""
     from .engine import Index
-    from .shards import Collection
-    coll = Collection.open(collection)
-    index = Index.build(coll, coarse, out=out, hash_bits=hash_bits, nhash=nhash, nflip=nflip)
-    click.echo(f"built {coarse} index over {coll.n} codes in {index.meta['build_seconds']:.2f}s "
-               f"-> {out or Path(collection) / 'index'}")
+    with Index.build(collection, coarse, out=out, wait=wait, hash_bits=hash_bits, nhash=nhash, nflip=nflip) as index:
+        click.echo(f"built {coarse} index over {index.meta['ntotal']} codes in {index.meta['build_seconds']:.2f}s "
+                   f"-> {out or Path(collection) / 'index'}")
 
 
 # -- query ------------------------------------------------------------------------------
 @main.command()
 @click.argument("collection")
 @click.option("--image", "images", multiple=True, help="Query image (repeatable).")
-@click.option("--id", "ids", multiple=True, type=int, help="Query by the id of a collection item (repeatable).")
+@click.option("--id", "ids", multiple=True, help="Query by the id of a collection item (repeatable).")
 @click.option("-k", "k", default=10, show_default=True)
 @click.option("--pool", default=None, type=int, help="Coarse candidate pool size [200].")
 @click.option("--radius", type=int, help="Take the candidates within this Hamming radius instead (at most --pool).")
@@ -171,7 +244,7 @@ def query(collection, images, ids, k, pool, radius, nflip, mode, model_path, ind
     _not_negative("nflip", nflip)
     if not images and not ids:
         raise HashsearchError("give at least one --image or --id")
-    report = run_query(collection, images=images, ids=ids, k=k, pool=pool, radius=radius, nflip=nflip,
+    report = run_query(collection, images=images, ids=_parse_ids(ids), k=k, pool=pool, radius=radius, nflip=nflip,
                        mode=mode, model_path=model_path, index_dir=index_dir)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -181,7 +254,8 @@ def query(collection, images, ids, k, pool, radius, nflip, mode, model_path, ind
         click.echo(f"  {'rank':>4}  {'id':>8}  {'ham':>4}  {'distance':>10}  {'label':<12} path")
         for r in q["results"]:
             dist = "" if r["distance"] is None else f"{r['distance']:.4f}"
-            click.echo(f"  {r['rank']:>4}  {r['id']:>8}  {r['hamming']:>4}  {dist:>10}  {str(r['label']):<12} {r['path']}")
+            click.echo(f"  {r['rank']:>4}  {r['id']:>8}  {r['hamming']:>4}  {dist:>10}  {str(r['label']):<12} "
+                       f"{readable(r['path'])}")
 
 
 # -- info -----------------------------------------------------------------------------

@@ -13,6 +13,9 @@ from typing import Callable, BinaryIO
 
 from .errors import HashsearchError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename or unlink in `path` durable."""
@@ -36,6 +39,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         raise HashsearchError(f"cannot write {path}: it is a directory")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)      # mkstemp's 0600 would hide a shared collection from its readers
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

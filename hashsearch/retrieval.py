@@ -40,7 +40,7 @@ def run_query(collection, *, images=(), ids=(), k: int = 10, pool: int | None = 
         codes.append(c)
         feats.append(f)
     if ids:
-        rows = coll.rows_for_ids(list(ids))
+        rows = coll.rows_for_ids(list(ids), live=True)
         names += [f"id:{i}" for i in ids]
         codes.append(index.codes[rows])
         feats.append(coll.features(rows))

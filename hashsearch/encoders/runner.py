@@ -20,7 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import HashsearchError
-from ..shards import CollectionWriter
+from ..shards import Collection, CollectionWriter
+from ..shards.collection import MODEL_FILE
 from .dataset import make_loader
 from .encoder import Encoder
 from .sources import open_source
@@ -32,7 +33,7 @@ _DONE = object()
 def encode_collection(model_path, source_spec: str, out, *, limit: int | None = None, batch_size: int = 256,
                       workers: int = 2, device: str = "auto", shard_size: int = 100_000,
                       feature_dtype: str = "float16", overwrite: bool = False, quiet: bool = False,
-                      data_dir: str | None = None, precision: str = "auto", log=print) -> dict:
+                      data_dir: str | None = None, precision: str = "auto", wait: bool = False, log=print) -> dict:
     if batch_size <= 0:
         raise HashsearchError(f"batch size must be positive, got {batch_size}")
     encoder = Encoder.from_checkpoint(model_path, device=device, precision=precision)
@@ -47,24 +48,107 @@ def encode_collection(model_path, source_spec: str, out, *, limit: int | None = 
             # fp32, fp16 and bf16 give slightly different codes; one collection holds one kind.
             "precision": encoder.precision}
     writer = CollectionWriter(out, bits=encoder.bits, feature_dim=encoder.feature_dim,
-                              feature_dtype=feature_dtype, shard_size=shard_size, meta=meta, overwrite=overwrite)
+                              feature_dtype=feature_dtype, shard_size=shard_size, meta=meta, overwrite=overwrite,
+                              wait=wait)
     if writer.complete:
         writer.close()
         log(f"{out} is already complete ({writer.manifest['items']} items); nothing to do")
         return writer.manifest
-    _copy_model(model_path, Path(out) / "model.pt")
-
     start = writer.resume_from
-    if start and not quiet:
-        log(f"resuming {out} at item {start} of {len(source)}")
-    labels = source.labels()
-    loader = make_loader(source, encoder.input_size, batch_size, workers, start=start,
-                         pin_memory=encoder.device.type == "cuda")
     began = time.perf_counter()
-    sink = _WriterThread(writer, source, labels, len(source))
-    bar = tqdm(total=len(source) - start, unit="img", disable=quiet, smoothing=0.1, desc="encoding")
     try:
-        for indices, pixels, good, rejects in loader:
+        _copy_model(model_path, Path(out) / MODEL_FILE)
+        if start and not quiet:
+            log(f"resuming {out} at item {start} of {len(source)}")
+        _stream(encoder, source, range(len(source)), writer, source.labels(), batch_size=batch_size,
+                workers=workers, start=start, quiet=quiet)
+        manifest = writer.finish(len(source))
+    except BaseException:
+        writer.abort()
+        raise
+    seconds = time.perf_counter() - began
+    done = len(source) - start
+    if not quiet:
+        log(f"encoded {manifest['items']} items into {out} ({done / max(seconds, 1e-9):.0f} img/s); "
+            f"{manifest['rejected']} rejected" + (f", see {Path(out) / 'rejects.jsonl'}" if manifest["rejected"] else ""))
+    return manifest
+
+
+def add_to_collection(root, source_spec: str, *, limit: int | None = None, batch_size: int = 256, workers: int = 2,
+                      device: str = "auto", quiet: bool = False, data_dir: str | None = None, wait: bool = False,
+                      log=print) -> dict:
+    """`hashsearch add`: encode the new images of SOURCE with the collection's own model and append them.
+
+    Items whose path the collection already holds are skipped, so running the
+    same add again (after a kill, or on a folder that has grown) adds only what
+    is new.  Every finished shard is published at once as a new generation.
+    """
+    if batch_size <= 0:
+        raise HashsearchError(f"batch size must be positive, got {batch_size}")
+    writer = CollectionWriter.append(root, wait=wait)
+    try:
+        manifest = writer.manifest
+        model_path = Path(root) / MODEL_FILE
+        if not model_path.exists():
+            raise HashsearchError(f"collection {root} has no {MODEL_FILE} to encode new images with")
+        # fp16 is a GPU's arithmetic; elsewhere a collection's images are encoded as it was.
+        precision = manifest.get("precision") if manifest.get("precision") in ("fp32", "bf16") else "auto"
+        encoder = Encoder.from_checkpoint(model_path, device=device, precision=precision, expect_bits=manifest["bits"])
+        if encoder.feature_dim != manifest["feature_dim"]:
+            raise HashsearchError(f"{model_path} makes {encoder.feature_dim}-d features, the collection holds "
+                                  f"{manifest['feature_dim']}-d ones")
+        source = open_source(source_spec, data_dir=data_dir, limit=limit)
+        with Collection.open(root, allow_empty=True) as coll:
+            present, first_id, before = coll.live_paths(), coll.next_id, coll.items
+        new = [i for i in range(len(source)) if source.path(i) not in present]
+        skipped = len(source) - len(new)
+        labels = _labels_in(manifest, source)
+        position = np.full(len(source), -1, np.int64)
+        position[new] = np.arange(len(new))
+        began = time.perf_counter()
+        if new:
+            _stream(encoder, source, new, writer, labels, batch_size=batch_size, workers=workers, quiet=quiet,
+                    id_of=lambda idx: first_id + position[idx])
+        manifest = writer.finish(new[-1] + 1 if new else 0)
+    except BaseException:
+        writer.abort()
+        raise
+    added = manifest["items"] - before
+    if not quiet:
+        rate = len(new) / max(time.perf_counter() - began, 1e-9)
+        log(f"added {added} items to {root} ({rate:.0f} img/s); {skipped} already present; "
+            f"now {manifest['items']} items, generation {manifest['generation']}")
+    return {"added": int(added), "skipped": skipped, "generation": manifest["generation"], "items": manifest["items"]}
+
+
+def _labels_in(manifest: dict, source) -> np.ndarray:
+    """SOURCE's labels renumbered into the collection's class names (new names are appended to them)."""
+    names = list(manifest.get("class_names") or [])
+    labels = np.asarray(source.labels(), np.int64)
+    if not source.class_names:
+        return labels
+    number = {}
+    for i, name in enumerate(source.class_names):
+        if name not in names:
+            names.append(name)
+        number[i] = names.index(name)
+    manifest["class_names"] = names
+    return np.array([number.get(int(label), -1) for label in labels], np.int64)
+
+
+def _stream(encoder: Encoder, source, indices, writer: CollectionWriter, labels: np.ndarray, *, batch_size: int,
+            workers: int, quiet: bool, start: int = 0, id_of=None) -> None:
+    """The pipeline: decode `indices` of SOURCE in loader workers, encode here, append in the writer thread.
+
+    `start` skips the source indices a resumed encode already wrote; id_of maps
+    source indices to the ids stored (by default the source index itself).
+    """
+    loader = make_loader(source, encoder.input_size, batch_size, workers, indices=indices, start=start,
+                         pin_memory=encoder.device.type == "cuda")
+    sink = _WriterThread(writer, source, labels, len(source), id_of or (lambda idx: idx))
+    bar = tqdm(total=len(indices) - start, unit="img", disable=quiet, smoothing=0.1, desc="encoding")
+    try:
+        for batch_indices, pixels, good, rejects in loader:
             sink.check()
             good = np.asarray(good, np.int64)
             keep = good >= start                       # a resumed first batch repeats rows already written
@@ -75,28 +159,21 @@ def encode_collection(model_path, source_spec: str, out, *, limit: int | None = 
             if not keep.all():
                 codes, feats = codes[keep], feats[keep]
             rejects = [(i, r) for i, r in rejects if i >= start]
-            sink.put((codes, feats, good[keep], rejects, indices[-1] + 1))
-            bar.update(sum(1 for i in indices if i >= start))
+            sink.put((codes, feats, good[keep], rejects, batch_indices[-1] + 1))
+            bar.update(sum(1 for i in batch_indices if i >= start))
         sink.close()
     except BaseException:
         sink.abort()
         raise
     finally:
         bar.close()
-    manifest = writer.finish(len(source))
-    seconds = time.perf_counter() - began
-    done = len(source) - start
-    if not quiet:
-        log(f"encoded {manifest['items']} items into {out} ({done / max(seconds, 1e-9):.0f} img/s); "
-            f"{manifest['rejected']} rejected" + (f", see {Path(out) / 'rejects.jsonl'}" if manifest["rejected"] else ""))
-    return manifest
 
 
 class _WriterThread:
     """Appends encoded batches to the collection while the model works on the next ones."""
 
-    def __init__(self, writer: CollectionWriter, source, labels, total: int):
-        self.writer, self.source, self.labels, self.total = writer, source, labels, total
+    def __init__(self, writer: CollectionWriter, source, labels, total: int, id_of):
+        self.writer, self.source, self.labels, self.total, self.id_of = writer, source, labels, total, id_of
         self.queue: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
         self.error: BaseException | None = None
         self.stopping = False
@@ -108,12 +185,13 @@ class _WriterThread:
             while (item := self.queue.get()) is not _DONE:
                 if self.stopping:
                     continue
-                codes, feats, ids, rejects, source_end = item
+                codes, feats, index, rejects, source_end = item
                 for i, reason in rejects:
                     self.writer.reject(i, self.source.path(i), reason)
-                if len(ids):
-                    self.writer.add(codes, feats, ids, self.labels[ids], [self.source.path(int(i)) for i in ids],
-                                    source_end=source_end, capacity_hint=self.total - int(ids[0]))
+                if len(index):
+                    self.writer.add(codes, feats, self.id_of(index), self.labels[index],
+                                    [self.source.path(int(i)) for i in index], source_end=source_end,
+                                    capacity_hint=self.total - int(index[0]), source_index=index)
         except BaseException as exc:  # handed to the main thread, which raises it
             self.error = exc
             while self.queue.get() is not _DONE:

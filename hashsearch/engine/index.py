@@ -152,7 +152,7 @@ def read_index_meta(index_dir) -> dict | None:
     return _check_meta(meta, path)
 
 
-def _write_index_files(coll: Collection, kind: str, out: Path, prefix: str, tag: str, **params) -> dict:
+def write_index_files(coll: Collection, kind: str, out: Path, prefix: str, tag: str, **params) -> dict:
     """Build the coarse index over `coll`'s live rows and write its files; its metadata."""
     start = time.perf_counter()
     live = coll.live_rows()
@@ -330,7 +330,7 @@ class Index:
             if coll.items == 0:
                 raise HashsearchError(f"collection {root} is empty")
             out = Path(out)
-            meta = _write_index_files(coll, kind, out, "", f"{coll.generation:06d}", **params)
+            meta = write_index_files(coll, kind, out, "", f"{coll.generation:06d}", **params)
             atomic_write_bytes(out / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
             for old in [*out.glob("coarse-*.faissindex"), *out.glob("rows-*.bin")]:
                 if old.name not in (meta["file"], meta["rows_file"]):
@@ -341,7 +341,7 @@ class Index:
             if coll.items == 0:
                 raise HashsearchError(f"collection {root} is empty")
             tag = f"{coll.generation + 1:06d}"
-            manifest["index"] = _write_index_files(coll, kind, root / INDEX_DIR, f"{INDEX_DIR}/", tag, **params)
+            manifest["index"] = write_index_files(coll, kind, root / INDEX_DIR, f"{INDEX_DIR}/", tag, **params)
             publish(root, manifest)
         return cls(Collection.open(root, previous=coll))
 

@@ -171,6 +171,11 @@ class Collection:
         return coll
 
     @classmethod
+    def from_manifest(cls, root, manifest: dict) -> "Collection":
+        """The generation `manifest` describes, published or not (a writer about to publish it)."""
+        return cls._open_generation(Path(root), manifest, None)
+
+    @classmethod
     def _open_generation(cls, root: Path, manifest: dict, previous) -> "Collection":
         reuse = {(s.name, s.sha256): s for s in previous.shards} if previous is not None else {}
         shards = []
@@ -327,7 +332,7 @@ class Collection:
         if not path.exists():
             return []
         rejects = []
-        with os.fdopen(open_regular(path), "r", encoding="utf-8", errors="replace") as f:
+        with os.fdopen(open_regular(path), "r", encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 try:
                     rejects.append(json.loads(line))

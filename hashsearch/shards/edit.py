@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 
 import numpy as np
 
@@ -88,10 +89,14 @@ def _rows_for_paths(coll: Collection, paths) -> np.ndarray:
         for r, path in enumerate(shard.all_paths(), start=int(coll.offsets[s])):
             if live[r]:
                 row_of[path] = r
-    missing = [p for p in paths if str(p) not in row_of]
-    if missing:
-        raise HashsearchError(f"path {missing[0]!r} is not an item of collection {coll.root}")
-    return np.array([row_of[str(p)] for p in paths], np.int64)
+    rows = []
+    for path in map(str, paths):
+        # As stored, or as a folder SOURCE stores it (absolute) when given relative to here.
+        row = row_of.get(path, row_of.get(os.path.abspath(path)))
+        if row is None:
+            raise HashsearchError(f"path {path!r} is not an item of collection {coll.root}")
+        rows.append(row)
+    return np.array(rows, np.int64)
 
 
 def rewrite_shards(root, manifest: dict, threshold: float = DEFAULT_COMPACT_THRESHOLD) -> tuple[dict, int]:

@@ -41,12 +41,16 @@ def _new_shard_file(path) -> h5py.File:
     return h5py.File(path, "w", libver="latest", alignment_threshold=_ALIGN_ABOVE, alignment_interval=PAGE)
 
 
-def _reject_index(line: str) -> float:
-    """Source index of a rejects.jsonl line; a line torn by a crash counts as not yet recorded."""
+def _reject_field(line: str, key: str, missing=float("inf")):
+    """A field of a rejects.jsonl line; a line torn by a crash counts as not yet recorded."""
     try:
-        return json.loads(line)["index"]
+        return json.loads(line)[key]
     except (ValueError, KeyError, TypeError):
-        return float("inf")
+        return missing
+
+
+def _reject_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8", errors="surrogateescape").splitlines() if path.exists() else []
 
 
 def shard_name(number: int) -> str:
@@ -151,6 +155,8 @@ class CollectionWriter:
         writer.code_bytes, writer.feature_dim = code_bytes(m["bits"]), m["feature_dim"]
         writer.feature_dtype, writer.shard_size = np.dtype(m["feature_dtype"]), m.get("shard_size", 100_000)
         writer._file, writer._rows, writer._capacity, writer._pending_rejects = None, 0, 0, []
+        # A file an earlier add already rejected is tried again, but not recorded twice.
+        writer._known_rejects = {_reject_field(line, "path") for line in _reject_lines(writer.root / REJECTS)}
         return writer
 
     def _open_root(self, overwrite: bool, wait: bool) -> None:
@@ -234,6 +240,8 @@ class CollectionWriter:
         self._source_end = source_end
 
     def reject(self, index: int, path: str, reason: str) -> None:
+        if str(path) in getattr(self, "_known_rejects", ()):
+            return
         self._pending_rejects.append({"index": int(index), "path": str(path), "reason": str(reason)})
 
     def finish(self, source_end: int | None = None) -> dict:
@@ -358,7 +366,7 @@ class CollectionWriter:
         done = [r for r in self._pending_rejects if upto is None or r["index"] < upto]
         if not done:
             return
-        with open(self.root / REJECTS, "a", encoding="utf-8") as f:
+        with open(self.root / REJECTS, "a", encoding="utf-8", errors="surrogateescape") as f:
             for r in done:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
             f.flush()
@@ -371,8 +379,7 @@ class CollectionWriter:
         path = self.root / REJECTS
         if not path.exists():
             return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if _reject_index(line) < source_end]
+        kept = [line for line in _reject_lines(path) if _reject_field(line, "index") < source_end]
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
         self.manifest["rejected"] = len(kept)
 
