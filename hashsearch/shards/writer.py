@@ -248,12 +248,14 @@ class CollectionWriter:
         """Close the last shard, mark the collection complete and release the lock."""
         end = source_end if source_end is not None else getattr(self, "_source_end", self.resume_from)
         if self._file is not None:
-            self._close_shard(end)
-        elif self._pending_rejects:
+            self._close_shard(end)              # publishes
+        last_published = dict(self.manifest)
+        if self._pending_rejects:
             self._flush_rejects()
         self.manifest["complete"] = True
         self.manifest["next_id"] = max(self.manifest.get("next_id", 0), self._next_id())
-        publish(self.root, self.manifest)
+        if self.manifest != last_published or not self.manifest["shards"]:
+            publish(self.root, self.manifest)   # a new generation only where something changed
         self.lock.release()
         return self.manifest
 
