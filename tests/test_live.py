@@ -33,10 +33,14 @@ def finish(*args) -> subprocess.CompletedProcess:
                           cwd=Path(__file__).parent)
 
 
-def queries(n=24, seed=7):
-    rng = np.random.default_rng(seed)
-    codes, feats, _, _ = lw.item_rows(0, 400)
-    pick = rng.integers(0, 400, n)
+_RNG = np.random.default_rng(7)
+# Items of the first collection and of the ones tests append (1000-1600), so both parts of the index answer.
+QUERY_ITEMS = np.concatenate([_RNG.integers(0, 400, 12), _RNG.integers(1000, 1600, 12)])
+
+
+def queries(n=24):
+    codes, feats, _, _ = lw.item_rows(0, 1600)
+    pick = QUERY_ITEMS[:n] if n <= len(QUERY_ITEMS) else np.random.default_rng(n).integers(0, 400, n)
     return codes[pick], feats[pick]
 
 
@@ -54,16 +58,17 @@ def fresh_index(root, tmp_path, kind, params) -> Index:
 
 def assert_same_search(live: Index, fresh: Index, kind: str):
     codes, feats = queries()
-    for mode, pool, radius in (("hds", 20, None), ("bcs", 20, None), ("hds", 30, 9)):
+    for mode, pool, radius in (("hds", 20, None), ("bcs", 20, None), ("bcs", 3, None), ("hds", 30, 9)):
         if kind != "flat":
             pool = 1000           # every probed candidate: the same buckets must give the same set
-        a = live.search(codes, feats, 10, mode=mode, pool=pool, radius=radius)
-        b = fresh.search(codes, feats, 10, mode=mode, pool=pool, radius=radius)
-        if kind == "flat" or mode == "hds":
-            np.testing.assert_array_equal(a.ids, b.ids, err_msg=f"{kind} {mode} radius={radius}")
-            np.testing.assert_array_equal(a.hamming, b.hamming)
-        else:   # Hamming ties at the k-th place may be broken differently by hash buckets
-            np.testing.assert_array_equal(a.hamming, b.hamming)
+        # a batch (split across threads), and single queries (their own code path)
+        for q in [slice(None)] + [slice(i, i + 1) for i in range(0, len(codes), 3)]:
+            a = live.search(codes[q], feats[q], 10, mode=mode, pool=pool, radius=radius)
+            b = fresh.search(codes[q], feats[q], 10, mode=mode, pool=pool, radius=radius)
+            if kind == "flat" or mode == "hds":
+                np.testing.assert_array_equal(a.ids, b.ids, err_msg=f"{kind} {mode} radius={radius} {q}")
+            # Hash kinds: Hamming ties at the k-th place may be broken differently by the buckets
+            np.testing.assert_array_equal(a.hamming, b.hamming, err_msg=f"{kind} {mode} radius={radius} {q}")
 
 
 # -- the index follows the collection ------------------------------------------------------
@@ -77,11 +82,22 @@ def test_after_adds_and_deletes_search_equals_a_fresh_build(tmp_path, kind, para
     deleted: set[int] = set()
     for step, op in enumerate(["delete", "append", "delete", "append", "append", "delete"]):
         if op == "append":
-            lw.append(root, 1000 + 100 * step, 60)
-        else:
-            doomed = rng.choice(sorted(live_ids(root)), 30, replace=False).tolist()
+            lw.append(root, 1000 + 100 * step, 100)
+        else:                       # half of them among the rows added since the build
+            ids = np.array(sorted(live_ids(root)))
+            doomed = rng.choice(ids[ids < 400], 15, replace=False).tolist() + \
+                rng.choice(ids, 15, replace=False).tolist()
+            doomed = list(set(doomed))
             delete_items(root, ids=doomed)
             deleted.update(doomed)
+            # and added items that queries sit on, so the delta's own search must fetch past them
+            with Collection.open(root) as coll:
+                live_paths = coll.live_paths()
+            near = [p for p in (f"item-{i}" for i in QUERY_ITEMS if i >= 1000) if p in live_paths][:4]
+            if near:
+                before = live_ids(root)
+                delete_items(root, paths=near)
+                deleted.update(before - live_ids(root))
         assert live.refresh()
         assert_same_search(live, fresh_index(root, tmp_path, kind, params), kind)
         codes, feats = queries()

@@ -1,0 +1,134 @@
+"""What a live collection costs: adding rows to a large collection, and searching with a delta and tombstones.
+
+    python -m hashsearch.bench.live [--n 1000000] [--add 10000] [--delta 0.10] [--deleted 0.05] [--queries 200]
+
+It works on a copy of the synthetic bench collection (`bench --exhaustive`
+makes it) whose shards are hard links: shards never change, so linking them
+is safe and costs no space.  It reports:
+  add     the time to append `--add` rows to the N-row collection, and to a
+          collection of `--add` rows, then Index.refresh() after each;
+  search  batch-1 hds latency with a multihash index built before `--delta`
+          x N rows were added and `--deleted` x N deleted, against a fresh
+          build-index over the same live rows, on the same queries.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..engine import Index
+from ..shards import Collection, CollectionWriter, delete_items
+from ..shards.manifest import MANIFEST
+from .speed import K, time_calls
+from .synthetic import BLOCK_ROWS, SyntheticModel, SyntheticSpec, default_cache_root, generate_collection, make_queries
+from .sysinfo import machine_info
+
+
+def linked_copy(src: Path, dst: Path) -> Path:
+    """A collection at `dst` sharing `src`'s shard files by hard link."""
+    (dst / "shards").mkdir(parents=True)
+    for shard in (src / "shards").glob("*.h5"):
+        os.link(shard, dst / "shards" / shard.name)
+    shutil.copy(src / MANIFEST, dst / MANIFEST)
+    return dst
+
+
+def append_synthetic(root: Path, model: SyntheticModel, rows: int, first_block: int) -> float:
+    """Append `rows` freshly generated rows; the seconds the storage side took (generation excluded)."""
+    blocks = [model.block(b % (model.spec.n // BLOCK_ROWS)) for b in range(first_block, first_block + -(-rows // BLOCK_ROWS))]
+    began = time.perf_counter()
+    writer = CollectionWriter.append(root)
+    next_id, done = writer.manifest.get("next_id", 0), 0
+    for x, codes, labels in blocks:
+        m = min(len(x), rows - done)
+        ids = np.arange(next_id + done, next_id + done + m)
+        writer.add(codes[:m], x[:m], ids, labels[:m], [f"added:{i}" for i in ids], source_end=done + m,
+                   source_index=np.arange(done, done + m))
+        done += m
+    writer.finish(done)
+    return time.perf_counter() - began
+
+
+def run(n: int, add: int, delta: float, deleted: float, queries: int, hash_bits: int, pool: int, radius: int) -> dict:
+    spec_root = default_cache_root() / SyntheticSpec(n=n).name
+    base = generate_collection(spec_root, n, progress=True).root
+    model = SyntheticModel(SyntheticSpec(n=n))
+    out: dict = {"n": n, "add": add, "machine": machine_info()}
+    with tempfile.TemporaryDirectory(dir=spec_root.parent) as tmp:
+        tmp = Path(tmp)
+        # -- add: into N rows, and into a collection as small as the addition ----------------------
+        big = linked_copy(base, tmp / "big")
+        Index.build(big, "multihash", hash_bits=hash_bits)
+        index = Index.open(big)
+        out["add_to_n_seconds"] = append_synthetic(big, model, add, 0)
+        t = time.perf_counter()
+        index.refresh()
+        out["refresh_after_add_to_n_seconds"] = time.perf_counter() - t
+        small = tmp / "small"
+        generate_collection(small, add, progress=False)
+        Index.build(small, "multihash", hash_bits=hash_bits)
+        small_index = Index.open(small)
+        out["add_to_small_seconds"] = append_synthetic(small, model, add, 0)
+        t = time.perf_counter()
+        small_index.refresh()
+        out["refresh_after_add_to_small_seconds"] = time.perf_counter() - t
+        del index, small_index
+        shutil.rmtree(big)
+        shutil.rmtree(small)
+
+        # -- search with a delta and tombstones, against a fresh build over the same live rows -------
+        live_root = linked_copy(base, tmp / "live")
+        Index.build(live_root, "multihash", hash_bits=hash_bits)
+        append_synthetic(live_root, model, int(delta * n), 1)
+        doomed = np.random.default_rng(0).choice(n, int(deleted * n), replace=False)
+        delete_items(live_root, ids=np.sort(doomed))
+        codes, feats, _ = make_queries(Collection.open(base), queries, seed=0)
+        followed = Index.open(live_root)
+        fresh_root = tmp / "fresh"
+        fresh_root.mkdir()
+        for part in ("shards", "tombstones"):
+            (fresh_root / part).mkdir()
+            for f in (live_root / part).iterdir():
+                os.link(f, fresh_root / part / f.name)
+        shutil.copy(live_root / MANIFEST, fresh_root / MANIFEST)
+        fresh = Index.build(fresh_root, "multihash", hash_bits=hash_bits)
+        out["live_items"] = followed.collection.items
+        for name, index in (("followed", followed), ("fresh", fresh)):
+            def search(a, b, index=index):
+                return index.search(codes[a:b], feats[a:b], K, pool=pool, radius=radius).ids
+            time_calls(search, queries, 1, max_passes=1)        # warm the page cache
+            stats, results = time_calls(search, queries, 1)
+            out[f"{name}_batch1"] = stats
+            out[f"{name}_ids"] = np.concatenate(results)
+        out["same_results"] = bool(np.array_equal(out.pop("followed_ids"), out.pop("fresh_ids")))
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--add", type=int, default=10_000)
+    p.add_argument("--delta", type=float, default=0.10)
+    p.add_argument("--deleted", type=float, default=0.05)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--hash-bits", type=int, default=18)
+    p.add_argument("--pool", type=int, default=32)
+    p.add_argument("--radius", type=int, default=12)
+    p.add_argument("--json", help="Write the results to this file.")
+    args = p.parse_args(argv)
+    result = run(args.n, args.add, args.delta, args.deleted, args.queries, args.hash_bits, args.pool, args.radius)
+    text = json.dumps(result, indent=2, default=float)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
