@@ -31,6 +31,7 @@ DEFAULT_COMPACT_THRESHOLD = 0.2
 @contextlib.contextmanager
 def editing(root, *, wait: bool = False):
     """Hold the write lock of the finished collection at `root`; yields its manifest, old files cleared."""
+    read_manifest(root)         # a missing or foreign directory is named as such, before any lock file is made
     lock = WriteLock(root, wait=wait)
     try:
         manifest = read_manifest(root)

@@ -142,6 +142,7 @@ class CollectionWriter:
         """A writer that adds new shards to the finished collection at `root` (hashsearch add)."""
         writer = cls.__new__(cls)
         writer.root = Path(root)
+        read_manifest(writer.root)      # a missing or foreign directory is named as such, before any lock file is made
         writer.lock = WriteLock(writer.root, wait=wait)
         try:
             writer.manifest = read_manifest(writer.root)
