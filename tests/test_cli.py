@@ -1,5 +1,6 @@
 """The command line end to end: build-index, query, info, and how errors look."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -196,6 +197,14 @@ def test_missing_query_image(collection, tmp_path):
     r = cli("query", collection, "--image", tmp_path / "nope.jpg", ok=False)
     assert "query image not found" in r.stderr
 
+
+
+def test_query_image_that_is_a_fifo(collection, tmp_path):
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)                                 # opening it for reading waits for a writer forever
+    p = run_process("query", collection, "--image", fifo, timeout=120)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [f"hashsearch: error: cannot read image {fifo}: {fifo} is a FIFO"]
 
 @pytest.mark.parametrize("k", ["0", "-3"])
 def test_k_must_be_positive(collection, k):

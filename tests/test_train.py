@@ -1,5 +1,6 @@
 """`hashsearch train`: progress output, the checkpoint it writes, --resume."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -95,6 +96,20 @@ def test_train_unlabeled_folder_refused(tmp_path):
     r = cli("train", tmp_path / "imgs", "--workers", "0", "--out", tmp_path / "m.pt", ok=False)
     assert "class labels" in r.stderr
 
+
+
+def test_a_fifo_in_the_source_is_skipped_not_a_hang(tmp_path):
+    from conftest import run_process, save_image
+    src = tmp_path / "imgs"
+    for k, cls in enumerate(("cats", "dogs", "cats", "dogs")):
+        save_image(src / cls / f"{k}.jpg", seed=k)
+    os.mkfifo(src / "cats" / "x.jpg")              # opening it for reading waits for a writer forever
+    out = tmp_path / "m.pt"
+    p = run_process("train", src, "--bits", "8", "--epochs", "1", "--workers", 0, "--device", "cpu", "--quiet",
+                    "--out", out, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"saved {out}" in p.stdout
+    assert torch.load(out, weights_only=True)["config"]["class_names"] == ["cats", "dogs"]
 
 def test_weights_from_a_checkpoint_reuse_its_trained_backbone(model, tmp_path):
     out = tmp_path / "b24.pt"
