@@ -288,7 +288,7 @@ def test_encode_model_not_a_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_text("not torch")
     r = cli("encode", "synthetic:10", "--model", bad, "--out", tmp_path / "c", ok=False)
-    assert "cannot read model" in r.stderr
+    assert f"model {bad} is not a hashsearch checkpoint (not a torch file)" in r.stderr
 
 
 def test_errors_in_a_real_process(tmp_path):
