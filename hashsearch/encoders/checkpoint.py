@@ -19,7 +19,7 @@ import torch
 
 from ..codes import MAX_BITS, check_bits
 from ..errors import HashsearchError
-from ..fileio import NotRegularFile, open_regular
+from ..fileio import NotRegularFile, atomic_write, open_regular
 from .backbones import BACKBONES, get_backbone, load_weights
 from .model import HashNet
 
@@ -183,9 +183,7 @@ def save_checkpoint(path, model: HashNet, config: dict, train_state: dict | None
     payload = {"format": FORMAT, "config": config, "state_dict": model.state_dict()}
     if train_state is not None:
         payload["train_state"] = train_state
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_model(path, expect_bits: int | None = None) -> tuple[HashNet, dict]:

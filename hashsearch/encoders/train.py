@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import HashsearchError
+from ..fileio import check_output_file
 from .backbones import get_backbone, load_weights
 from .checkpoint import build_model, is_checkpoint, make_config, read_checkpoint, read_weights, save_checkpoint
 from .dataset import make_loader
@@ -58,6 +59,8 @@ class TrainConfig:
 
 
 def train(cfg: TrainConfig) -> dict:
+    # the checkpoint is first written after a whole epoch: a bad --out must fail now, not then
+    check_output_file(cfg.out, "--out")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     source = open_source(cfg.source, data_dir=cfg.data_dir, limit=cfg.limit)
