@@ -1,4 +1,5 @@
 """`hashsearch encode`: messy folders, and resuming after a crash or a kill -9 (issue 5)."""
+import errno
 import io
 import json
 import os
@@ -147,6 +148,20 @@ def test_a_fifo_in_the_source_is_a_reject_not_a_hang(model, tmp_path):
     fifo = src / "cats" / "x.jpg"
     assert [(r["path"], r["reason"]) for r in rejects] == [(str(fifo), f"{fifo} is a FIFO")]
     assert read_collection(out)["paths"] == [str(good)]
+
+
+def test_a_failed_model_copy_leaves_no_temporary_file(model, tmp_path, monkeypatch):
+    real_replace = os.replace
+
+    def disk_full_for_the_model(src, dst, *args, **kwargs):
+        if os.path.basename(dst) == "model.pt":
+            raise OSError(errno.ENOSPC, "No space left on device", str(src))
+        return real_replace(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, "replace", disk_full_for_the_model)
+    out = tmp_path / "coll"
+    r = cli("encode", "synthetic:10", "--model", model, "--out", out, "--workers", 0, ok=False)
+    assert "No space left on device" in r.stderr
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".model.pt")]
 
 # -- resuming: in-process crash ---------------------------------------------------------------------
 def test_resume_after_crash_mid_shard(model, reference, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import HashsearchError
+from ..fileio import atomic_write
 from ..shards import CollectionWriter
 from .dataset import make_loader
 from .encoder import Encoder
@@ -149,6 +150,5 @@ class _WriterThread:
 def _copy_model(model_path, target: Path) -> None:
     if target.exists() and os.path.samefile(model_path, target):
         return
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(model_path, tmp)
-    os.replace(tmp, target)
+    with open(model_path, "rb") as model:
+        atomic_write(target, lambda f: shutil.copyfileobj(model, f))
