@@ -55,9 +55,10 @@ def hashsearch_cmd() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "hashsearch.cli"]
 
 
-def run_process(*args, **kw) -> subprocess.CompletedProcess:
+def run_process(*args, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run `hashsearch ARGS` in a real process; a run past `timeout` seconds is killed and fails the test."""
     return subprocess.run(hashsearch_cmd() + [str(a) for a in args], capture_output=True, text=True,
-                          timeout=300, **kw)
+                          timeout=timeout, **kw)
 
 
 def read_collection(root) -> dict:

@@ -1,5 +1,6 @@
 """The command line end to end: build-index, query, info, and how errors look."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -197,6 +198,14 @@ def test_missing_query_image(collection, tmp_path):
     assert "query image not found" in r.stderr
 
 
+
+def test_query_image_that_is_a_fifo(collection, tmp_path):
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)                                 # opening it for reading waits for a writer forever
+    p = run_process("query", collection, "--image", fifo, timeout=120)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [f"hashsearch: error: cannot read image {fifo}: {fifo} is a FIFO"]
+
 @pytest.mark.parametrize("k", ["0", "-3"])
 def test_k_must_be_positive(collection, k):
     r = cli("query", collection, "--id", 1, "-k", k, ok=False)
@@ -279,7 +288,7 @@ def test_encode_model_not_a_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_text("not torch")
     r = cli("encode", "synthetic:10", "--model", bad, "--out", tmp_path / "c", ok=False)
-    assert "cannot read model" in r.stderr
+    assert f"model {bad} is not a hashsearch checkpoint (not a torch file)" in r.stderr
 
 
 def test_errors_in_a_real_process(tmp_path):

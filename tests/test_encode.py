@@ -1,4 +1,5 @@
 """`hashsearch encode`: messy folders, and resuming after a crash or a kill -9 (issue 5)."""
+import errno
 import io
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import (COLL_N, assert_same_collection, cli, hashsearch_cmd, manifest, read_collection,
-                      save_image)
+                      run_process, save_image)
 from hashsearch.shards import CollectionWriter, write_manifest
 
 # Shards of 70 rows with batches of 32: shard ends fall inside batches, the hard case for resuming.
@@ -133,6 +134,34 @@ def test_messy_folder(model, tmp_path):
     assert q["queries"][0]["results"][0]["path"] == str(good[4])
     assert q["queries"][0]["results"][0]["label"] == "dogs"
 
+
+
+def test_a_fifo_in_the_source_is_a_reject_not_a_hang(model, tmp_path):
+    src = tmp_path / "photos"
+    good = save_image(src / "cats" / "a.jpg")
+    os.mkfifo(src / "cats" / "x.jpg")              # opening it for reading waits for a writer forever
+    out = tmp_path / "coll"
+    p = run_process("encode", src, "--model", model, "--out", out, "--workers", 0, "--device", "cpu", "--quiet",
+                    timeout=120)
+    assert p.returncode == 0, p.stderr
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    fifo = src / "cats" / "x.jpg"
+    assert [(r["path"], r["reason"]) for r in rejects] == [(str(fifo), f"{fifo} is a FIFO")]
+    assert read_collection(out)["paths"] == [str(good)]
+
+
+def test_a_failed_model_copy_leaves_no_temporary_file(model, tmp_path, monkeypatch):
+    real_replace = os.replace
+
+    def disk_full_for_the_model(src, dst, *args, **kwargs):
+        if os.path.basename(dst) == "model.pt":
+            raise OSError(errno.ENOSPC, "No space left on device", str(src))
+        return real_replace(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, "replace", disk_full_for_the_model)
+    out = tmp_path / "coll"
+    r = cli("encode", "synthetic:10", "--model", model, "--out", out, "--workers", 0, ok=False)
+    assert "No space left on device" in r.stderr
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".model.pt")]
 
 # -- resuming: in-process crash ---------------------------------------------------------------------
 def test_resume_after_crash_mid_shard(model, reference, tmp_path, monkeypatch):

@@ -1,6 +1,10 @@
 import io
+import os
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,7 +143,7 @@ def test_decode_file_fast_path_matches_pil(tmp_path, mode):
     import torch
     from hashsearch.encoders import preprocess
     path = _jpeg(tmp_path / "a.jpg", 32, mode)
-    fast = preprocess._jpeg_at_size(path, 32)
+    fast = preprocess._jpeg_at_size(Path(path).read_bytes(), 32)
     assert fast is not None                                  # the fast path was taken
     slow = preprocess.to_uint8_tensor(load_image(path), 32)
     assert torch.equal(fast, slow)
@@ -150,11 +154,61 @@ def test_decode_file_falls_back_to_pil(tmp_path):
     import torch
     from hashsearch.encoders import preprocess
     other = _jpeg(tmp_path / "b.jpg", 40)
-    assert preprocess._jpeg_at_size(other, 32) is None           # needs a resize: PIL path
+    assert preprocess._jpeg_at_size(Path(other).read_bytes(), 32) is None           # needs a resize: PIL path
     assert torch.equal(preprocess.decode_file(other, 32), preprocess.to_uint8_tensor(load_image(other), 32))
     whole = open(_jpeg(tmp_path / "c.jpg", 32), "rb").read()
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(whole[: len(whole) // 2])
-    assert preprocess._jpeg_at_size(str(cut), 32) is None        # truncated: PIL decides, and rejects it
+    assert preprocess._jpeg_at_size(cut.read_bytes(), 32) is None        # truncated: PIL decides, and rejects it
     with pytest.raises(ImageRejected):
         preprocess.decode_file(str(cut), 32)
+
+
+def _special_file(tmp_path, kind: str) -> str:
+    """Something named like an image that is no regular file: reading it would block, or never end."""
+    path = tmp_path / kind / "x.jpg"
+    path.parent.mkdir()
+    if kind == "FIFO":
+        os.mkfifo(path)             # opening it waits for a writer that never comes
+    elif kind == "device":
+        path.symlink_to("/dev/zero")    # reads forever
+    else:
+        path.mkdir()
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "device", "directory"])
+def test_special_files_are_rejected_with_their_kind(tmp_path, kind):
+    with pytest.raises(ImageRejected, match=f"x.jpg is a {kind}"):
+        load_image(_special_file(tmp_path, kind))
+
+
+def test_decode_file_refuses_special_files_before_reading(tmp_path):
+    # decode_file's JPEG fast path reads the file itself; before the fix a FIFO blocked it forever and
+    # /dev/zero was read until memory ran out, so this runs in a child bounded in time and memory.
+    paths = [_special_file(tmp_path, kind) for kind in ("FIFO", "device", "directory")]
+    code = f"""
+import resource
+from hashsearch.encoders.images import ImageRejected
+from hashsearch.encoders.preprocess import decode_file
+vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), vm + (1 << 30)))
+for path in {paths!r}:
+    try:
+        decode_file(path, 32)
+    except ImageRejected as exc:
+        print(exc)
+"""
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.splitlines() == [f"{p} is a {kind}" for p, kind in zip(paths, ("FIFO", "device", "directory"))]
+
+
+def test_files_over_the_byte_limit_are_rejected(tmp_path, monkeypatch):
+    path = _save(Image.new("RGB", (64, 64)), tmp_path / "big.png")
+    size = os.path.getsize(path)
+    monkeypatch.setattr(images, "MAX_BYTES", size - 1)
+    with pytest.raises(ImageRejected, match=f"larger than {size - 1} bytes"):
+        load_image(path)
+    monkeypatch.setattr(images, "MAX_BYTES", size)
+    assert load_image(path).size == (64, 64)

@@ -308,16 +308,12 @@ def test_output_under_a_file(tmp_path):
         CollectionWriter(tmp_path / "file" / "c", bits=BITS, feature_dim=DIM)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_unwritable_output_dir(tmp_path):
-    parent = tmp_path / "ro"
-    parent.mkdir()
-    os.chmod(parent, 0o500)
-    try:
-        with pytest.raises(HashsearchError):
-            CollectionWriter(parent / "c", bits=BITS, feature_dim=DIM)
-    finally:
-        os.chmod(parent, 0o700)
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux's /proc")
+def test_unwritable_output_dir():
+    # Root (tests run as root here and in CI) writes through permission bits, but nobody creates entries in /proc.
+    out = f"/proc/hashsearch-{os.getpid()}/c"
+    with pytest.raises(HashsearchError, match=f"cannot create collection {out}"):
+        CollectionWriter(out, bits=BITS, feature_dim=DIM)
 
 
 def test_open_errors(tmp_path):

@@ -1,5 +1,8 @@
 """`hashsearch train`: progress output, the checkpoint it writes, --resume."""
+import errno
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,6 +99,20 @@ def test_train_unlabeled_folder_refused(tmp_path):
     assert "class labels" in r.stderr
 
 
+
+def test_a_fifo_in_the_source_is_skipped_not_a_hang(tmp_path):
+    from conftest import run_process, save_image
+    src = tmp_path / "imgs"
+    for k, cls in enumerate(("cats", "dogs", "cats", "dogs")):
+        save_image(src / cls / f"{k}.jpg", seed=k)
+    os.mkfifo(src / "cats" / "x.jpg")              # opening it for reading waits for a writer forever
+    out = tmp_path / "m.pt"
+    p = run_process("train", src, "--bits", "8", "--epochs", "1", "--workers", 0, "--device", "cpu", "--quiet",
+                    "--out", out, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"saved {out}" in p.stdout
+    assert torch.load(out, weights_only=True)["config"]["class_names"] == ["cats", "dogs"]
+
 def test_weights_from_a_checkpoint_reuse_its_trained_backbone(model, tmp_path):
     out = tmp_path / "b24.pt"
     cli("train", *SMALL, "--bits", "24", "--epochs", "1", "--freeze-backbone", "--weights", model, "--out", out)
@@ -189,3 +206,47 @@ def test_every_resolved_precision_is_a_valid_precision():
     from hashsearch import HashsearchError
     with pytest.raises(HashsearchError, match="unknown precision"):
         resolve_precision(torch.device("cpu"), "int8")
+
+
+def _out_in_a_directory(tmp_path):
+    (tmp_path / "m.pt").mkdir()
+    return tmp_path / "m.pt"
+
+
+def _out_under_a_file(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    return tmp_path / "afile" / "m.pt"
+
+
+@pytest.mark.parametrize("make_out, message", [
+    (_out_in_a_directory, "is a directory; give a file name"),
+    (_out_under_a_file, "afile is not a directory"),
+    # root writes through permission bits, but nobody creates files in /proc
+    (lambda tmp_path: Path("/proc") / f"hashsearch-{os.getpid()}.pt", "is not writable"),
+], ids=["directory", "under a file", "in /proc"])
+def test_out_that_cannot_be_written_is_refused_before_training(tmp_path, make_out, message):
+    out = make_out(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    r = cli("train", *SMALL, "--epochs", "1", "--quiet", "--out", out, ok=False)
+    assert f"--out {out}" in r.stderr and message in r.stderr
+    assert "epoch" not in r.stdout                      # refused before the first epoch, not after it
+    assert sorted(tmp_path.rglob("*")) == before        # and no temporary file left behind
+
+
+def test_a_failed_checkpoint_write_leaves_the_old_one_and_no_temporary_file(tmp_path, monkeypatch):
+    from hashsearch.encoders.checkpoint import build_model, make_config, save_checkpoint
+    config = make_config("small", 16, ["a", "b"])
+    out = tmp_path / "m.pt"
+    save_checkpoint(out, build_model(config), config)
+    good = out.read_bytes()
+
+    def disk_full(payload, f):
+        if isinstance(f, (str, os.PathLike)):           # torch.save is given a path or an open file
+            f = open(f, "wb")
+        f.write(b"half a checkpoint")
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(out, build_model(config), config)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"] and out.read_bytes() == good

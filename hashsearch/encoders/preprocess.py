@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import load_image
+from .images import decode_image, read_image_file
 
 # Start-of-frame markers of baseline, progressive and lossless JPEGs (not DHT/JPG/DAC).
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -41,19 +41,15 @@ def decode_file(path: str, size: int) -> torch.Tensor:
     PIL path, with identical pixels; everything else, and anything unusual
     (truncated, CMYK, another size), takes the PIL path.
     """
+    data = read_image_file(path)
     if path.lower().endswith((".jpg", ".jpeg")):
-        pixels = _jpeg_at_size(path, size)
+        pixels = _jpeg_at_size(data, size)
         if pixels is not None:
             return pixels
-    return to_uint8_tensor(load_image(path), size)
+    return to_uint8_tensor(decode_image(data), size)
 
 
-def _jpeg_at_size(path: str, size: int) -> torch.Tensor | None:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
+def _jpeg_at_size(data: bytes, size: int) -> torch.Tensor | None:
     if _jpeg_shape(data) not in ((size, size, 1), (size, size, 3)) or not data.endswith(b"\xff\xd9"):
         return None
     decoder = _torchvision_jpeg()

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import HashsearchError
+from ..fileio import atomic_write
 from ..shards import Collection, CollectionWriter
 from ..shards.collection import MODEL_FILE
 from .dataset import make_loader
@@ -228,6 +229,5 @@ class _WriterThread:
 def _copy_model(model_path, target: Path) -> None:
     if target.exists() and os.path.samefile(model_path, target):
         return
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(model_path, tmp)
-    os.replace(tmp, target)
+    with open(model_path, "rb") as model:
+        atomic_write(target, lambda f: shutil.copyfileobj(model, f))

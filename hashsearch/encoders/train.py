@@ -19,8 +19,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import HashsearchError
-from .backbones import get_backbone
-from .checkpoint import build_model, checkpoint_in, make_config, read_checkpoint, save_checkpoint
+from ..fileio import check_output_file
+from .backbones import get_backbone, load_weights
+from .checkpoint import build_model, is_checkpoint, make_config, read_checkpoint, read_weights, save_checkpoint
 from .dataset import make_loader
 from .encoder import autocast, resolve_device, to_device
 from .preprocess import augment, normalize
@@ -58,6 +59,8 @@ class TrainConfig:
 
 
 def train(cfg: TrainConfig) -> dict:
+    # the checkpoint is first written after a whole epoch: a bad --out must fail now, not then
+    check_output_file(cfg.out, "--out")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     source = open_source(cfg.source, data_dir=cfg.data_dir, limit=cfg.limit)
@@ -69,11 +72,14 @@ def train(cfg: TrainConfig) -> dict:
     class_names = source.class_names or [str(c) for c in range(int(labels.max()) + 1)]
     if cfg.precision not in ("fp32", "bf16"):
         raise HashsearchError(f"training precision must be fp32 or bf16, got {cfg.precision!r}")
-    reused = checkpoint_in(cfg.weights) if cfg.weights else None
+    weights = read_weights(cfg.weights) if cfg.weights else None
+    reused = weights if is_checkpoint(weights) else None
     # a reused backbone keeps the input size it learned at
     input_size = cfg.input_size or (reused["config"]["input_size"] if reused else None)
     config = make_config(cfg.backbone, cfg.bits, class_names, input_size)
-    weights = reused or cfg.weights or get_backbone(cfg.backbone).default_weights()
+    if weights is None:
+        installed = get_backbone(cfg.backbone).default_weights()
+        weights = read_weights(installed) if installed else None
     model = to_device(build_model(config, weights), device)
     pretrained = weights is not None
 
@@ -159,7 +165,7 @@ def _resume(cfg, payload, config, model, optimizer, scheduler):
     state = payload.get("train_state")
     if state is None:
         raise HashsearchError(f"{cfg.out} holds no training state to resume from")
-    model.load_state_dict(payload["state_dict"])
+    load_weights(model, payload["state_dict"], f"the weights in {cfg.out} do not fit its config")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["epoch"]), list(state["history"])

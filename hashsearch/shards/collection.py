@@ -29,7 +29,7 @@ import numpy as np
 from ..codes import code_bytes
 from ..errors import HashsearchError
 from ..fileio import NotRegularFile, open_regular
-from .manifest import MANIFEST, file_sha256, inside, read_manifest
+from .manifest import file_sha256, inside, read_manifest
 from .writer import REJECTS
 
 MODEL_FILE = "model.pt"
