@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .errors import HashsearchError
+from .fileio import atomic_write_bytes, check_output_file
 
 
 class _Group(click.Group):
@@ -304,6 +305,9 @@ def evaluate(database, queries_path, mode, topk, pool, map_all, json_path, plot_
     for b in baselines:
         if b not in METHODS:
             raise HashsearchError(f"unknown baseline {b!r} in --baselines; choose from {','.join(METHODS)}")
+    for path, what in ((json_path, "--json"), (plot_path, "--plot"), (pr_plot_path, "--pr-plot")):
+        if path:
+            check_output_file(path, what)
     db, queries = Collection.open(database), Collection.open(queries_path)
     results = run_eval(db, queries, modes=modes, topk=topk, pool=pool, map_all=map_all, baselines=baselines)
     click.echo(format_table(results))
@@ -353,6 +357,10 @@ def bench(exhaustive, encode_source, n, dim, bits, queries, batch, pool, radius,
     """Benchmarks: --exhaustive (search speed) or --encode SOURCE (encode throughput)."""
     if exhaustive == bool(encode_source):
         raise HashsearchError("choose one benchmark: --exhaustive or --encode SOURCE")
+    if json_path:
+        check_output_file(json_path, "--json")
+    if scaling:
+        check_output_file(plot_path, "--plot")
     if encode_source:
         from .bench.encode_speed import format_encode_report, run_encode_bench
         if not model_path:
@@ -385,8 +393,7 @@ def bench(exhaustive, encode_source, n, dim, bits, queries, batch, pool, radius,
 
 
 def _write_json(path, data):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
     click.echo(f"wrote {path}")
 
 

@@ -67,9 +67,8 @@ def main(argv=None):
 
 def save_grid(path, query_source, db_source, query_ids, result_ids, relevant):
     """One row per query: the query image, then its results framed green (same class) or red."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .bench.plots import pyplot, save_png
+    plt = pyplot()
 
     nq, k = result_ids.shape
     fig, axes = plt.subplots(nq, k + 1, figsize=(1.1 * (k + 1), 1.2 * nq))
@@ -86,7 +85,7 @@ def save_grid(path, query_source, db_source, query_ids, result_ids, relevant):
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path, dpi=100)
     plt.close(fig)
 
 

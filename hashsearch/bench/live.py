@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine import Index
+from ..fileio import atomic_write_bytes
 from ..shards import Collection, CollectionWriter, delete_items
 from ..shards.manifest import MANIFEST
 from .speed import K, time_calls
@@ -127,7 +128,7 @@ def main(argv=None) -> None:
     text = json.dumps(result, indent=2, default=float)
     print(text)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        atomic_write_bytes(args.json, (text + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -9,12 +9,22 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_write
 
-def _pyplot():
+
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_png(fig, path, dpi: int = 120) -> Path:
+    """Write a figure atomically: a failed save leaves the old file, or none, never half a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    return path
 
 
 def _finish(fig, ax, path, xlabel: str, ylabel: str, title: str | None) -> Path:
@@ -26,16 +36,13 @@ def _finish(fig, ax, path, xlabel: str, ylabel: str, title: str | None) -> Path:
     ax.legend()
     if title:
         ax.set_title(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return save_png(fig, path)
 
 
 def plot_precision_at_k(results: list[dict], path, title: str | None = None) -> Path:
     """One P@k line per result of evaluate(), labelled by mode (and bits)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     try:
         for r in results:
@@ -53,7 +60,7 @@ def plot_pr_curve(curves: dict, path, title: str | None = None) -> Path:
     `curves` maps a label (e.g. "ours 48 bits", "itq 48 bits") to the
     (radius, precision, recall) triple of metrics.pr_curve_hamming.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     try:
         for label, (_, precision, recall) in curves.items():

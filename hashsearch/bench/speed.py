@@ -329,8 +329,8 @@ def run_scaling(ns=(10_000, 100_000, 1_000_000), **kwargs) -> list[dict]:
 
 
 def plot_scaling(results: list[dict], png) -> None:
-    from .plots import _pyplot
-    plt = _pyplot()
+    from .plots import pyplot, save_png
+    plt = pyplot()
     ns = [r["n"] for r in results]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     batches = sorted({int(b) for r in results for b in r["timings"]})
@@ -348,7 +348,7 @@ def plot_scaling(results: list[dict], png) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    save_png(fig, png)
     plt.close(fig)
 
 

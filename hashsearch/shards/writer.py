@@ -167,6 +167,7 @@ class CollectionWriter:
             raise HashsearchError(f"cannot create collection {self.root}: {exc.strerror}") from None
         if not os.access(self.root, os.W_OK):
             raise HashsearchError(f"collection directory is not writable: {self.root}")
+        self._refuse_foreign(overwrite)     # before the lock file, so a refused directory is left as it was
         self.lock = WriteLock(self.root, wait=wait)
         try:
             self._take_root(overwrite)
@@ -190,12 +191,18 @@ class CollectionWriter:
                 self.manifest = old
                 if not old.get("complete"):
                     self._truncate_rejects(self.resume_from)
-        elif any(p.name not in (SHARD_DIR, LOCK_FILE) for p in self.root.iterdir()) and not overwrite:
-            raise HashsearchError(f"{self.root} exists and is not a hashsearch collection; choose an empty directory")
+        else:
+            self._refuse_foreign(overwrite)
         (self.root / SHARD_DIR).mkdir(exist_ok=True)
         remove_unreferenced(self.root, self.manifest)     # and a killed run's unfinished shard
         if not self.complete:
             publish(self.root, self.manifest)
+
+    def _refuse_foreign(self, overwrite: bool) -> None:
+        if overwrite or (self.root / MANIFEST).exists():
+            return
+        if any(p.name not in (SHARD_DIR, LOCK_FILE) for p in self.root.iterdir()):
+            raise HashsearchError(f"{self.root} exists and is not a hashsearch collection; choose an empty directory")
 
     def _remove_contents(self) -> None:
         for folder in (SHARD_DIR, "index", "tombstones"):
