@@ -367,3 +367,19 @@ def test_delete_of_an_unknown_id_deletes_nothing(tmp_path):
     r = cli("delete", root, "--id", 3, ok=False)
     assert "was deleted" in r.stderr
     cli("delete", root, "--id", "99999999999999999999999", ok=False)
+
+
+def test_a_collection_written_before_generations_opens_and_takes_adds(tmp_path):
+    import json
+    root = tmp_path / "c"
+    lw.create(root, 300)
+    m = json.loads((root / "manifest.json").read_text())
+    for key in ("generation", "next_id", "next_shard", "deleted"):
+        del m[key]
+    m["version"] = 1
+    (root / "manifest.json").write_text(json.dumps(m))
+    with Collection.open(root) as coll:
+        assert coll.generation == 0 and coll.next_id == 300
+    lw.append(root, 1000, 10)
+    with Collection.open(root) as coll:
+        assert coll.ids()[-10:].tolist() == list(range(300, 310)) and coll.generation == 1

@@ -82,7 +82,7 @@ class Source:
     def _hash_items(self, h) -> None:
         labels = self.labels()
         for i in range(len(self)):
-            h.update(f"{self.path(i)}\t{labels[i]}\n".encode())
+            h.update(f"{self.path(i)}\t{labels[i]}\n".encode("utf-8", "surrogateescape"))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.spec} ({len(self)} images)>"

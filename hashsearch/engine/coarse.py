@@ -96,10 +96,11 @@ class Coarse:
     """A faiss binary index with per-call probing depth (nflip), safe to share between threads.
 
     nflip is a field of the faiss index itself, with no per-search parameter
-    (binary hash indexes take no SearchParameters), so every search of a hash
-    kind sets the depth it wants and runs under one lock: a search can never
-    run with another thread's setting.  Flat indexes have no such field and
-    search without the lock.
+    (binary hash indexes take no SearchParameters).  So searches that want the
+    same depth run together, and one that wants another waits until none is
+    running, then sets it: a search never runs with another thread's setting,
+    and a batch split across threads still runs in parallel.  Flat indexes
+    have no such field and search without any of this.
     """
 
     def __init__(self, index: faiss.IndexBinary):
@@ -107,7 +108,9 @@ class Coarse:
         self.params = describe(index)
         self.hashed = "nflip" in self.params
         self.built_nflip = self.params.get("nflip")
-        self._lock = threading.Lock()
+        self._setting = threading.Condition()
+        self._running = 0           # searches in flight, all with index.nflip == self._nflip
+        self._nflip = self.built_nflip
 
     @property
     def ntotal(self) -> int:
@@ -131,10 +134,19 @@ class Coarse:
     @contextlib.contextmanager
     def _probing(self, nflip: int | None):
         want = self.built_nflip if nflip is None else int(nflip)
-        with self._lock:
-            if self.index.nflip != want:
-                self.index.nflip = want
+        with self._setting:
+            while self._running and self._nflip != want:
+                self._setting.wait()
+            if self._nflip != want:
+                self.index.nflip = self._nflip = want
+            self._running += 1
+        try:
             yield
+        finally:
+            with self._setting:
+                self._running -= 1
+                if not self._running:
+                    self._setting.notify_all()
 
     def like(self, codes: np.ndarray, bits: int) -> "Coarse":
         """A new index of the same kind and parameters over `codes` (the delta of newer rows)."""

@@ -22,9 +22,10 @@ import numpy as np
 
 from ..codes import code_bytes
 from ..errors import HashsearchError
-from ..fileio import atomic_write_bytes, fsync_dir
+from ..fileio import atomic_write_bytes, fsync_dir, open_regular
 from .lock import LOCK_FILE, WriteLock
-from .manifest import FEATURE_DTYPES, FORMAT, MANIFEST, VERSION, file_sha256, publish, read_manifest, remove_unreferenced
+from .manifest import (FEATURE_DTYPES, FORMAT, MANIFEST, VERSION, file_sha256, inside, publish, read_manifest,
+                       remove_unreferenced)
 
 SHARD_DIR = "shards"
 REJECTS = "rejects.jsonl"
@@ -60,6 +61,19 @@ def shard_name(number: int) -> str:
 def next_shard_number(manifest: dict) -> int:
     # Compaction retires shard numbers, so a new shard takes a number never used before.
     return max(manifest.get("next_shard", 0), len(manifest["shards"]))
+
+
+def _next_id_of(root: Path, manifest: dict) -> int:
+    """The first id never used; written before next_id existed, ids grew with the rows, so the last row's + 1."""
+    if "next_id" in manifest:
+        return manifest["next_id"]
+    for entry in reversed(manifest["shards"]):
+        if entry["rows"]:
+            path = inside(root, entry["file"], "shard")
+            os.close(open_regular(path))        # never hand h5py a FIFO
+            with h5py.File(path, "r") as f:
+                return int(f["ids"][-1]) + 1
+    return 0
 
 
 def stored_path(path) -> str | bytes:
@@ -149,6 +163,7 @@ class CollectionWriter:
             if not writer.manifest.get("complete"):
                 raise HashsearchError(f"collection {root} is unfinished; finish its encode before adding to it")
             remove_unreferenced(writer.root, writer.manifest)
+            writer.manifest["next_id"] = _next_id_of(writer.root, writer.manifest)
         except BaseException:
             writer.lock.release()
             raise
@@ -201,7 +216,10 @@ class CollectionWriter:
     def _refuse_foreign(self, overwrite: bool) -> None:
         if overwrite or (self.root / MANIFEST).exists():
             return
-        if any(p.name not in (SHARD_DIR, LOCK_FILE) for p in self.root.iterdir()):
+        # What a writer creates before its first manifest (another writer may be at it right now).
+        ours = (SHARD_DIR, LOCK_FILE)
+        if any(p.name not in ours and not (p.name.startswith(f".{MANIFEST}.") and p.name.endswith(".tmp"))
+               for p in self.root.iterdir()):
             raise HashsearchError(f"{self.root} exists and is not a hashsearch collection; choose an empty directory")
 
     def _remove_contents(self) -> None:

@@ -1,0 +1,199 @@
+"""Hostile input to the engine, the writer and the CLI: no hang, no crash, no silent wrong answer (issue 12)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import live_writer as lw
+from conftest import COLL_N, cli, hashsearch_cmd, run_process
+from hashsearch import HashsearchError, Index
+
+
+@pytest.fixture(scope="module")
+def hashed(tmp_path_factory):
+    """A live_writer collection with a hash index of 8-bit keys (nflip 1)."""
+    root = tmp_path_factory.mktemp("hashed") / "c"
+    lw.create(root, 600)
+    Index.build(root, "hash", hash_bits=8, nflip=1)
+    return root
+
+
+def one_line_failure(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode != 0, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hashsearch: error:"), r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# -- hangs ---------------------------------------------------------------------------------------
+def test_nflip_beyond_the_hash_key_is_refused_not_a_hang(hashed, tmp_path):
+    index = Index.open(hashed)
+    codes, feats, _, _ = lw.item_rows(0, 3)
+    for nflip in (9, 1000, -1):
+        with pytest.raises(HashsearchError, match="nflip must be an integer from 0 to 8"):
+            index.search(codes, feats, 5, nflip=nflip)
+    one_line_failure(run_process("query", hashed, "--id", 3, "--nflip", 1000, timeout=60), "nflip")
+    one_line_failure(run_process("build-index", hashed, "--coarse", "hash", "--hash-bits", 8, "--nflip", 1000,
+                                 "--out", tmp_path / "i", timeout=60), "nflip")
+
+
+# -- crashes -----------------------------------------------------------------------------------------
+def test_a_huge_k_is_capped_at_the_collection_before_anything_is_allocated(hashed):
+    r = run_process("query", hashed, "--id", 3, "-k", 10**9, "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(r.stdout)["queries"][0]["results"]
+    assert 0 < len(results) <= 600 and results[0]["id"] == 3
+    index = Index.open(hashed)
+    codes, feats, _, _ = lw.item_rows(0, 2)
+    res = index.search(codes, feats, 10**12, mode="bcs", pool=10**12)
+    assert res.ids.shape == (2, 600)
+
+
+def test_a_shard_write_that_fills_the_disk_fails_cleanly_and_resumes(tmp_path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        script = textwrap.dedent(f"""
+            import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+            import live_writer as lw
+            from hashsearch.errors import HashsearchError
+            try:
+                lw.create({str(mount / "c")!r}, 6000)
+            except HashsearchError as exc:
+                print("error:", exc)
+        """)
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (r.returncode, r.stderr)      # -11 was the segfault in the abort path
+        assert r.stdout.startswith("error: cannot") and "Traceback" not in r.stderr, r.stdout + r.stderr
+        assert not [p for p in (mount / "c").rglob("*") if ".partial" in p.name or p.name.endswith(".tmp")]
+        from hashsearch import Collection
+        with Collection.open(mount / "c", require_complete=False, allow_empty=True) as coll:
+            assert coll.verify() == [] and 0 < coll.n < 6000         # the finished shards are intact
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_file_name_that_is_not_utf8_is_stored_losslessly_and_shown_readably(tmp_path, model, synthetic_png):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    raw_name = b"caf\xe9 \xff.png"                    # Latin-1, not UTF-8
+    (folder / "plain.png").write_bytes(synthetic_png.read_bytes())
+    with open(os.path.join(os.fsencode(folder), raw_name), "wb") as f:
+        f.write(synthetic_png.read_bytes())
+    out = tmp_path / "coll"
+    cli("encode", folder, "--model", model, "--out", out, "--workers", 0, "--device", "cpu", "--quiet")
+    cli("build-index", out)
+    from hashsearch import Collection
+    with Collection.open(out) as coll:
+        stored = coll.paths(np.arange(coll.n))
+    assert os.fsencode(folder) + b"/" + raw_name in [os.fsencode(p) for p in stored]
+    table = run_process("query", out, "--image", synthetic_png, "-k", 2, timeout=120)
+    assert table.returncode == 0 and "caf\\xe9 \\xff.png" in table.stdout, table.stderr
+    as_json = run_process("query", out, "--image", synthetic_png, "-k", 2, "--json", timeout=120)
+    paths = [r["path"] for r in json.loads(as_json.stdout)["queries"][0]["results"]]
+    assert any(os.fsencode(p).endswith(raw_name) for p in paths)
+
+
+# -- tracebacks ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, needle", [
+    (["--radius", 2147483647], "radius must be an integer from 0 to the code length (32)"),
+    (["--radius", 33], "radius must be an integer from 0 to the code length"),
+    (["--id", "99999999999999999999999"], "does not fit in 64 bits"),
+    (["--id", "12abc"], "is not an integer"),
+])
+def test_out_of_range_numbers_are_one_line(hashed, args, needle):
+    if args[0] != "--id":
+        args = ["--id", 3] + args
+    r = cli("query", hashed, *args, ok=False)
+    assert needle in r.stderr
+
+
+def test_library_radius_is_checked_too(hashed):
+    index = Index.open(hashed)
+    codes, feats, _, _ = lw.item_rows(0, 1)
+    for radius in (-1, 33, 2**31 - 1, 2.5):
+        with pytest.raises(HashsearchError, match="radius must be an integer from 0"):
+            index.search(codes, feats, 5, radius=radius)
+
+
+# -- silent wrong answers --------------------------------------------------------------------------------
+def test_es_with_a_nan_or_inf_query_is_refused(hashed):
+    index = Index.open(hashed)
+    codes, feats, _, _ = lw.item_rows(0, 2)
+    for bad in (np.nan, np.inf):
+        feats = feats.copy()
+        feats[1, 3] = bad
+        for mode in ("es", "hds"):
+            with pytest.raises(HashsearchError, match="finite"):
+                index.search(codes, feats, 5, mode=mode)
+
+
+def test_per_call_nflip_never_leaks_into_other_threads(hashed):
+    index = Index.open(hashed)
+    codes, feats, _, _ = lw.item_rows(0, 64)
+    expected = {nflip: [index.search(codes[q:q + 1], None, 10, mode="bcs", pool=10, nflip=nflip).ids
+                        for q in range(64)] for nflip in (None, 0)}
+    assert any(not np.array_equal(a, b) for a, b in zip(expected[None], expected[0]))   # the setting matters
+    mismatches, errors = [], []
+
+    def worker(nflip):
+        try:
+            for _ in range(15):
+                for q in range(64):
+                    got = index.search(codes[q:q + 1], None, 10, mode="bcs", pool=10, nflip=nflip).ids
+                    if not np.array_equal(got, expected[nflip][q]):
+                        mismatches.append((nflip, q))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(None if t % 2 else 0,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not mismatches, (errors, mismatches[:5], len(mismatches))
+
+
+def test_a_closed_index_refuses_every_call(hashed):
+    index = Index.open(hashed)
+    codes, feats, _, _ = lw.item_rows(0, 300)
+    index.search(codes, feats, 5)                  # starts the thread pool
+    index.close()
+    for call in (lambda: index.search(codes[:1], feats[:1], 5), lambda: index.search(codes, feats, 5, mode="es"),
+                 lambda: index.candidates(codes, 5), index.refresh, lambda: index.collection):
+        with pytest.raises(HashsearchError, match="closed"):
+            call()
+    index.close()                                  # twice is harmless
+
+
+# -- smaller -------------------------------------------------------------------------------------------------
+def test_a_refused_encode_out_leaves_the_directory_as_it_was(tmp_path, model):
+    out = tmp_path / "photos-and-notes"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = cli("encode", f"synthetic:{COLL_N}", "--model", model, "--out", out, "--workers", 0, ok=False)
+    assert "not a hashsearch collection" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_outputs_are_checked_before_the_work(tmp_path, collection):
+    (tmp_path / "adir").mkdir()
+    r = cli("eval", collection, "--queries", collection, "--json", tmp_path / "adir", ok=False)
+    assert "is a directory" in r.stderr
+    (tmp_path / "afile").write_text("x")
+    r = cli("eval", collection, "--queries", collection, "--plot", tmp_path / "afile" / "p.png", ok=False)
+    assert "is not a directory" in r.stderr
+    r = cli("bench", "--exhaustive", "--n", 100, "--dim", 8, "--json", tmp_path / "adir", ok=False)
+    assert "is a directory" in r.stderr
+    assert not list(tmp_path.glob("**/.*.tmp"))
