@@ -168,10 +168,11 @@ def test_manifest_written_atomically(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("disk gone")
     monkeypatch.setattr(manifest_mod.os, "replace", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(HashsearchError, match="cannot write .*manifest.json: disk gone"):
         write_manifest(root, {"format": "garbage"})
-    # the old manifest is intact: a reader never sees half a file
+    # the old manifest is intact: a reader never sees half a file, and the temporary file is gone
     assert (root / "manifest.json").read_text() == before
+    assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")]
     assert read_manifest(root)["items"] == 23
 
 

@@ -234,6 +234,7 @@ def test_out_that_cannot_be_written_is_refused_before_training(tmp_path, make_ou
 
 
 def test_a_failed_checkpoint_write_leaves_the_old_one_and_no_temporary_file(tmp_path, monkeypatch):
+    from hashsearch import HashsearchError
     from hashsearch.encoders.checkpoint import build_model, make_config, save_checkpoint
     config = make_config("small", 16, ["a", "b"])
     out = tmp_path / "m.pt"
@@ -247,6 +248,6 @@ def test_a_failed_checkpoint_write_leaves_the_old_one_and_no_temporary_file(tmp_
         f.flush()
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(HashsearchError, match="cannot write .*m.pt: No space left"):
         save_checkpoint(out, build_model(config), config)
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"] and out.read_bytes() == good
