@@ -23,7 +23,8 @@ class _Group(click.Group):
                 raise
             if isinstance(exc, OSError) and exc.strerror:
                 exc = f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
-            click.echo(f"hashsearch: error: {exc}", err=True)
+            # One line, whatever a library below put in its message (HDF5's span several).
+            click.echo("hashsearch: error: " + " ".join(str(exc).split()), err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             hint = {"encode": "; finished shards are kept, run the same command to resume",

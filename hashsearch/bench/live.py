@@ -57,6 +57,18 @@ def append_synthetic(root: Path, model: SyntheticModel, rows: int, first_block: 
     return time.perf_counter() - began
 
 
+def _time_add(root: Path, model: SyntheticModel, add: int, hash_bits: int) -> tuple[float, float]:
+    """Seconds to append `add` rows to the indexed collection at `root`, then to refresh an open index."""
+    Index.build(root, "multihash", hash_bits=hash_bits)
+    index = Index.open(root)
+    seconds = append_synthetic(root, model, add, 0)
+    t = time.perf_counter()
+    index.refresh()
+    refresh = time.perf_counter() - t
+    index.close()
+    return seconds, refresh
+
+
 def run(n: int, add: int, delta: float, deleted: float, queries: int, hash_bits: int, pool: int, radius: int) -> dict:
     spec_root = default_cache_root() / SyntheticSpec(n=n).name
     base = generate_collection(spec_root, n, progress=True).root
@@ -65,24 +77,12 @@ def run(n: int, add: int, delta: float, deleted: float, queries: int, hash_bits:
     with tempfile.TemporaryDirectory(dir=spec_root.parent) as tmp:
         tmp = Path(tmp)
         # -- add: into N rows, and into a collection as small as the addition ----------------------
-        big = linked_copy(base, tmp / "big")
-        Index.build(big, "multihash", hash_bits=hash_bits)
-        index = Index.open(big)
-        out["add_to_n_seconds"] = append_synthetic(big, model, add, 0)
-        t = time.perf_counter()
-        index.refresh()
-        out["refresh_after_add_to_n_seconds"] = time.perf_counter() - t
         small = tmp / "small"
         generate_collection(small, add, progress=False)
-        Index.build(small, "multihash", hash_bits=hash_bits)
-        small_index = Index.open(small)
-        out["add_to_small_seconds"] = append_synthetic(small, model, add, 0)
-        t = time.perf_counter()
-        small_index.refresh()
-        out["refresh_after_add_to_small_seconds"] = time.perf_counter() - t
-        del index, small_index
-        shutil.rmtree(big)
-        shutil.rmtree(small)
+        for name, root in (("n", linked_copy(base, tmp / "big")), ("small", small)):
+            out[f"add_to_{name}_seconds"], out[f"refresh_after_add_to_{name}_seconds"] = \
+                _time_add(root, model, add, hash_bits)
+            shutil.rmtree(root)
 
         # -- search with a delta and tombstones, against a fresh build over the same live rows -------
         live_root = linked_copy(base, tmp / "live")
