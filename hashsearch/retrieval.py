@@ -10,14 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import DEFAULT_POOL, Index
+from .engine import Index, SearchConfig
 from .errors import HashsearchError
 from .shards import Collection
 from .shards.manifest import disk_bytes
 
 
-def run_query(collection, *, images=(), ids=(), k: int = 10, pool: int | None = None, radius: int | None = None,
-              nflip: int | None = None, mode: str = "hds", model_path=None, index_dir=None) -> dict:
+def run_query(collection, *, images=(), ids=(), k: int = SearchConfig.k, pool: int = SearchConfig.pool,
+              radius: int | None = SearchConfig.radius, nflip: int | None = SearchConfig.nflip,
+              mode: str = SearchConfig.mode, model_path=None, index_dir=None) -> dict:
+    if not len(images) and not len(ids):
+        raise HashsearchError("give at least one image or id to query")
     index = Index.open(collection, index_dir)
     coll = index.collection
     names, codes, feats = [], [], []
@@ -45,7 +48,7 @@ def run_query(collection, *, images=(), ids=(), k: int = 10, pool: int | None = 
         codes.append(index.codes[rows])
         feats.append(coll.features(rows))
     result = index.search(np.concatenate(codes), np.concatenate(feats), k, mode=mode,
-                          pool=pool or DEFAULT_POOL, radius=radius, nflip=nflip)
+                          pool=pool, radius=radius, nflip=nflip)
     class_names = coll.manifest.get("class_names") or []
     queries = []
     for q, name in enumerate(names):

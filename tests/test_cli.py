@@ -28,13 +28,13 @@ def pool_for(collection, *ids):
     the default pool of 200 tie at distance 0, which of them the coarse level
     returns is arbitrary, so the item could miss its own pool.
     """
-    from hashsearch.engine import DEFAULT_POOL
+    from hashsearch.engine import SearchConfig
     from hashsearch.shards import Collection
     with Collection.open(collection) as coll:
         codes = coll.codes()
         rows = coll.rows_for_ids(list(ids))
         ties = max(int((codes == codes[r]).all(1).sum()) for r in rows)
-    return ["--pool", max(DEFAULT_POOL, ties)]
+    return ["--pool", max(SearchConfig.pool, ties)]
 
 
 # -- info ----------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def test_query_unknown_id(collection):
 
 def test_query_needs_something(collection):
     r = cli("query", collection, ok=False)
-    assert "--image or --id" in r.stderr
+    assert "give at least one image or id" in r.stderr
 
 
 def test_missing_collection(tmp_path):

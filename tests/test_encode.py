@@ -369,4 +369,4 @@ def test_encode_bad_numbers(model, tmp_path):
         r = cli("encode", "synthetic:10", "--model", model, "--out", tmp_path / "c", opt, 0, ok=False)
         assert "must be positive" in r.stderr
     r = cli("encode", "synthetic:10", "--model", model, "--out", tmp_path / "c", "--batch-size", 0, ok=False)
-    assert "batch size must be positive" in r.stderr
+    assert "batch-size must be positive, got 0" in r.stderr

@@ -13,15 +13,18 @@ import time
 
 import torch
 
+from ..config import EncodeBenchConfig, EncodeConfig
 from ..encoders.dataset import make_loader
 from ..encoders.encoder import Encoder
 from ..encoders.runner import encode_collection
 from ..encoders.sources import open_source
 
 
-def run_encode_bench(model_path, source_spec: str, *, limit: int | None = 10_000, batch_size: int = 256,
-                     workers: int = 2, device: str = "auto", data_dir: str | None = None, quiet: bool = True,
-                     precision: str = "auto") -> dict:
+def run_encode_bench(model_path, source_spec: str, *, limit: int | None = EncodeBenchConfig.limit,
+                     batch_size: int = EncodeConfig.batch_size, workers: int = EncodeConfig.workers,
+                     device: str = EncodeConfig.device, data_dir: str | None = EncodeConfig.data_dir, quiet: bool = True,
+                     precision: str = EncodeConfig.precision) -> dict:
+    EncodeConfig(limit=limit, batch_size=batch_size, workers=workers, device=device, precision=precision)
     encoder = Encoder.from_checkpoint(model_path, device=device, precision=precision)
     source = open_source(source_spec, data_dir=data_dir, limit=limit)
     batches = [pixels for _, pixels, _, _ in make_loader(source, encoder.input_size, batch_size, workers)]

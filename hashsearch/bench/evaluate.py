@@ -34,11 +34,12 @@ import time
 import faiss
 import numpy as np
 
+from ..config import EvalConfig
 from ..errors import HashsearchError
 from ..shards import Collection
 from ..codes import check_bits
 from .baselines import METHODS, fit_baseline, training_features
-from .metrics import HammingScanner, QUERY_BLOCK, average_precision, precision_within_radius
+from .metrics import HammingScanner, QUERY_BLOCK, average_precision, pr_curve_hamming, precision_within_radius
 
 MODES = ("bcs", "es", "hds")
 DEFAULT_POOL = 1000
@@ -215,3 +216,12 @@ def format_table(results: list[dict]) -> str:
     def line(cells):
         return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def evaluate_collections(database, queries, config: EvalConfig, *, pr_curve: bool = False):
+    """`hashsearch eval`: open both collections, score them as `config` says; (rows, Hamming PR curve or None)."""
+    db, q = Collection.open(database), Collection.open(queries)
+    results = evaluate(db, q, modes=config.modes(), topk=config.topk, pool=config.pool, map_all=config.map_all,
+                       baselines=config.baseline_methods())
+    curve = pr_curve_hamming(q.codes(), db.codes(), q.labels(), db.labels()) if pr_curve else None
+    return results, curve

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..config import ADD_SKIPS, EncodeConfig
 from ..errors import HashsearchError
 from ..fileio import atomic_write
 from ..shards import Collection, CollectionWriter
@@ -31,14 +32,14 @@ _QUEUE_DEPTH = 4
 _DONE = object()
 
 
-def encode_collection(model_path, source_spec: str, out, *, limit: int | None = None, batch_size: int = 256,
-                      workers: int = 2, device: str = "auto", shard_size: int = 100_000,
-                      feature_dtype: str = "float16", overwrite: bool = False, quiet: bool = False,
-                      data_dir: str | None = None, precision: str = "auto", wait: bool = False, log=print) -> dict:
-    if batch_size <= 0:
-        raise HashsearchError(f"batch size must be positive, got {batch_size}")
-    encoder = Encoder.from_checkpoint(model_path, device=device, precision=precision)
-    source = open_source(source_spec, data_dir=data_dir, limit=limit)
+def encode_collection(model_path, source_spec: str, out, *, log=print, **options) -> dict:
+    """`hashsearch encode`: SOURCE -> a new collection at `out` (or the rest of an unfinished one).
+
+    `options` are EncodeConfig's fields (hashsearch.config), checked there.
+    """
+    cfg = EncodeConfig(**options)
+    encoder = Encoder.from_checkpoint(model_path, device=cfg.device, precision=cfg.precision)
+    source = open_source(source_spec, data_dir=cfg.data_dir, limit=cfg.limit)
     if len(source) == 0:
         raise HashsearchError(f"no images in {source_spec}")
     # class_names name the values of the stored label column, which come from the
@@ -49,8 +50,8 @@ def encode_collection(model_path, source_spec: str, out, *, limit: int | None = 
             # fp32, fp16 and bf16 give slightly different codes; one collection holds one kind.
             "precision": encoder.precision}
     writer = CollectionWriter(out, bits=encoder.bits, feature_dim=encoder.feature_dim,
-                              feature_dtype=feature_dtype, shard_size=shard_size, meta=meta, overwrite=overwrite,
-                              wait=wait)
+                              feature_dtype=cfg.feature_dtype, shard_size=cfg.shard_size, meta=meta,
+                              overwrite=cfg.overwrite, wait=cfg.wait)
     if writer.complete:
         writer.close()
         log(f"{out} is already complete ({writer.manifest['items']} items); nothing to do")
@@ -59,34 +60,34 @@ def encode_collection(model_path, source_spec: str, out, *, limit: int | None = 
     began = time.perf_counter()
     try:
         _copy_model(model_path, Path(out) / MODEL_FILE)
-        if start and not quiet:
+        if start and not cfg.quiet:
             log(f"resuming {out} at item {start} of {len(source)}")
-        _stream(encoder, source, range(len(source)), writer, source.labels(), batch_size=batch_size,
-                workers=workers, start=start, quiet=quiet)
+        _stream(encoder, source, range(len(source)), writer, source.labels(), cfg, start=start)
         manifest = writer.finish(len(source))
     except BaseException:
         writer.abort()
         raise
     seconds = time.perf_counter() - began
     done = len(source) - start
-    if not quiet:
+    if not cfg.quiet:
         log(f"encoded {manifest['items']} items into {out} ({done / max(seconds, 1e-9):.0f} img/s); "
             f"{manifest['rejected']} rejected" + (f", see {Path(out) / 'rejects.jsonl'}" if manifest["rejected"] else ""))
     return manifest
 
 
-def add_to_collection(root, source_spec: str, *, limit: int | None = None, batch_size: int = 256, workers: int = 2,
-                      device: str = "auto", quiet: bool = False, data_dir: str | None = None, wait: bool = False,
-                      log=print) -> dict:
+def add_to_collection(root, source_spec: str, *, log=print, **options) -> dict:
     """`hashsearch add`: encode the new images of SOURCE with the collection's own model and append them.
 
     Items whose path the collection already holds are skipped, so running the
     same add again (after a kill, or on a folder that has grown) adds only what
     is new.  Every finished shard is published at once as a new generation.
+    `options` are EncodeConfig's fields but ADD_SKIPS, which the collection fixes.
     """
-    if batch_size <= 0:
-        raise HashsearchError(f"batch size must be positive, got {batch_size}")
-    writer = CollectionWriter.append(root, wait=wait)
+    fixed = [name for name in ADD_SKIPS if name in options]
+    if fixed:
+        raise HashsearchError(f"add takes {fixed[0]} from the collection; it cannot be set")
+    cfg = EncodeConfig(**options)
+    writer = CollectionWriter.append(root, wait=cfg.wait)
     try:
         manifest = writer.manifest
         model_path = Path(root) / MODEL_FILE
@@ -94,11 +95,12 @@ def add_to_collection(root, source_spec: str, *, limit: int | None = None, batch
             raise HashsearchError(f"collection {root} has no {MODEL_FILE} to encode new images with")
         # fp16 is a GPU's arithmetic; elsewhere a collection's images are encoded as it was.
         precision = manifest.get("precision") if manifest.get("precision") in ("fp32", "bf16") else "auto"
-        encoder = Encoder.from_checkpoint(model_path, device=device, precision=precision, expect_bits=manifest["bits"])
+        encoder = Encoder.from_checkpoint(model_path, device=cfg.device, precision=precision,
+                                          expect_bits=manifest["bits"])
         if encoder.feature_dim != manifest["feature_dim"]:
             raise HashsearchError(f"{model_path} makes {encoder.feature_dim}-d features, the collection holds "
                                   f"{manifest['feature_dim']}-d ones")
-        source = open_source(source_spec, data_dir=data_dir, limit=limit)
+        source = open_source(source_spec, data_dir=cfg.data_dir, limit=cfg.limit)
         with Collection.open(root, allow_empty=True) as coll:
             present, first_id, before = coll.live_paths(), coll.next_id, coll.items
         new = [i for i in range(len(source)) if source.path(i) not in present]
@@ -108,14 +110,13 @@ def add_to_collection(root, source_spec: str, *, limit: int | None = None, batch
         position[new] = np.arange(len(new))
         began = time.perf_counter()
         if new:
-            _stream(encoder, source, new, writer, labels, batch_size=batch_size, workers=workers, quiet=quiet,
-                    id_of=lambda idx: first_id + position[idx])
+            _stream(encoder, source, new, writer, labels, cfg, id_of=lambda idx: first_id + position[idx])
         manifest = writer.finish(new[-1] + 1 if new else 0)
     except BaseException:
         writer.abort()
         raise
     added = manifest["items"] - before
-    if not quiet:
+    if not cfg.quiet:
         rate = len(new) / max(time.perf_counter() - began, 1e-9)
         log(f"added {added} items to {root} ({rate:.0f} img/s); {skipped} already present; "
             f"now {manifest['items']} items, generation {manifest['generation']}")
@@ -137,17 +138,17 @@ def _labels_in(manifest: dict, source) -> np.ndarray:
     return np.array([number.get(int(label), -1) for label in labels], np.int64)
 
 
-def _stream(encoder: Encoder, source, indices, writer: CollectionWriter, labels: np.ndarray, *, batch_size: int,
-            workers: int, quiet: bool, start: int = 0, id_of=None) -> None:
+def _stream(encoder: Encoder, source, indices, writer: CollectionWriter, labels: np.ndarray, cfg: EncodeConfig, *,
+            start: int = 0, id_of=None) -> None:
     """The pipeline: decode `indices` of SOURCE in loader workers, encode here, append in the writer thread.
 
     `start` skips the source indices a resumed encode already wrote; id_of maps
     source indices to the ids stored (by default the source index itself).
     """
-    loader = make_loader(source, encoder.input_size, batch_size, workers, indices=indices, start=start,
+    loader = make_loader(source, encoder.input_size, cfg.batch_size, cfg.workers, indices=indices, start=start,
                          pin_memory=encoder.device.type == "cuda")
     sink = _WriterThread(writer, source, labels, len(source), id_of or (lambda idx: idx))
-    bar = tqdm(total=len(indices) - start, unit="img", disable=quiet, smoothing=0.1, desc="encoding")
+    bar = tqdm(total=len(indices) - start, unit="img", disable=cfg.quiet, smoothing=0.1, desc="encoding")
     try:
         for batch_indices, pixels, good, rejects in loader:
             sink.check()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from ..errors import HashsearchError
 from ..fileio import check_output_file
 from .backbones import get_backbone, load_weights
 from .checkpoint import build_model, is_checkpoint, make_config, read_checkpoint, read_weights, save_checkpoint
+from ..config import TrainConfig
 from .dataset import make_loader
 from .encoder import autocast, resolve_device, to_device
 from .preprocess import augment, normalize
@@ -30,32 +30,6 @@ from .sources import open_source
 # Decoded training images are kept in RAM, up to this size; beyond it, training
 # needs --freeze-backbone (which keeps only F7) or a smaller --input-size.
 PRELOAD_LIMIT_BYTES = 3 << 30
-
-
-@dataclass
-class TrainConfig:
-    source: str
-    out: str
-    bits: int = 48
-    backbone: str = "small"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 0.5
-    backbone_lr_mult: float | None = None   # None: 1.0 from scratch, 0.1 with pretrained weights
-    freeze_backbone: bool = False
-    precision: str = "fp32"
-    val_fraction: float = 0.05
-    input_size: int | None = None
-    weights: str | None = None
-    device: str = "auto"
-    limit: int | None = None
-    workers: int = 2
-    seed: int = 0
-    resume: bool = False
-    data_dir: str | None = None
-    quiet: bool = False
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -27,9 +27,8 @@ import faiss
 import numpy as np
 
 from ..codes import code_bytes
+from ..config import COARSE_KINDS as KINDS
 from ..errors import HashsearchError
-
-KINDS = ("flat", "hash", "multihash")
 
 
 DEFAULT_NFLIP = {"hash": 2, "multihash": 0}

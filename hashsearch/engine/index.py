@@ -39,6 +39,7 @@ import numpy as np
 from ..codes import code_bytes
 from ..errors import HashsearchError
 from ..fileio import atomic_write_bytes, open_regular
+from ..config import MODES, IndexConfig, SearchConfig
 from ..shards import Collection, RowReader, editing, publish, read_manifest
 from ..shards.manifest import check_file_entry, inside
 from . import coarse as coarse_mod
@@ -46,10 +47,8 @@ from .exhaustive import scan_knn
 from .rerank import Reranker
 from .threads import MAX_THREADS, faiss_threads, threads_for_batch
 
-MODES = ("hds", "bcs", "es")
 INDEX_DIR = "index"
 META_FILE = "index.json"
-DEFAULT_POOL = 200
 _NO_ROW = np.iinfo(np.int64).max
 
 
@@ -324,8 +323,7 @@ class Index:
         it, under the collection's write lock.  With `out`, it is written to that
         directory and the collection is not touched.
         """
-        if kind not in coarse_mod.KINDS:
-            raise HashsearchError(f"unknown coarse index {kind!r}; choose one of {', '.join(coarse_mod.KINDS)}")
+        IndexConfig(coarse=kind, **params)      # the same checks as `build-index`'s options
         root = collection.root if isinstance(collection, Collection) else Path(collection)
         if out is not None:
             coll = collection if isinstance(collection, Collection) else Collection.open(root)
@@ -365,9 +363,9 @@ class Index:
             return True
 
     # -- searching --------------------------------------------------------------------
-    def search(self, query_codes: np.ndarray, query_features: np.ndarray | None = None, k: int = 10, *,
-               mode: str = "hds", pool: int = DEFAULT_POOL, radius: int | None = None,
-               nflip: int | None = None) -> SearchResult:
+    def search(self, query_codes: np.ndarray, query_features: np.ndarray | None = None, k: int = SearchConfig.k, *,
+               mode: str = SearchConfig.mode, pool: int = SearchConfig.pool, radius: int | None = SearchConfig.radius,
+               nflip: int | None = SearchConfig.nflip) -> SearchResult:
         gen = self._current()
         if mode not in MODES:
             raise HashsearchError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")

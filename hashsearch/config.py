@@ -1,0 +1,173 @@
+"""Every option of hashsearch, declared once with its default, its help and, where it has one, its reason.
+
+The library's functions take their defaults from these dataclasses and check
+their values with them; the command line generates its options from them
+(options.click_options), and the HTTP service reads them for its query
+parameters.  Read top to bottom, this file is the list of every knob.
+
+Nothing heavy is imported here, so `hashsearch --help` stays fast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .codes import check_bits
+from .errors import HashsearchError
+from .options import Options, fraction, not_negative, option, positive
+
+MODES = ("hds", "bcs", "es")                   # hierarchical, Hamming only, exhaustive L2
+COARSE_KINDS = ("flat", "hash", "multihash")    # the faiss binary indexes of the coarse level
+EVAL_MODES = ("bcs", "es", "hds")              # in the order eval reports them
+BASELINES = ("lsh", "itq")                     # codes eval can fit on F7 without training
+PRECISIONS = ("auto", "fp32", "bf16")           # auto: float16 on CUDA, float32 on a CPU
+WAIT_HELP = "If another process is writing the collection, wait for it instead of failing."
+
+
+@dataclass
+class TrainConfig(Options):
+    source: str = option(None, "Labelled SOURCE.", cli=False)
+    out: str = option(None, "Checkpoint to write (rewritten after every epoch).", cli=False)
+    bits: int = option(48, "Code length K (the paper uses 12, 32, 48; codes take ceil(K/8) bytes).",
+                       check=lambda name, value: check_bits(value))
+    backbone: str = option("small", "small, alexnet, efficientnet-lite0 (or -lite1, -lite2 where installed).")
+    weights: str | None = option(None, "Backbone weights: a local state_dict file, or a hashsearch checkpoint to "
+                                       "reuse its backbone.")
+    epochs: int = option(10, "Passes over the training set.", check=positive)
+    batch_size: int = option(128, "Images per optimiser step.", check=positive)
+    lr: float = option(1e-3, "Learning rate of the new layers (AdamW).", check=positive)
+    # None: 1.0 from scratch, 0.1 with pretrained weights, which gives the new layers the paper's 10x.
+    backbone_lr_mult: float | None = option(None, "Backbone rate / new-layer rate [1.0 from scratch, 0.1 pretrained].",
+                                            check=not_negative)
+    weight_decay: float = option(5e-4, "AdamW weight decay.", check=not_negative)
+    warmup_epochs: float = option(0.5, "Linear warm-up, then cosine decay.", check=not_negative)
+    freeze_backbone: bool = option(False, "Train only the latent and classifier layers on cached F7.")
+    precision: str = option("fp32", "Autocast to bfloat16: about 2x faster on CPUs with AVX512-BF16/AMX.",
+                            choices=("fp32", "bf16"))
+    input_size: int | None = option(None, "Input side in pixels [the backbone's default].", check=positive)
+    val_fraction: float = option(0.05, "Held out to report accuracy each epoch.", check=fraction)
+    device: str = option("auto", "auto, cpu or cuda.")
+    limit: int | None = option(None, "Use only the first N items of SOURCE.", check=positive)
+    workers: int = option(2, "DataLoader worker processes.", check=not_negative)
+    data_dir: str | None = option(None, "Where named datasets such as fashion-mnist live.")
+    seed: int = option(0, "Seed of the initialisation and the data order.")
+    resume: bool = option(False, "Continue the run saved in --out.")
+    quiet: bool = option(False, "No progress bars; the one line per epoch stays.")
+
+    def __post_init__(self):
+        if not self.source or not self.out:
+            raise HashsearchError("training needs a SOURCE and --out")
+        super().__post_init__()
+
+
+@dataclass
+class EncodeConfig(Options):
+    limit: int | None = option(None, "Use only the first N items of SOURCE.", check=positive)
+    # Large enough for the model's GEMMs to run at speed, small enough to bound memory.
+    batch_size: int = option(256, "Images per model call.", check=positive)
+    workers: int = option(2, "DataLoader worker processes that decode images.", check=not_negative)
+    device: str = option("auto", "auto, cpu or cuda.")
+    # 100,000 rows of 4096-d float16 make 800 MB shards: few files at 1M, and a crash redoes at most one.
+    shard_size: int = option(100_000, "Rows per HDF5 shard.", check=positive)
+    float32: bool = option(False, "Store features as float32 (default float16, half the disk, same ranking).")
+    precision: str = option("auto", "Model arithmetic: auto is float16 on CUDA, float32 on CPU; bf16 is fast on "
+                                    "CPUs with AVX512-BF16/AMX.", choices=PRECISIONS)
+    overwrite: bool = option(False, "Replace an existing collection made differently.")
+    data_dir: str | None = option(None, "Where named datasets such as fashion-mnist live.")
+    quiet: bool = option(False, "No progress bars.")
+    wait: bool = option(False, WAIT_HELP)
+
+    @property
+    def feature_dtype(self) -> str:
+        return "float32" if self.float32 else "float16"
+
+
+# What `add` takes of encode's options: the rest are fixed by the collection it adds to.
+ADD_SKIPS = ("shard_size", "float32", "precision", "overwrite")
+
+
+@dataclass
+class SearchConfig(Options):
+    """A query's parameters: Index.search's defaults, `hashsearch query`'s options and the service's.
+
+    Their checks are Index.search's own, which needs the collection to make them (k is capped at its items,
+    radius bounded by its bits, nflip by its hash key).
+    """
+    k: int = option(10, "Results per query.", flag="-k")
+    # A pool well past k, for collections of any size; `bench` measures what a smaller pool trades at 1M (README).
+    pool: int = option(200, "Coarse candidate pool: the rows hds reranks by L2.")
+    radius: int | None = option(None, "Take the candidates within this Hamming radius instead (at most --pool).")
+    nflip: int | None = option(None, "Bucket probing depth for hash indexes [the one it was built with].")
+    mode: str = option("hds", "hds: Hamming pool, then L2 on F7; bcs: Hamming only; es: exhaustive L2.",
+                       choices=MODES)
+
+
+@dataclass
+class IndexConfig(Options):
+    """`build-index`'s settings: the coarse index's kind and its hashing (see engine.coarse)."""
+    coarse: str = option("flat", "Coarse index kind.", choices=COARSE_KINDS)
+    hash_bits: int | None = option(None, "Bits per hash key (hash, multihash) [about 16 codes a bucket].",
+                                   check=positive)
+    nhash: int | None = option(None, "Number of hash tables (multihash) [bits / hash-bits].", check=positive)
+    nflip: int | None = option(None, "Bits flipped when probing buckets [hash 2, multihash 0].", check=not_negative)
+
+
+@dataclass
+class CompactConfig(Options):
+    # Rewriting costs a shard's worth of I/O, and a few dead rows cost searches almost nothing.
+    threshold: float = option(0.2, "Rewrite the shards in which more than this share of rows is deleted.",
+                              check=fraction)
+
+
+@dataclass
+class EvalConfig(Options):
+    mode: str = option("all", "Ranking to score, or all of them.", choices=EVAL_MODES + ("all",))
+    # The paper scores mAP at 1000; precision@k is reported up to the same depth.
+    topk: int = option(1000, "Ranking depth for mAP and precision@k.", check=positive)
+    pool: int | None = option(None, "Coarse pool of hds [max(topk, 1000)].", check=positive)
+    map_all: bool = option(False, "mAP over the full ranking instead of the top k.")
+    baselines: str = option("", "Also rank with baseline codes fitted on DATABASE's F7 features, comma-separated: "
+                                "lsh,itq.")
+
+    def modes(self) -> tuple:
+        return EVAL_MODES if self.mode == "all" else (self.mode,)
+
+    def baseline_methods(self) -> tuple:
+        methods = tuple(dict.fromkeys(b.strip().lower() for b in self.baselines.split(",") if b.strip()))
+        for b in methods:
+            if b not in BASELINES:
+                raise HashsearchError(f"unknown baseline {b!r} in --baselines; choose from {','.join(BASELINES)}")
+        return methods
+
+    def hds_pool(self) -> int:
+        # Deep enough that hds can fill a top-k ranking, and never below 1000.
+        return self.pool or max(self.topk, 1000)
+
+
+@dataclass
+class ExhaustiveBenchConfig(Options):
+    n: int = option(1_000_000, "Synthetic collection size.", check=positive)
+    dim: int = option(4096, "Feature dimension (fc7 is 4096-d).", check=positive)
+    bits: int = option(128, "Code length.", check=positive)
+    queries: int = option(200, "Held-out queries.", check=positive)
+    # Batch 1 (the paper's setting) is always timed; a larger batch adds a batched column.
+    batch: int = option(256, "Queries per search call for the batched column.", check=positive)
+    # Measured at 1M x 128 bits (README): recall@10 0.987 at ~0.13 ms a query, and
+    # pools above 32 add reads without adding recall.
+    pool: int = option(32, "Coarse candidate pool.", check=positive)
+    radius: int | None = option(None, "Rerank only the candidates within this Hamming radius (at most --pool).",
+                                check=not_negative)
+    # multihash with 16-bit slices is the fastest coarse level that keeps recall at 1M (README).
+    coarse: str = option("multihash", "Coarse index kind.", choices=COARSE_KINDS)
+    hash_bits: int | None = option(None, "Bits per hash key of a hash or multihash coarse index.", check=positive)
+    nhash: int | None = option(None, "Tables of a multihash coarse index.", check=positive)
+    nflip: int | None = option(None, "Bits flipped when probing a hash or multihash coarse index.",
+                               check=not_negative)
+    collection: str | None = option(None, "Benchmark a real encoded collection instead of synthetic data.")
+    seed: int = option(0, "Seed of the synthetic data and the queries.")
+    cache_dir: str | None = option(None, "Where synthetic collections are cached.")
+
+
+@dataclass
+class EncodeBenchConfig(Options):
+    # Enough batches for a steady rate, few enough for a quick run; the other settings are encode's own.
+    limit: int = option(10_000, "Images to encode.", check=positive)
