@@ -23,8 +23,10 @@ import numpy as np
 from ..codes import check_bits, pack_codes
 from ..errors import HashsearchError
 from ..shards import Collection, CollectionWriter
+from .config import BASELINES
 
-METHODS = ("lsh", "itq")
+# Only for hashsearch/cli.py, which still imports the old name; everything else reads BASELINES.
+METHODS = BASELINES
 # Manifest keys the writer owns; everything else is carried over from the source collection.
 _WRITER_KEYS = {"format", "version", "complete", "bits", "feature_dim", "feature_dtype",
                 "shard_size", "items", "rejected", "shards"}
@@ -51,7 +53,7 @@ def fit_baseline(method: str, train_feats: np.ndarray, bits: int, seed: int = 0)
         itq.itq.seed = int(seed)
         itq.train(x)
         return lambda f: pack_codes(itq.apply(np.ascontiguousarray(f, np.float32)) >= 0)
-    raise HashsearchError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    raise HashsearchError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}")
 
 
 def lsh_codes(train_feats: np.ndarray, feats: np.ndarray, bits: int, seed: int = 0) -> np.ndarray:

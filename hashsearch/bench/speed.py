@@ -37,7 +37,8 @@ from .synthetic import SyntheticSpec, default_cache_root, generate_collection, m
 from .sysinfo import machine_info, peak_rss_mb, rss_breakdown_mb
 
 K = 10
-METHODS = ("exhaustive", "hierarchical", "binary")
+# The searches every run times, in the order they are reported.
+TIMED_SEARCHES = ("exhaustive", "hierarchical", "binary")
 # Measured at 1M x 128 bits (README): recall@10 0.987 at ~0.13 ms a query, and
 # pools above 32 add reads without adding recall.  The README's headline also
 # narrows the coarse slices (--hash-bits 18) and bounds the pool (--radius 12).
@@ -245,7 +246,7 @@ def run_exhaustive_bench(n: int = 1_000_000, dim: int = 4096, bits: int = 128, q
         t["speedup"] = t["exhaustive"]["median_ms"] / t["hierarchical"]["median_ms"]
     result["timings"] = timings
     main = timings[str(batch)]
-    for method in METHODS:
+    for method in TIMED_SEARCHES:
         result[f"{method}_ms"] = main[method]["median_ms"]
         result[f"{method}_p95_ms"] = main[method]["p95_ms"]
         result[f"{method}_qps"] = main[method]["qps"]
@@ -291,7 +292,7 @@ def format_report(result: dict) -> str:
              f"coarse={_coarse_text(r['coarse'])}  pool={r['pool']}"
              + (f"  radius={r['radius']}" if r.get("radius") is not None else ""),
              f"queries: {r['source']}", "", head, "-" * len(head)]
-    for method in METHODS:
+    for method in TIMED_SEARCHES:
         row = f"{method:<14}"
         for b in batches:
             s = r["timings"][str(b)][method]
@@ -334,7 +335,7 @@ def plot_scaling(results: list[dict], png) -> None:
     ns = [r["n"] for r in results]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     batches = sorted({int(b) for r in results for b in r["timings"]})
-    for method, color in zip(METHODS, ("tab:red", "tab:blue", "tab:green")):
+    for method, color in zip(TIMED_SEARCHES, ("tab:red", "tab:blue", "tab:green")):
         for b, style in zip(batches, ("o-", "s--")):
             ys = [r["timings"][str(b)][method]["median_ms"] for r in results]
             ax.plot(ns, ys, style, color=color, label=f"{method}, batch {b}")
