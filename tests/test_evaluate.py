@@ -185,6 +185,29 @@ def test_write_baseline_collection_round_trip(tmp_path, pair):
     assert res["map"] > 2 / CLASSES
 
 
+def test_write_baseline_collection_resumes_mid_block(tmp_path, pair):
+    import json
+
+    from hashsearch.shards import write_manifest
+    db, _ = pair
+    enc = fit_baseline("lsh", db.features(np.arange(db.n)), 16)
+    full = write_baseline_collection(db, tmp_path / "full", "lsh", 16, encoder=enc, block_rows=64)
+    # As if killed after the first shard: its end (201) lies inside a 64-row block.
+    (tmp_path / "cut").mkdir()
+    m = json.loads((tmp_path / "full" / "manifest.json").read_text())
+    keep = m["shards"][0]
+    assert keep["source_end"] % 64
+    (tmp_path / "cut" / "shards").mkdir()
+    (tmp_path / "cut" / keep["file"]).write_bytes((tmp_path / "full" / keep["file"]).read_bytes())
+    m.update(complete=False, shards=[keep], items=keep["rows"])
+    write_manifest(tmp_path / "cut", m)
+    resumed = write_baseline_collection(db, tmp_path / "cut", "lsh", 16, encoder=enc, block_rows=64)
+    assert resumed.n == db.n
+    np.testing.assert_array_equal(resumed.ids(), full.ids())
+    np.testing.assert_array_equal(resumed.codes(), full.codes())
+    assert resumed.paths(np.arange(db.n)) == full.paths(np.arange(db.n))
+
+
 def test_plots_write_png(tmp_path, pair):
     db, q = pair
     results = evaluate(db, q, topk=20)

@@ -23,6 +23,7 @@ import numpy as np
 from ..codes import check_bits, pack_codes
 from ..errors import HashsearchError
 from ..shards import Collection, CollectionWriter
+from ..shards.writer import rows_to_write
 from .config import BASELINES
 
 # Only for hashsearch/cli.py, which still imports the old name; everything else reads BASELINES.
@@ -104,13 +105,13 @@ def write_baseline_collection(src: Collection, out_root, method: str, bits: int,
             raise HashsearchError(f"{out_root} already holds a finished collection; use overwrite to replace it")
         resume = writer.resume_from     # rows kept from an interrupted run
         for first, block in src.iter_feature_blocks(block_rows):
-            if first + len(block) <= resume:
+            index = np.arange(first, first + len(block))
+            todo = rows_to_write(index, resume)
+            index, block = index[todo], block[todo]
+            if not len(index):
                 continue
-            block = block[max(0, resume - first):]
-            first = max(first, resume)
-            sl = slice(first, first + len(block))
             codes = encoder(np.asarray(block, np.float32))
-            writer.add(codes, block, ids[sl], labels[sl], src.paths(np.arange(sl.start, sl.stop)),
-                       source_end=sl.stop, capacity_hint=src.n - first, source_index=np.arange(sl.start, sl.stop))
+            writer.add(codes, block, ids[index], labels[index], src.paths(index), source_end=int(index[-1]) + 1,
+                       capacity_hint=src.n - int(index[0]), source_index=index)
         writer.finish(src.n)
     return Collection.open(out_root)

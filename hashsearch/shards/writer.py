@@ -418,3 +418,13 @@ class CollectionWriter:
         if exc_type is not None:
             self.abort()
         return False
+
+
+def rows_to_write(source_index, resume_from: int) -> slice:
+    """The rows of a block, given by their source indices in increasing order, that a write resumed at
+    `resume_from` (CollectionWriter.resume_from) still lacks.
+
+    A resumed run reads again the block that holds resume_from; that block's
+    rows before it are already in finished shards and must not be added twice.
+    """
+    return slice(int(np.searchsorted(np.asarray(source_index, np.int64), resume_from)), None)
