@@ -100,7 +100,7 @@ def test_hamming_distances_broadcast_over_any_leading_axes(monkeypatch, numpy_ha
 
 
 def test_rank_rejects_mismatched_bits():
-    with pytest.raises(HashsearchError):
+    with pytest.raises(HashsearchError, match=r"query codes of shape \(1, 2\) do not hold 8-bit codes"):
         rank_by_hamming(np.zeros((1, 2), np.uint8), np.zeros((4, 1), np.uint8), 2)
 
 

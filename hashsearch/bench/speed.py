@@ -128,7 +128,7 @@ def _run_child(args: dict, workdir: Path) -> dict:
 
 
 # -- the whole benchmark ---------------------------------------------------------
-def _fastest_threads(call, tries: int) -> int:
+def fastest_threads(call, tries: int) -> int:
     """1 or every core, whichever runs call() faster (best of `tries`)."""
     best = {}
     for _ in range(tries):
@@ -249,9 +249,9 @@ def _exhaustive_threads(search, batch: int, nq: int) -> dict:
     # OpenMP stalls when other processes share the cores (see Index._run), so the
     # faiss default of every core can be several times slower than one: give the
     # baseline whichever is faster here and now, and report which.
-    threads = {"1": _fastest_threads(lambda: search(0, 1), tries=2)}
+    threads = {"1": fastest_threads(lambda: search(0, 1), tries=2)}
     if batch > 1:
-        threads[str(batch)] = _fastest_threads(lambda: search(0, min(nq, batch, 64)), tries=1)
+        threads[str(batch)] = fastest_threads(lambda: search(0, min(nq, batch, 64)), tries=1)
     return threads
 
 
