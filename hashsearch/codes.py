@@ -1,4 +1,4 @@
-"""Binary hash codes: the one place that fixes their bit layout.
+"""Binary hash codes: the one place that fixes their bit layout, and their Hamming distance.
 
 A K-bit code is stored as ceil(K/8) uint8 bytes.  Bit j of the code lives in
 byte j // 8 at bit position j % 8, least significant bit first.  This is the
@@ -41,3 +41,48 @@ def unpack_codes(codes: np.ndarray, bits: int | None = None) -> np.ndarray:
     """Inverse of pack_codes: uint8 [n, B] to a boolean [n, bits] matrix (all 8 * B bits by default)."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     return np.unpackbits(codes, axis=1, bitorder="little", count=bits).astype(bool)
+
+
+def code_words(codes: np.ndarray) -> np.ndarray:
+    """Packed codes uint8 [..., B] as uint64 words [..., ceil(B/8)], the form hamming_distances reads.
+
+    The padding bytes are 0, so they add nothing to a distance; without padding
+    (B a multiple of 8, contiguous rows) the words are a view of the codes.
+    """
+    codes = np.asarray(codes, np.uint8)
+    pad = -codes.shape[-1] % 8
+    if pad:
+        codes = np.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
+    return np.ascontiguousarray(codes).view(np.uint64)
+
+
+def hamming_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamming distances between packed codes a [..., B] and b [..., B], broadcast over the leading axes as a ^ b.
+
+    a and b are uint8 codes or their code_words (convert a database once and
+    pass its words).  Small unsigned ints: uint8 up to 192-bit codes, else
+    uint16, which numpy sorts by radix.  The xor is taken a word at a time, so
+    the memory needed is a few outputs' worth, never one byte per code byte.
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    a_words, b_words = (x if x.dtype == np.uint64 else code_words(x) for x in (a, b))
+    # Words hide a few bytes of padding; uint8 codes on both sides must match exactly.
+    if a_words.shape[-1] != b_words.shape[-1] or (a.dtype == b.dtype == np.uint8 and a.shape[-1] != b.shape[-1]):
+        raise HashsearchError(f"codes of {a.shape[-1] * a.itemsize} and {b.shape[-1] * b.itemsize} bytes "
+                              f"cannot be compared")
+    words = a_words.shape[-1]
+    out = np.zeros(np.broadcast_shapes(a.shape[:-1], b.shape[:-1]), np.uint8 if words <= 3 else np.uint16)
+    for w in range(words):
+        np.add(out, _popcount(a_words[..., w] ^ b_words[..., w]), out=out)
+    return out
+
+
+# Set bits of each byte value: the popcount where numpy (< 2) has no bitwise_count.
+_BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+def _popcount(words: np.ndarray) -> np.ndarray:
+    count = getattr(np, "bitwise_count", None)     # looked up per call, so a test can take it away
+    if count is not None:
+        return count(words)
+    return _BYTE_POPCOUNT[np.ascontiguousarray(words)[..., None].view(np.uint8)].sum(-1, dtype=np.uint8)

@@ -72,11 +72,12 @@ def test_batched_search_equals_one_query_at_a_time(coll, flat, monkeypatch):
     codes, feats = make_queries(coll, nq=40)
     # split the batch across the search threads whatever this machine's core count
     monkeypatch.setattr("hashsearch.engine.index.threads_for_batch", lambda nq: 3)
+    from concurrent.futures import ThreadPoolExecutor
     submitted = []
-    submit = flat._pool.submit
-    monkeypatch.setattr(flat._pool, "submit", lambda *a: submitted.append(a) or submit(*a))
+    submit = ThreadPoolExecutor.submit
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", lambda pool, *a: submitted.append(a) or submit(pool, *a))
     batch = flat.search(codes, feats, 7, pool=60)
-    assert len(submitted) == 3
+    assert len(submitted) == 3                  # the batch really went to three search threads
     monkeypatch.undo()
     for q in range(len(codes)):
         one = flat.search(codes[q], feats[q], 7, pool=60)

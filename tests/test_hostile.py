@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import live_writer as lw
-from conftest import COLL_N, cli, hashsearch_cmd, run_process
+from conftest import COLL_N, cli, run_process
 from hashsearch import HashsearchError, Index
 
 

@@ -4,7 +4,7 @@ import struct
 import subprocess
 import sys
 import zlib
-from pathlib import Path
+
 
 import numpy as np
 import pytest
@@ -122,7 +122,7 @@ def test_image_from_array():
     assert image_from_array(np.zeros((3, 5), np.uint8)).mode == "RGB"
     im = image_from_array(np.full((3, 5, 3), 9, np.uint8))
     assert im.size == (5, 3) and np.asarray(im).max() == 9
-    with pytest.raises(HashsearchError):
+    with pytest.raises(HashsearchError, match=r"expected a uint8 HxW or HxWx3 array, got float32 \(3, 5\)"):
         image_from_array(np.zeros((3, 5), np.float32))
 
 
@@ -138,30 +138,38 @@ def _jpeg(path, size, mode="RGB", seed=0):
     return str(path)
 
 
+def _pil_calls(monkeypatch) -> list:
+    """Count decode_file's trips through PIL, the path every image can take (the fast one is for some JPEGs)."""
+    from hashsearch.encoders import preprocess
+    calls, decode = [], preprocess.decode_image
+    monkeypatch.setattr(preprocess, "decode_image", lambda data: calls.append(len(data)) or decode(data))
+    return calls
+
+
 @pytest.mark.parametrize("mode", ["RGB", "L"])
-def test_decode_file_fast_path_matches_pil(tmp_path, mode):
+def test_decode_file_fast_path_matches_pil(tmp_path, mode, monkeypatch):
     import torch
     from hashsearch.encoders import preprocess
     path = _jpeg(tmp_path / "a.jpg", 32, mode)
-    fast = preprocess._jpeg_at_size(Path(path).read_bytes(), 32)
-    assert fast is not None                                  # the fast path was taken
     slow = preprocess.to_uint8_tensor(load_image(path), 32)
-    assert torch.equal(fast, slow)
+    pil = _pil_calls(monkeypatch)
     assert torch.equal(preprocess.decode_file(path, 32), slow)
+    assert pil == []                                         # already at the size: the fast path, PIL's pixels
 
 
-def test_decode_file_falls_back_to_pil(tmp_path):
+def test_decode_file_falls_back_to_pil(tmp_path, monkeypatch):
     import torch
     from hashsearch.encoders import preprocess
+    pil = _pil_calls(monkeypatch)
     other = _jpeg(tmp_path / "b.jpg", 40)
-    assert preprocess._jpeg_at_size(Path(other).read_bytes(), 32) is None           # needs a resize: PIL path
     assert torch.equal(preprocess.decode_file(other, 32), preprocess.to_uint8_tensor(load_image(other), 32))
+    assert len(pil) == 1                                     # needs a resize: PIL path
     whole = open(_jpeg(tmp_path / "c.jpg", 32), "rb").read()
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(whole[: len(whole) // 2])
-    assert preprocess._jpeg_at_size(cut.read_bytes(), 32) is None        # truncated: PIL decides, and rejects it
-    with pytest.raises(ImageRejected):
+    with pytest.raises(ImageRejected, match="truncated"):
         preprocess.decode_file(str(cut), 32)
+    assert len(pil) == 2                                     # truncated: PIL decides, and rejects it
 
 
 def _special_file(tmp_path, kind: str) -> str:

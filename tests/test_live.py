@@ -383,3 +383,19 @@ def test_a_collection_written_before_generations_opens_and_takes_adds(tmp_path):
     lw.append(root, 1000, 10)
     with Collection.open(root) as coll:
         assert coll.ids()[-10:].tolist() == list(range(300, 310)) and coll.generation == 1
+
+
+def test_eval_refuses_deleted_items_until_compacted_and_baselines_take_no_generation_keys(tmp_path):
+    root = tmp_path / "c"
+    lw.create(root, 300)
+    Index.build(root, "flat")
+    delete_items(root, ids=[1, 2])
+    r = cli("eval", root, "--queries", root, "--mode", "bcs", "--topk", 10, ok=False)
+    assert "has deleted items" in r.stderr and "compact" in r.stderr
+    compact(root, 0.0)
+    cli("eval", root, "--queries", root, "--mode", "bcs", "--topk", 10)
+    from hashsearch.bench.baselines import write_baseline_collection
+    with Collection.open(root) as coll:
+        out = write_baseline_collection(coll, tmp_path / "lsh", "lsh", 16)
+    assert out.manifest.get("index") is None and out.manifest["generation"] >= 1 and out.items == 298
+    assert out.verify() == []

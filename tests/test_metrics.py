@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
 
-from hashsearch.bench import metrics
 from hashsearch.bench.metrics import (average_precision, mean_average_precision,
                                       precision_at_k, precision_within_radius, pr_curve_hamming,
                                       rank_by_hamming)
-from hashsearch.codes import pack_codes, unpack_codes
+from hashsearch.codes import code_words, hamming_distances, pack_codes, unpack_codes
 from hashsearch.errors import HashsearchError
 
 
@@ -67,20 +66,41 @@ def test_ties_broken_by_id_then_row():
 
 
 @pytest.mark.parametrize("bits", [24, 256])
-def test_blas_fallback_and_wide_codes_match_brute_force(monkeypatch, bits):
+@pytest.mark.parametrize("numpy_has_bitwise_count", [True, False])
+def test_wide_codes_and_numpy_1_match_brute_force(monkeypatch, bits, numpy_has_bitwise_count):
+    if not numpy_has_bitwise_count:
+        monkeypatch.delattr(np, "bitwise_count", raising=False)     # as on numpy < 2
     rng = np.random.default_rng(bits)
     q = rng.integers(0, 256, (7, bits // 8), dtype=np.uint8)
     db = rng.integers(0, 256, (150, bits // 8), dtype=np.uint8)
     ids = rng.permutation(150)
     want = brute_rank(q, db, ids)
-    for popcount in (metrics._bitwise_count, None):     # None: numpy < 2 path
-        monkeypatch.setattr(metrics, "_bitwise_count", popcount)
-        for got, exp in zip(rank_by_hamming(q, db, 40, db_ids=ids), want):
-            np.testing.assert_array_equal(got, exp[:, :40])
+    for got, exp in zip(rank_by_hamming(q, db, 40, db_ids=ids), want):
+        np.testing.assert_array_equal(got, exp[:, :40])
+
+
+@pytest.mark.parametrize("numpy_has_bitwise_count", [True, False])
+def test_hamming_distances_broadcast_over_any_leading_axes(monkeypatch, numpy_has_bitwise_count):
+    if not numpy_has_bitwise_count:
+        monkeypatch.delattr(np, "bitwise_count", raising=False)
+    rng = np.random.default_rng(1)
+    for k in (12, 64, 200, 4096):
+        q = pack_codes(rng.random((5, k)) > 0.5)
+        rows = pack_codes(rng.random((5 * 9, k)) > 0.5).reshape(5, 9, -1)
+        want = (unpack_codes(q)[:, None, :] != unpack_codes(rows.reshape(45, -1)).reshape(5, 9, -1)).sum(-1)
+        # the engine's shape: each query against its own candidates
+        np.testing.assert_array_equal(hamming_distances(q[:, None, :], rows), want)
+        # the scanner's: every query against every row, the rows given as words
+        flat = rows.reshape(45, -1)
+        all_pairs = hamming_distances(code_words(q)[:, None, :], code_words(flat)[None])
+        np.testing.assert_array_equal(all_pairs.reshape(5, 5, 9)[np.arange(5), np.arange(5)], want)
+        assert all_pairs.max() <= k
+    with pytest.raises(HashsearchError, match="codes of 9 and 10 bytes cannot be compared"):
+        hamming_distances(np.zeros((1, 9), np.uint8), np.zeros((1, 10), np.uint8))
 
 
 def test_rank_rejects_mismatched_bits():
-    with pytest.raises(HashsearchError):
+    with pytest.raises(HashsearchError, match=r"query codes of shape \(1, 2\) do not hold 8-bit codes"):
         rank_by_hamming(np.zeros((1, 2), np.uint8), np.zeros((4, 1), np.uint8), 2)
 
 

@@ -22,12 +22,9 @@ import numpy as np
 
 from ..codes import check_bits, pack_codes
 from ..errors import HashsearchError
+from ..config import BASELINES
 from ..shards import Collection, CollectionWriter
-
-METHODS = ("lsh", "itq")
-# Manifest keys the writer owns; everything else is carried over from the source collection.
-_WRITER_KEYS = {"format", "version", "complete", "bits", "feature_dim", "feature_dtype",
-                "shard_size", "items", "rejected", "shards"}
+from ..shards.writer import WRITER_KEYS, rows_to_write
 
 Encoder = Callable[[np.ndarray], np.ndarray]
 
@@ -51,7 +48,7 @@ def fit_baseline(method: str, train_feats: np.ndarray, bits: int, seed: int = 0)
         itq.itq.seed = int(seed)
         itq.train(x)
         return lambda f: pack_codes(itq.apply(np.ascontiguousarray(f, np.float32)) >= 0)
-    raise HashsearchError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    raise HashsearchError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}")
 
 
 def lsh_codes(train_feats: np.ndarray, feats: np.ndarray, bits: int, seed: int = 0) -> np.ndarray:
@@ -89,7 +86,7 @@ def write_baseline_collection(src: Collection, out_root, method: str, bits: int,
     if encoder is None:
         encoder = fit_baseline(method, training_features(train_coll or src, seed=seed), bits, seed)
     trained_on = str((train_coll or src).root)
-    meta = {k: v for k, v in src.manifest.items() if k not in _WRITER_KEYS}
+    meta = {k: v for k, v in src.manifest.items() if k not in WRITER_KEYS}     # the rest describes the items
     meta["model_fingerprint"] = f"baseline:{method}:{bits}:seed={seed}:trained_on={trained_on}"
     meta["baseline"] = {"method": method, "bits": int(bits), "seed": int(seed), "trained_on": trained_on,
                         "source_collection": str(src.root)}
@@ -102,13 +99,13 @@ def write_baseline_collection(src: Collection, out_root, method: str, bits: int,
             raise HashsearchError(f"{out_root} already holds a finished collection; use overwrite to replace it")
         resume = writer.resume_from     # rows kept from an interrupted run
         for first, block in src.iter_feature_blocks(block_rows):
-            if first + len(block) <= resume:
+            index = np.arange(first, first + len(block))
+            todo = rows_to_write(index, resume)
+            index, block = index[todo], block[todo]
+            if not len(index):
                 continue
-            block = block[max(0, resume - first):]
-            first = max(first, resume)
-            sl = slice(first, first + len(block))
             codes = encoder(np.asarray(block, np.float32))
-            writer.add(codes, block, ids[sl], labels[sl], src.paths(np.arange(sl.start, sl.stop)),
-                       source_end=sl.stop, capacity_hint=src.n - first, source_index=np.arange(sl.start, sl.stop))
+            writer.add(codes, block, ids[index], labels[index], src.paths(index), source_end=int(index[-1]) + 1,
+                       capacity_hint=src.n - int(index[0]), source_index=index)
         writer.finish(src.n)
     return Collection.open(out_root)

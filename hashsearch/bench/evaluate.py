@@ -4,8 +4,8 @@ Three rankings of the whole database per query, as in the paper:
   bcs  Hamming distance of the codes, ties by database id.
   es   exact squared L2 between F7 features.
   hds  the `pool` nearest codes by Hamming, reranked by L2 on F7, followed
-       by the rest of the Hamming ranking.  The default pool, max(topk, 1000),
-       is at least topk so that mAP@topk and P@topk are measured on reranked
+       by the rest of the Hamming ranking.  The default pool
+       (EvalConfig.hds_pool) is at least topk so that mAP@topk and P@topk are measured on reranked
        results only; with pool == topk, hds returns the same set as bcs and
        differs only in order, a larger pool lets F7 pull in items bcs missed.
 
@@ -30,24 +30,23 @@ dropped once scored, so map_all (full-length rankings) never needs an
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
-from ..config import EvalConfig
+from ..codes import check_bits
+from ..config import BASELINES, EVAL_MODES, EvalConfig
 from ..errors import HashsearchError
 from ..shards import Collection
-from ..codes import check_bits
-from .baselines import METHODS, fit_baseline, training_features
-from .metrics import HammingScanner, QUERY_BLOCK, average_precision, pr_curve_hamming, precision_within_radius
-
-MODES = ("bcs", "es", "hds")
-DEFAULT_POOL = 1000
+from .baselines import fit_baseline, training_features
+from .metrics import (HammingScanner, QUERY_BLOCK, average_precision, pr_curve_hamming, precision_at_k,
+                      precision_within_radius)
 
 
-def evaluate(database: Collection, queries: Collection, modes=("bcs", "es", "hds"), topk: int = 1000,
-             pool: int | None = None, map_all: bool = False, baselines=(), baseline_bits: int | None = None,
-             baseline_seed: int = 0) -> list[dict]:
+def evaluate(database: Collection, queries: Collection, modes=EVAL_MODES, topk: int = EvalConfig.topk,
+             pool: int | None = EvalConfig.pool, map_all: bool = EvalConfig.map_all, baselines=(),
+             baseline_bits: int | None = None, baseline_seed: int = 0) -> list[dict]:
     """One dict per mode, then one per baseline: mode, map, precision_at_k
     {"1": P@1, ..., str(topk): P@topk}, precision_hamming2 (None for es, which
     uses no codes), n_queries, n_database, topk, bits, pool (hds only),
@@ -57,95 +56,150 @@ def evaluate(database: Collection, queries: Collection, modes=("bcs", "es", "hds
     `map` is mAP@topk (AP normalised by the relevant items within the top
     topk) or, with map_all, mAP over the full ranking.
     """
-    modes, baselines = tuple(modes), tuple(baselines)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise HashsearchError(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
-    unknown = [m for m in baselines if m not in METHODS]
-    if unknown:
-        raise HashsearchError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    for coll in (database, queries):
+        if len(coll.deleted_rows):      # rankings and labels would count items that are gone
+            raise HashsearchError(f"{coll.root} has deleted items; run `hashsearch compact {coll.root} --threshold 0` "
+                                  "before evaluating it")
+    modes, baselines = _known(modes, EVAL_MODES, "mode"), _known(baselines, BASELINES, "baseline")
+    # int() as before: numpy integers and whole floats from library callers stay accepted.
+    settings = EvalConfig(topk=int(topk), pool=None if pool is None else int(pool), map_all=bool(map_all))
     baseline_bits = database.bits if baseline_bits is None else check_bits(baseline_bits)
-    if topk <= 0:
-        raise HashsearchError(f"topk must be positive, got {topk}")
-    if database.bits != queries.bits:
-        raise HashsearchError(f"queries have {queries.bits}-bit codes, the database {database.bits}-bit")
     needs_features = any(m in ("es", "hds") for m in modes)
-    if (needs_features or baselines) and database.feature_dim != queries.feature_dim:
-        raise HashsearchError(f"queries have {queries.feature_dim}-d features, the database {database.feature_dim}-d")
-    pool = max(topk, DEFAULT_POOL) if pool is None else int(pool)
-    if pool <= 0:
-        raise HashsearchError(f"pool must be positive, got {pool}")
-
-    _check_comparable(database, queries)
-    q_labels, db_labels = _labels(queries, "query"), _labels(database, "database")
-    n, nq = database.n, queries.n
-    topk = min(int(topk), n)
-    depth = n if map_all else topk
-    n_rel = _relevant_counts(q_labels, db_labels) if map_all else None
-
+    _check_comparable(database, queries, needs_features or bool(baselines))
+    protocol = _Protocol.of(queries, database, settings)
     q_codes, db_codes = queries.codes(), database.codes()
-    scan = HammingScanner(db_codes, database.ids())
-    q_feats = db_feats = db_sq = None
-    if needs_features:
-        q_feats, db_feats = _all_features(queries), _all_features(database)
-        db_sq = np.einsum("ij,ij->i", db_feats, db_feats)
-    p_h2 = precision_within_radius(q_codes, db_codes, q_labels, db_labels, 2) if set(modes) - {"es"} else None
-
-    def rank_bcs(a, b):
-        return scan.topk(q_codes[a:b], depth)[0]
-
-    def rank_es(a, b):
-        # |q|^2 is constant per query, so it does not change the order.
-        key = q_feats[a:b] @ db_feats.T
-        key *= -2
-        key += db_sq
-        return _smallest_k(key, depth)
-
-    def rank_hds(a, b):
-        cand = scan.topk(q_codes[a:b], max(pool, depth))[0]
-        p = min(pool, cand.shape[1])
-        head = np.ascontiguousarray(cand[:, :p])
-        qf = np.ascontiguousarray(q_feats[a:b])
-        # faiss reads each candidate's row in place; a numpy gather would copy pool x D floats per query.
-        dist = np.empty(head.shape, np.float32)
-        faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(dist), faiss.swig_ptr(qf), faiss.swig_ptr(db_feats),
-                                faiss.swig_ptr(head), qf.shape[1], len(head), p)
-        # Ties in L2 keep their Hamming order.
-        order = np.lexsort((np.broadcast_to(np.arange(p), head.shape), dist), axis=1)
-        cand[:, :p] = np.take_along_axis(head, order, 1)
-        return cand[:, :depth]
-
-    def score(mode, rank, start, p_h2, bits, **extra) -> dict:
-        ap_sum, hits = 0.0, np.zeros(topk)
-        for a in range(0, nq, QUERY_BLOCK):
-            b = min(nq, a + QUERY_BLOCK)
-            rel = db_labels[rank(a, b)] == q_labels[a:b, None]
-            ap_sum += average_precision(rel, None if n_rel is None else n_rel[a:b]).sum()
-            hits += np.cumsum(rel[:, :topk], axis=1).sum(0)
-        p_at_k = hits / nq / np.arange(1, topk + 1)
-        return {
-            "mode": mode, "map": float(ap_sum / nq), "map_all": bool(map_all),
-            "precision_at_k": {str(k + 1): float(v) for k, v in enumerate(p_at_k)},
-            "precision_hamming2": p_h2,
-            "n_queries": nq, "n_database": n, "topk": topk, "bits": bits,
-            "pool": pool if mode == "hds" else None,
-            "seconds": round(time.perf_counter() - start, 3), **extra,
-        }
-
-    rankers = {"bcs": rank_bcs, "es": rank_es, "hds": rank_hds}
-    results = [score(mode, rankers[mode], time.perf_counter(), None if mode == "es" else p_h2, database.bits)
+    q_feats, db_feats = (_all_features(queries), _all_features(database)) if needs_features else (None, None)
+    rankers = _rankers(q_codes, q_feats, HammingScanner(db_codes, database.ids()), db_feats,
+                       settings.hds_pool(), protocol.depth)
+    p_h2 = precision_within_radius(q_codes, db_codes, protocol.q_labels, protocol.db_labels, 2) \
+        if set(modes) - {"es"} else None
+    results = [_result(protocol, mode, rankers[mode], time.perf_counter(), database.bits,
+                       None if mode == "es" else p_h2, settings.hds_pool() if mode == "hds" else None)
                for mode in modes]
-    for method in baselines:
-        start = time.perf_counter()
-        encoder = fit_baseline(method, training_features(database, seed=baseline_seed, feats=db_feats),
-                               baseline_bits, baseline_seed)
-        b_db, b_q = _encode(encoder, database, db_feats), _encode(encoder, queries, q_feats)
-        fit_seconds = round(time.perf_counter() - start, 3)
-        b_scan = HammingScanner(b_db, database.ids())
-        b_h2 = precision_within_radius(b_q, b_db, q_labels, db_labels, 2)
-        results.append(score(method, lambda a, b: b_scan.topk(b_q[a:b], depth)[0], start, b_h2, baseline_bits,
-                             method=method, seed=int(baseline_seed), fit_seconds=fit_seconds))
-    return results
+    return results + [_baseline_result(protocol, method, database, queries, db_feats, q_feats, baseline_bits,
+                                       baseline_seed) for method in baselines]
+
+
+# -- the rankings: query arrays and database arrays in, database rows [nq, depth] out, nearest first -----------
+def rank_bcs(query_codes: np.ndarray, scanner: HammingScanner, depth: int) -> np.ndarray:
+    """Rows by Hamming distance of the codes; ties by database id (the scanner's order)."""
+    return scanner.topk(query_codes, depth)[0]
+
+
+def rank_es(query_feats: np.ndarray, db_feats: np.ndarray, depth: int,
+            db_sq_norms: np.ndarray | None = None) -> np.ndarray:
+    """Rows by exact squared L2 on F7; ties by row.  Pass db_sq_norms to reuse them across query blocks."""
+    if db_sq_norms is None:
+        db_sq_norms = np.einsum("ij,ij->i", db_feats, db_feats)
+    # |q|^2 is constant per query, so it does not change the order.
+    key = query_feats @ db_feats.T
+    key *= -2
+    key += db_sq_norms
+    return _smallest_k(key, depth)
+
+
+def rank_hds(query_codes: np.ndarray, query_feats: np.ndarray, scanner: HammingScanner, db_feats: np.ndarray,
+             pool: int, depth: int) -> np.ndarray:
+    """The `pool` nearest rows by Hamming reranked by L2 on F7, then the rest of the Hamming ranking."""
+    rows = scanner.topk(query_codes, max(pool, depth))[0]
+    head = np.ascontiguousarray(rows[:, :min(pool, rows.shape[1])])
+    rows[:, :head.shape[1]] = np.take_along_axis(head, _l2_order(query_feats, db_feats, head), 1)
+    return rows[:, :depth]
+
+
+def _l2_order(query_feats: np.ndarray, db_feats: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Per query, the order of its candidate rows [nq, p] by squared L2; ties keep the given order."""
+    qf = np.ascontiguousarray(query_feats, np.float32)
+    dist = np.empty(candidates.shape, np.float32)
+    # faiss reads each candidate's row in place; a numpy gather would copy pool x D floats per query.
+    faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(dist), faiss.swig_ptr(qf), faiss.swig_ptr(db_feats),
+                            faiss.swig_ptr(candidates), qf.shape[1], len(candidates), candidates.shape[1])
+    return np.lexsort((np.broadcast_to(np.arange(candidates.shape[1]), candidates.shape), dist), axis=1)
+
+
+def score(rows: np.ndarray, query_labels: np.ndarray, db_labels: np.ndarray, topk: int,
+          n_relevant: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(AP of each query float64 [nq], mean P@1..topk float64 [topk]) of ranked database rows [nq, depth].
+
+    An item is relevant when it has the query's label.  AP is normalised by the
+    relevant items within the depth, or by `n_relevant` [nq] (each query's
+    relevant items in the whole database) for mAP over full-length rankings.
+    """
+    relevant = db_labels[rows] == query_labels[:, None]
+    return average_precision(relevant, n_relevant), precision_at_k(relevant[:, :topk])
+
+
+# -- the orchestration -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Protocol:
+    """What every ranking is scored against, whichever codes made it."""
+    q_labels: np.ndarray
+    db_labels: np.ndarray
+    topk: int                       # capped at the database size
+    depth: int                      # topk, or the whole database with map_all
+    n_relevant: np.ndarray | None   # with map_all: AP's denominator per query
+    map_all: bool
+
+    @classmethod
+    def of(cls, queries: Collection, database: Collection, settings: EvalConfig) -> _Protocol:
+        q_labels, db_labels = _labels(queries, "query"), _labels(database, "database")
+        topk = min(settings.topk, database.n)
+        if not settings.map_all:
+            return cls(q_labels, db_labels, topk, topk, None, False)
+        return cls(q_labels, db_labels, topk, database.n, _relevant_counts(q_labels, db_labels), True)
+
+
+def _rankers(q_codes, q_feats, scanner, db_feats, pool: int, depth: int) -> dict:
+    """Per mode, rank(a, b): the rankings of queries a..b."""
+    db_sq_norms = None if db_feats is None else np.einsum("ij,ij->i", db_feats, db_feats)
+    return {"bcs": lambda a, b: rank_bcs(q_codes[a:b], scanner, depth),
+            "es": lambda a, b: rank_es(q_feats[a:b], db_feats, depth, db_sq_norms),
+            "hds": lambda a, b: rank_hds(q_codes[a:b], q_feats[a:b], scanner, db_feats, pool, depth)}
+
+
+def _mean_scores(protocol: _Protocol, rank) -> tuple[float, np.ndarray]:
+    """mAP and mean P@1..topk over all queries, ranked a block at a time: map_all never holds an [nq, n] array."""
+    nq = len(protocol.q_labels)
+    ap_sum, p_sum = 0.0, np.zeros(protocol.topk)
+    for a in range(0, nq, QUERY_BLOCK):
+        b = min(nq, a + QUERY_BLOCK)
+        n_rel = None if protocol.n_relevant is None else protocol.n_relevant[a:b]
+        ap, p = score(rank(a, b), protocol.q_labels[a:b], protocol.db_labels, protocol.topk, n_rel)
+        ap_sum, p_sum = ap_sum + ap.sum(), p_sum + p * (b - a)
+    return float(ap_sum / nq), p_sum / nq
+
+
+def _result(protocol: _Protocol, mode: str, rank, start: float, bits: int, p_h2: float | None,
+            pool: int | None, **extra) -> dict:
+    map_, p_at_k = _mean_scores(protocol, rank)
+    return {
+        "mode": mode, "map": map_, "map_all": protocol.map_all,
+        "precision_at_k": {str(k + 1): float(v) for k, v in enumerate(p_at_k)},
+        "precision_hamming2": p_h2,
+        "n_queries": len(protocol.q_labels), "n_database": len(protocol.db_labels), "topk": protocol.topk,
+        "bits": bits, "pool": pool, "seconds": round(time.perf_counter() - start, 3), **extra,
+    }
+
+
+def _baseline_result(protocol: _Protocol, method: str, database: Collection, queries: Collection,
+                     db_feats: np.ndarray | None, q_feats: np.ndarray | None, bits: int, seed: int) -> dict:
+    """Fit `method` on the database's F7, encode both sides, rank like bcs; `seconds` includes the fit."""
+    start = time.perf_counter()
+    encoder = fit_baseline(method, training_features(database, seed=seed, feats=db_feats), bits, seed)
+    b_db, b_q = _encode(encoder, database, db_feats), _encode(encoder, queries, q_feats)
+    fit_seconds = round(time.perf_counter() - start, 3)
+    scanner = HammingScanner(b_db, database.ids())
+    p_h2 = precision_within_radius(b_q, b_db, protocol.q_labels, protocol.db_labels, 2)
+    return _result(protocol, method, lambda a, b: rank_bcs(b_q[a:b], scanner, protocol.depth), start, bits, p_h2,
+                   None, method=method, seed=int(seed), fit_seconds=fit_seconds)
+
+
+def _known(names, allowed: tuple, what: str) -> tuple:
+    names = tuple(names)
+    unknown = [m for m in names if m not in allowed]
+    if unknown:
+        raise HashsearchError(f"unknown {what} {unknown[0]!r}; choose from {', '.join(allowed)}")
+    return names
 
 
 def _encode(encoder, coll: Collection, feats: np.ndarray | None) -> np.ndarray:
@@ -165,8 +219,12 @@ def _smallest_k(key: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, 1).astype(np.int64)
 
 
-def _check_comparable(database: Collection, queries: Collection) -> None:
+def _check_comparable(database: Collection, queries: Collection, features: bool) -> None:
     """Codes from two models, or labels numbered from two class lists, would give meaningless scores."""
+    if database.bits != queries.bits:
+        raise HashsearchError(f"queries have {queries.bits}-bit codes, the database {database.bits}-bit")
+    if features and database.feature_dim != queries.feature_dim:
+        raise HashsearchError(f"queries have {queries.feature_dim}-d features, the database {database.feature_dim}-d")
     a, b = database.manifest, queries.manifest
     if a.get("model_fingerprint") != b.get("model_fingerprint"):
         raise HashsearchError(f"{queries.root} and {database.root} were encoded by different models")

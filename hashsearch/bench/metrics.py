@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..codes import unpack_codes
+from ..codes import code_words, hamming_distances
 from ..errors import HashsearchError
 
 # Keeps one block's [block, n] intermediates near 100 MB at 50k database rows.
@@ -22,11 +22,10 @@ QUERY_BLOCK = 256
 class HammingScanner:
     """Hamming distances and rankings from query blocks to a fixed database.
 
-    Codes are held as uint64 words so a distance is a popcount of xors
-    (np.bitwise_count, numpy >= 2; older numpy falls back to one BLAS product
-    over unpacked bits, using |a xor b| = |a| + |b| - 2 a.b).  With ids, the
-    database is stored in id order: a stable sort of the small-integer
-    distances (numpy uses radix sort for them) then breaks ties by id for free.
+    The database is converted to uint64 words once (hashsearch.codes.code_words),
+    so each block costs one popcount of xors per word.  With ids, the database
+    is stored in id order: a stable sort of the small-integer distances (numpy
+    uses radix sort for them) then breaks ties by id for free.
     """
 
     def __init__(self, db_codes: np.ndarray, db_ids: np.ndarray | None = None):
@@ -40,12 +39,7 @@ class HammingScanner:
                 raise HashsearchError(f"{len(db_ids)} database ids for {self.n} codes")
             self.perm = np.argsort(db_ids, kind="stable")
             db_codes = db_codes[self.perm]
-        self.dtype = np.uint8 if self.bits < 256 else np.uint16
-        if _bitwise_count is not None:
-            self.words = _as_words(db_codes)
-        else:
-            self.bits_t = np.ascontiguousarray(unpack_codes(db_codes).T, dtype=np.float32)
-            self.weight = self.bits_t.sum(0)
+        self.words = code_words(db_codes)
 
     def distances(self, query_codes: np.ndarray) -> np.ndarray:
         """[nq, n] small unsigned ints, columns in the scanner's order (id order when ids were given)."""
@@ -53,19 +47,7 @@ class HammingScanner:
         if query_codes.ndim != 2 or query_codes.shape[1] * 8 != self.bits:
             raise HashsearchError(f"query codes of shape {query_codes.shape} do not hold "
                                   f"{self.bits}-bit codes like the database")
-        if _bitwise_count is None:
-            q = unpack_codes(query_codes).astype(np.float32)
-            d = q @ self.bits_t
-            d *= -2
-            d += q.sum(1, keepdims=True)
-            d += self.weight
-            return np.rint(d, out=d).astype(self.dtype)
-        q = _as_words(query_codes)
-        out = None
-        for w in range(q.shape[1]):
-            part = _bitwise_count(np.bitwise_xor(q[:, w, None], self.words[None, :, w]))
-            out = part.astype(self.dtype) if out is None else np.add(out, part, out=out)
-        return out
+        return hamming_distances(code_words(query_codes)[:, None, :], self.words[None])
 
     def topk(self, query_codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows int64 [nq, k], hamming int32 [nq, k]), nearest first, ties by id."""
@@ -73,17 +55,6 @@ class HammingScanner:
         cols = np.argsort(dist, axis=1, kind="stable")[:, :min(int(k), self.n)]
         ham = np.take_along_axis(dist, cols, 1).astype(np.int32)
         return (cols if self.perm is None else self.perm[cols]), ham
-
-
-_bitwise_count = getattr(np, "bitwise_count", None)
-
-
-def _as_words(codes: np.ndarray) -> np.ndarray:
-    """uint8 [n, B] to uint64 [n, ceil(B/8)]; zero padding adds nothing to a xor's popcount."""
-    pad = -codes.shape[1] % 8
-    if pad:
-        codes = np.pad(codes, ((0, 0), (0, pad)))
-    return np.ascontiguousarray(codes).view(np.uint64)
 
 
 def rank_by_hamming(query_codes: np.ndarray, db_codes: np.ndarray, topk: int,

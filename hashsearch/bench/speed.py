@@ -33,16 +33,13 @@ from ..engine.threads import MAX_THREADS, faiss_threads
 from ..errors import HashsearchError
 from ..shards import SHARD_DIR, Collection
 from ..shards.manifest import disk_bytes
+from ..config import ExhaustiveBenchConfig
 from .synthetic import SyntheticSpec, default_cache_root, generate_collection, make_queries
 from .sysinfo import machine_info, peak_rss_mb, rss_breakdown_mb
 
 K = 10
-METHODS = ("exhaustive", "hierarchical", "binary")
-# Measured at 1M x 128 bits (README): recall@10 0.987 at ~0.13 ms a query, and
-# pools above 32 add reads without adding recall.  The README's headline also
-# narrows the coarse slices (--hash-bits 18) and bounds the pool (--radius 12).
-DEFAULT_COARSE = "multihash"
-DEFAULT_POOL = 32
+# The searches every run times, in the order they are reported.
+TIMED_SEARCHES = ("exhaustive", "hierarchical", "binary")
 # Repeat a timed pass until it has run this long (more samples for fast methods) ...
 MIN_TIMED_SECONDS = 1.0
 # ... and time batch-1 exhaustive search only until this budget is spent (1.5 s a query at 1M).
@@ -131,7 +128,7 @@ def _run_child(args: dict, workdir: Path) -> dict:
 
 
 # -- the whole benchmark ---------------------------------------------------------
-def _fastest_threads(call, tries: int) -> int:
+def fastest_threads(call, tries: int) -> int:
     """1 or every core, whichever runs call() faster (best of `tries`)."""
     best = {}
     for _ in range(tries):
@@ -143,122 +140,171 @@ def _fastest_threads(call, tries: int) -> int:
     return min(best, key=best.get)
 
 
-def _setup(collection, n, dim, bits, queries, seed, cache_dir, progress) -> dict:
+def _setup(cfg: ExhaustiveBenchConfig, cache_dir: Path, progress: bool) -> dict:
     """The collection and the queries: held-out synthetic ones, or a seeded sample of a real collection's rows."""
-    if collection is not None:
-        coll = Collection.open(collection)
-        rows = np.sort(np.random.default_rng(seed).choice(coll.n, min(queries, coll.n), replace=False))
+    if cfg.collection is not None:
+        coll = Collection.open(cfg.collection)
+        rows = np.sort(np.random.default_rng(cfg.seed).choice(coll.n, min(cfg.queries, coll.n), replace=False))
         return {"coll": coll, "codes": coll.codes()[rows], "features": coll.features(rows), "query_rows": rows,
                 "source": "collection rows (each query is also in the database, so it is its own top hit)",
                 "generate_seconds": None}
-    spec = SyntheticSpec(n=n, dim=dim, bits=bits, seed=seed)
+    spec = SyntheticSpec(n=cfg.n, dim=cfg.dim, bits=cfg.bits, seed=cfg.seed)
     t = time.perf_counter()
-    coll = generate_collection(Path(cache_dir) / spec.name, n, dim, bits, seed, progress=progress)
+    coll = generate_collection(cache_dir / spec.name, cfg.n, cfg.dim, cfg.bits, cfg.seed, progress=progress)
     seconds = time.perf_counter() - t
     _log(progress, f"collection {coll.root} ready in {seconds:.1f} s")
-    codes, feats, _ = make_queries(coll, queries, seed)
+    codes, feats, _ = make_queries(coll, cfg.queries, cfg.seed)
     return {"coll": coll, "codes": codes, "features": feats, "query_rows": None, "generate_seconds": seconds,
             "source": "synthetic: held-out fresh members of near-duplicate groups"}
 
 
-def run_exhaustive_bench(n: int = 1_000_000, dim: int = 4096, bits: int = 128, queries: int = 200,
-                         batch: int = 256, pool: int | None = None, radius: int | None = None,
-                         coarse: str | None = None, collection=None,
-                         seed: int = 0, cache_dir=None, exhaustive_queries: int | None = None,
-                         progress: bool = True, hash_bits: int | None = None, nhash: int | None = None,
-                         nflip: int | None = None) -> dict:
+def run_exhaustive_bench(n: int = ExhaustiveBenchConfig.n, dim: int = ExhaustiveBenchConfig.dim,
+                         bits: int = ExhaustiveBenchConfig.bits, queries: int = ExhaustiveBenchConfig.queries,
+                         batch: int = ExhaustiveBenchConfig.batch, pool: int | None = ExhaustiveBenchConfig.pool,
+                         radius: int | None = ExhaustiveBenchConfig.radius,
+                         coarse: str | None = ExhaustiveBenchConfig.coarse, collection=ExhaustiveBenchConfig.collection,
+                         seed: int = ExhaustiveBenchConfig.seed, cache_dir=ExhaustiveBenchConfig.cache_dir,
+                         exhaustive_queries: int | None = None, progress: bool = True,
+                         hash_bits: int | None = ExhaustiveBenchConfig.hash_bits,
+                         nhash: int | None = ExhaustiveBenchConfig.nhash,
+                         nflip: int | None = ExhaustiveBenchConfig.nflip) -> dict:
     """Time exhaustive, hierarchical and binary search; see the module docstring.
 
     `exhaustive_queries` caps the batch-1 exhaustive timing (default: as many
     queries as fit in EXHAUSTIVE_BUDGET_SECONDS, at least 3); its top-10 for
-    every query still comes from the batched pass.  pool and coarse default to
-    DEFAULT_POOL and DEFAULT_COARSE, the settings recommended for 1M rows;
-    `radius` drops the pool's candidates beyond that Hamming distance, the
-    paper's threshold (Index.search's radius).
+    every query still comes from the batched pass.  A setting given as None
+    takes ExhaustiveBenchConfig's default (pool and coarse: those recommended
+    for 1M rows; the README's headline also narrows the coarse slices with
+    hash_bits=18 and bounds the pool with radius=12).  `radius` drops the
+    pool's candidates beyond that Hamming distance, the paper's threshold
+    (Index.search's radius).
     """
-    pool, coarse = pool or DEFAULT_POOL, coarse or DEFAULT_COARSE
-    if batch < 1 or queries < 1 or pool < 1:
-        raise HashsearchError("batch, queries and pool must be positive")
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_root()
+    cfg = _settings(n=n, dim=dim, bits=bits, queries=queries, batch=batch, pool=pool, radius=radius, coarse=coarse,
+                    collection=collection, seed=seed, cache_dir=cache_dir, hash_bits=hash_bits, nhash=nhash,
+                    nflip=nflip)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_root()
     cache_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    setup = _setup(collection, n, dim, bits, queries, seed, cache_dir, progress)
-    coll, qcodes, qfeats = setup["coll"], setup["codes"], setup["features"]
-    nq = len(qcodes)
-    batches = [1] if batch == 1 else [1, batch]
-    result = {"n": coll.n, "dim": coll.feature_dim, "bits": coll.bits, "k": K, "queries": nq, "batch": batch,
-              "pool": pool, "radius": radius, "source": setup["source"], "collection": str(coll.root), "seed": seed,
-              "generate_seconds": setup["generate_seconds"], "collection_bytes": disk_bytes(coll.root / SHARD_DIR)}
-    if setup["query_rows"] is not None:
-        result["query_rows"] = setup["query_rows"].tolist()
-
+    setup = _setup(cfg, cache_dir, progress)
+    batches = [1] if cfg.batch == 1 else [1, cfg.batch]
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix="bench-run-") as tmp:
-        tmp = Path(tmp)
-        params = {k: v for k, v in (("hash_bits", hash_bits), ("nhash", nhash), ("nflip", nflip)) if v is not None}
-        _log(progress, f"building {coarse} index over {coll.n:,} codes")
-        t = time.perf_counter()
-        index = Index.build(coll, coarse, out=tmp / "index", **params)
-        result["build_seconds"] = time.perf_counter() - t
-        result["coarse"] = index.meta["coarse"]
-        result["index_bytes"] = disk_bytes(tmp / "index")
-        del index
-        np.savez(tmp / "queries.npz", codes=qcodes, features=qfeats)
-        _log(progress, f"hierarchical and binary search in a child process ({nq} queries, pool {pool})")
-        child = _run_child({"collection": str(coll.root), "index_dir": str(tmp / "index"),
-                            "queries": str(tmp / "queries.npz"), "pool": pool, "radius": radius, "nflip": nflip,
-                            "batches": batches, "out": str(tmp / "child.out.json")}, tmp)
-
-    _log(progress, f"loading the exhaustive IndexFlatL2 ({coll.n * coll.feature_dim * 4 / 1e9:.1f} GB float32)")
-    t = time.perf_counter()
-    flat = load_flat_l2(coll)
-    result["exhaustive_load_seconds"] = time.perf_counter() - t
-    result["exhaustive_bytes"] = coll.n * coll.feature_dim * 4
-
-    def exhaustive(a, b):
-        return flat.search(qfeats[a:b], K)[1]
-
-    timings = {str(b): dict(child["timings"][str(b)]) for b in batches}
-    exhaustive(0, 1)
-    # OpenMP stalls when other processes share the cores (see Index._run), so the
-    # faiss default of every core can be several times slower than one: give the
-    # baseline whichever is faster here and now, and report which.
-    threads = result["exhaustive_threads"] = {"1": _fastest_threads(lambda: exhaustive(0, 1), tries=2)}
-    if batch > 1:
-        threads[str(batch)] = _fastest_threads(lambda: exhaustive(0, min(nq, batch, 64)), tries=1)
-        _log(progress, f"exhaustive search, batched, {threads[str(batch)]} thread(s) (also the ground truth)")
-        with faiss_threads(threads[str(batch)]):
-            timings[str(batch)]["exhaustive"], rows = time_calls(exhaustive, nq, batch, max_passes=3)
-    else:
-        with faiss_threads(MAX_THREADS):
-            rows = [exhaustive(a, a + 256) for a in range(0, nq, 256)]
-    truth = np.concatenate(rows)
-    _log(progress, f"exhaustive search, batch 1, {threads['1']} thread(s)")
-    budget = EXHAUSTIVE_BUDGET_SECONDS if exhaustive_queries is None else None
-    with faiss_threads(threads["1"]):
-        timings["1"]["exhaustive"], _ = time_calls(exhaustive, nq, 1, max_passes=1, max_queries=exhaustive_queries,
-                                                    max_seconds=budget)
-    result["exhaustive_rss_mb"] = peak_rss_mb()
-    del flat
-
-    for b in batches:
-        t = timings[str(b)]
-        t["speedup"] = t["exhaustive"]["median_ms"] / t["hierarchical"]["median_ms"]
-    result["timings"] = timings
-    main = timings[str(batch)]
-    for method in METHODS:
-        result[f"{method}_ms"] = main[method]["median_ms"]
-        result[f"{method}_p95_ms"] = main[method]["p95_ms"]
-        result[f"{method}_qps"] = main[method]["qps"]
-    result["speedup"] = main["speedup"]
-    result["speedup_batch1"] = timings["1"]["speedup"]
-    result["recall_at_10"] = recall_at(child["hds_rows"], truth)
-    result["recall_at_10_binary"] = recall_at(child["bcs_rows"], truth)
-    result["top10"] = {"exhaustive": truth.tolist(), "hierarchical": child["hds_rows"], "binary": child["bcs_rows"]}
-    for key in ("open_seconds", "rss_mb", "rss_end_mb", "mean_candidates"):
-        result[key] = child[key]
+        searched = _time_search(setup, cfg, batches, Path(tmp), progress)
+    exhaustive = _time_exhaustive(setup["coll"], setup["features"], cfg.batch, exhaustive_queries, progress)
+    result = _summary(cfg, setup, searched, exhaustive, batches)
     result["total_seconds"] = time.perf_counter() - start
     result["machine"] = machine_info()
     return result
+
+
+def _settings(**given) -> ExhaustiveBenchConfig:
+    # None is "not given" (the CLI passes None for an option left out): the config's default, checked like the rest.
+    return ExhaustiveBenchConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+# -- stage: hierarchical and binary search, timed in a child process -----------------
+def _time_search(setup: dict, cfg: ExhaustiveBenchConfig, batches: list, workdir: Path, progress: bool) -> dict:
+    """Build the coarse index in `workdir`, then run _child on it: its output plus the build's costs."""
+    coll, nq = setup["coll"], len(setup["codes"])
+    params = {k: v for k, v in (("hash_bits", cfg.hash_bits), ("nhash", cfg.nhash), ("nflip", cfg.nflip))
+              if v is not None}
+    _log(progress, f"building {cfg.coarse} index over {coll.n:,} codes")
+    t = time.perf_counter()
+    index = Index.build(coll, cfg.coarse, out=workdir / "index", **params)
+    built = {"build_seconds": time.perf_counter() - t, "coarse": index.meta["coarse"],
+             "index_bytes": disk_bytes(workdir / "index")}
+    del index
+    np.savez(workdir / "queries.npz", codes=setup["codes"], features=setup["features"])
+    _log(progress, f"hierarchical and binary search in a child process ({nq} queries, pool {cfg.pool})")
+    child = _run_child({"collection": str(coll.root), "index_dir": str(workdir / "index"),
+                        "queries": str(workdir / "queries.npz"), "pool": cfg.pool, "radius": cfg.radius,
+                        "nflip": cfg.nflip, "batches": batches, "out": str(workdir / "child.out.json")}, workdir)
+    return {**built, **child}
+
+
+# -- stage: the exhaustive baseline, which is also the ground truth --------------------
+def _time_exhaustive(coll: Collection, qfeats: np.ndarray, batch: int, exhaustive_queries: int | None,
+                     progress: bool) -> dict:
+    """Time IndexFlatL2 over every feature in RAM; its top-K of every query is the ground truth."""
+    _log(progress, f"loading the exhaustive IndexFlatL2 ({coll.n * coll.feature_dim * 4 / 1e9:.1f} GB float32)")
+    t = time.perf_counter()
+    flat = load_flat_l2(coll)
+    load_seconds = time.perf_counter() - t
+
+    def search(a, b):
+        return flat.search(qfeats[a:b], K)[1]
+
+    search(0, 1)
+    threads = _exhaustive_threads(search, batch, len(qfeats))
+    timings, truth = _ground_truth(search, len(qfeats), batch, threads, progress)
+    _log(progress, f"exhaustive search, batch 1, {threads['1']} thread(s)")
+    budget = EXHAUSTIVE_BUDGET_SECONDS if exhaustive_queries is None else None
+    with faiss_threads(threads["1"]):
+        timings["1"], _ = time_calls(search, len(qfeats), 1, max_passes=1, max_queries=exhaustive_queries,
+                                     max_seconds=budget)
+    return {"timings": timings, "truth": truth, "threads": threads, "load_seconds": load_seconds,
+            "bytes": coll.n * coll.feature_dim * 4, "rss_mb": peak_rss_mb()}
+
+
+def _exhaustive_threads(search, batch: int, nq: int) -> dict:
+    # OpenMP stalls when other processes share the cores (see Index._run), so the
+    # faiss default of every core can be several times slower than one: give the
+    # baseline whichever is faster here and now, and report which.
+    threads = {"1": fastest_threads(lambda: search(0, 1), tries=2)}
+    if batch > 1:
+        threads[str(batch)] = fastest_threads(lambda: search(0, min(nq, batch, 64)), tries=1)
+    return threads
+
+
+def _ground_truth(search, nq: int, batch: int, threads: dict, progress: bool) -> tuple[dict, np.ndarray]:
+    """The exhaustive top-K rows [nq, K], and its batched timing {str(batch): stats} when batch > 1."""
+    if batch == 1:
+        with faiss_threads(MAX_THREADS):
+            return {}, np.concatenate([search(a, a + 256) for a in range(0, nq, 256)])
+    _log(progress, f"exhaustive search, batched, {threads[str(batch)]} thread(s) (also the ground truth)")
+    with faiss_threads(threads[str(batch)]):
+        stats, rows = time_calls(search, nq, batch, max_passes=3)
+    return {str(batch): stats}, np.concatenate(rows)
+
+
+# -- stage: the result ------------------------------------------------------------------
+def _summary(cfg: ExhaustiveBenchConfig, setup: dict, searched: dict, exhaustive: dict, batches: list) -> dict:
+    """The result dict of run_exhaustive_bench: settings, costs, timings per batch, headline numbers, recall."""
+    coll = setup["coll"]
+    result = {"n": coll.n, "dim": coll.feature_dim, "bits": coll.bits, "k": K, "queries": len(setup["codes"]),
+              "batch": cfg.batch, "pool": cfg.pool, "radius": cfg.radius, "source": setup["source"],
+              "collection": str(coll.root), "seed": cfg.seed, "generate_seconds": setup["generate_seconds"],
+              "collection_bytes": disk_bytes(coll.root / SHARD_DIR)}
+    if setup["query_rows"] is not None:
+        result["query_rows"] = setup["query_rows"].tolist()
+    result.update({key: searched[key] for key in ("build_seconds", "coarse", "index_bytes")})
+    result.update(exhaustive_load_seconds=exhaustive["load_seconds"], exhaustive_bytes=exhaustive["bytes"],
+                  exhaustive_threads=exhaustive["threads"], exhaustive_rss_mb=exhaustive["rss_mb"])
+    result["timings"] = _timings(searched["timings"], exhaustive["timings"], batches)
+    result.update(_headline(result["timings"], cfg.batch))
+    truth, hds, bcs = exhaustive["truth"], searched["hds_rows"], searched["bcs_rows"]
+    result.update(recall_at_10=recall_at(hds, truth), recall_at_10_binary=recall_at(bcs, truth),
+                  top10={"exhaustive": truth.tolist(), "hierarchical": hds, "binary": bcs})
+    result.update({key: searched[key] for key in ("open_seconds", "rss_mb", "rss_end_mb", "mean_candidates")})
+    return result
+
+
+def _timings(searched: dict, exhaustive: dict, batches: list) -> dict:
+    """Per batch size: the stats of each timed search, and the speedup of hierarchical over exhaustive."""
+    timings = {}
+    for b in map(str, batches):
+        t = timings[b] = {**searched[b], "exhaustive": exhaustive[b]}
+        t["speedup"] = t["exhaustive"]["median_ms"] / t["hierarchical"]["median_ms"]
+    return timings
+
+
+def _headline(timings: dict, batch: int) -> dict:
+    """The numbers at the benchmark's own batch size, flat, plus the batch-1 speedup."""
+    main = timings[str(batch)]
+    out = {}
+    for method in TIMED_SEARCHES:
+        out.update({f"{method}_ms": main[method]["median_ms"], f"{method}_p95_ms": main[method]["p95_ms"],
+                    f"{method}_qps": main[method]["qps"]})
+    return {**out, "speedup": main["speedup"], "speedup_batch1": timings["1"]["speedup"]}
 
 
 def recall_at(found, truth) -> float:
@@ -291,7 +337,7 @@ def format_report(result: dict) -> str:
              f"coarse={_coarse_text(r['coarse'])}  pool={r['pool']}"
              + (f"  radius={r['radius']}" if r.get("radius") is not None else ""),
              f"queries: {r['source']}", "", head, "-" * len(head)]
-    for method in METHODS:
+    for method in TIMED_SEARCHES:
         row = f"{method:<14}"
         for b in batches:
             s = r["timings"][str(b)][method]
@@ -334,7 +380,7 @@ def plot_scaling(results: list[dict], png) -> None:
     ns = [r["n"] for r in results]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     batches = sorted({int(b) for r in results for b in r["timings"]})
-    for method, color in zip(METHODS, ("tab:red", "tab:blue", "tab:green")):
+    for method, color in zip(TIMED_SEARCHES, ("tab:red", "tab:blue", "tab:green")):
         for b, style in zip(batches, ("o-", "s--")):
             ys = [r["timings"][str(b)][method]["median_ms"] for r in results]
             ax.plot(ns, ys, style, color=color, label=f"{method}, batch {b}")

@@ -31,6 +31,7 @@ import numpy as np
 from ..codes import check_bits, pack_codes
 from ..errors import HashsearchError
 from ..shards import Collection, CollectionWriter
+from ..shards.writer import rows_to_write
 from ..shards.manifest import read_manifest
 
 # 2: shards are page-aligned (shards.writer), so caches written before are regenerated and timed as
@@ -170,9 +171,9 @@ def generate_collection(root, n: int, dim: int = 4096, bits: int = 128, seed: in
         for b in range(start // BLOCK_ROWS, -(-n // BLOCK_ROWS)):
             first = b * BLOCK_ROWS
             x, codes, labels = model.block(b)
-            skip = max(0, start - first)
-            ids = np.arange(first + skip, first + len(x), dtype=np.int64)
-            writer.add(codes[skip:], x[skip:], ids, labels[skip:], [f"synthetic:{i}" for i in ids],
+            ids = np.arange(first, first + len(x), dtype=np.int64)
+            todo = rows_to_write(ids, start)
+            writer.add(codes[todo], x[todo], ids[todo], labels[todo], [f"synthetic:{i}" for i in ids[todo]],
                        source_end=first + len(x), capacity_hint=n - writer.rows_written)
             if progress:
                 done = first + len(x)

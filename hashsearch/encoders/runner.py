@@ -23,6 +23,7 @@ from ..config import ADD_SKIPS, EncodeConfig
 from ..errors import HashsearchError
 from ..fileio import atomic_write
 from ..shards import Collection, CollectionWriter
+from ..shards.writer import rows_to_write
 from ..shards.collection import MODEL_FILE
 from .dataset import make_loader
 from .encoder import Encoder
@@ -153,16 +154,14 @@ def _stream(encoder: Encoder, source, indices, writer: CollectionWriter, labels:
         for batch_indices, pixels, good, rejects in loader:
             sink.check()
             good = np.asarray(good, np.int64)
-            keep = good >= start                       # a resumed first batch repeats rows already written
+            new = rows_to_write(good, start)          # a resumed first batch repeats rows already written
             # Encode the whole aligned batch and drop rows afterwards: a batch of another
             # shape may take other kernels (cuDNN, GEMM blocking) and round differently,
             # and a resumed run must store exactly what an uninterrupted one would.
             codes, feats = encoder.encode_batch(pixels)
-            if not keep.all():
-                codes, feats = codes[keep], feats[keep]
-            rejects = [(i, r) for i, r in rejects if i >= start]
-            sink.put((codes, feats, good[keep], rejects, batch_indices[-1] + 1))
-            bar.update(sum(1 for i in batch_indices if i >= start))
+            rejects = rejects[rows_to_write([i for i, _ in rejects], start)]
+            sink.put((codes[new], feats[new], good[new], rejects, batch_indices[-1] + 1))
+            bar.update(len(batch_indices[rows_to_write(batch_indices, start)]))
         sink.close()
     except BaseException:
         sink.abort()

@@ -37,15 +37,42 @@ def train(cfg: TrainConfig) -> dict:
     check_output_file(cfg.out, "--out")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    source, labels, class_names = _labelled_source(cfg)
+    if cfg.precision not in ("fp32", "bf16"):
+        raise HashsearchError(f"training precision must be fp32 or bf16, got {cfg.precision!r}")
+    config, model, pretrained = _initial_model(cfg, class_names, device)
+    # read now, to fail before the slow decoding if there is nothing to resume
+    resumed = read_checkpoint(cfg.out) if cfg.resume else None
+    train_idx, val_idx = split_holdout(len(source), cfg.val_fraction, cfg.seed)
+    batches = _batch_provider(cfg, source, labels, config, model, train_idx, val_idx, device)
+    steps_per_epoch = max(1, math.ceil(len(train_idx) / cfg.batch_size))
+    optimizer, scheduler = _optimizer(cfg, model, pretrained, steps_per_epoch)
+    start_epoch, history = 0, []
+    if cfg.resume:
+        start_epoch, history = _resume(cfg, resumed, config, model, optimizer, scheduler)
+    for epoch in range(start_epoch, cfg.epochs):
+        history.append(_train_epoch(cfg, epoch, model, batches, optimizer, scheduler, steps_per_epoch))
+        _report_epoch(cfg, history[-1])
+        state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "history": history, "recipe": _recipe(cfg)}
+        save_checkpoint(cfg.out, model.cpu(), config, train_state=state)
+        to_device(model, device)
+    return {"config": config, "history": history, "rejected": batches.rejected}
+
+
+def _labelled_source(cfg: TrainConfig):
+    """(SOURCE, its labels, the class names): refused when it is empty or any item has no label."""
     source = open_source(cfg.source, data_dir=cfg.data_dir, limit=cfg.limit)
     labels = source.labels()
     if len(labels) == 0:
         raise HashsearchError(f"no images in {cfg.source}")
     if (labels < 0).any():
         raise HashsearchError("training needs class labels: use a folder with one subfolder per class, or a list file with labels")
-    class_names = source.class_names or [str(c) for c in range(int(labels.max()) + 1)]
-    if cfg.precision not in ("fp32", "bf16"):
-        raise HashsearchError(f"training precision must be fp32 or bf16, got {cfg.precision!r}")
+    return source, labels, source.class_names or [str(c) for c in range(int(labels.max()) + 1)]
+
+
+def _initial_model(cfg: TrainConfig, class_names: list, device):
+    """(config, model on `device`, whether it starts from pretrained weights): --weights, else the backbone's own."""
     weights = read_weights(cfg.weights) if cfg.weights else None
     reused = weights if is_checkpoint(weights) else None
     # a reused backbone keeps the input size it learned at
@@ -54,14 +81,11 @@ def train(cfg: TrainConfig) -> dict:
     if weights is None:
         installed = get_backbone(cfg.backbone).default_weights()
         weights = read_weights(installed) if installed else None
-    model = to_device(build_model(config, weights), device)
-    pretrained = weights is not None
+    return config, to_device(build_model(config, weights), device), weights is not None
 
-    # read now, to fail before the slow decoding if there is nothing to resume
-    resumed = read_checkpoint(cfg.out) if cfg.resume else None
-    train_idx, val_idx = split_holdout(len(source), cfg.val_fraction, cfg.seed)
-    batches = _batch_provider(cfg, source, labels, config, model, train_idx, val_idx, device)
 
+def _optimizer(cfg: TrainConfig, model, pretrained: bool, steps_per_epoch: int):
+    """AdamW, the backbone at its own rate (or frozen), and the warm-up + cosine schedule stepped per batch."""
     mult = cfg.backbone_lr_mult if cfg.backbone_lr_mult is not None else (0.1 if pretrained else 1.0)
     if cfg.freeze_backbone:
         model.backbone.requires_grad_(False)
@@ -70,47 +94,42 @@ def train(cfg: TrainConfig) -> dict:
         groups = [{"params": list(model.backbone.parameters()), "lr": cfg.lr * mult},
                   {"params": model.new_layers(), "lr": cfg.lr}]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, math.ceil(len(train_idx) / cfg.batch_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch))
+    return optimizer, scheduler
 
-    start_epoch, history = 0, []
-    if cfg.resume:
-        start_epoch, history = _resume(cfg, resumed, config, model, optimizer, scheduler)
 
+def _train_epoch(cfg: TrainConfig, epoch: int, model, batches, optimizer, scheduler, steps_per_epoch: int) -> dict:
+    """One pass over the training items; the epoch's record (loss, train and held-out accuracy, seconds)."""
+    started = time.perf_counter()
+    model.train()
+    if cfg.freeze_backbone:
+        model.backbone.eval()
     loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(start_epoch, cfg.epochs):
-        started = time.perf_counter()
-        model.train()
-        if cfg.freeze_backbone:
-            model.backbone.eval()
-        seen = correct = 0
-        total_loss = 0.0
-        bar = tqdm(batches.train(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=cfg.quiet, leave=False)
-        for x, y in bar:
-            logits = batches.logits(x).float()
-            loss = loss_fn(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            seen += len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            total_loss += loss.item() * len(y)
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-        record = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
-                  "val_acc": batches.evaluate(), "seconds": round(time.perf_counter() - started, 1)}
-        history.append(record)
-        # one line per epoch even with --quiet: a log of a long run needs it
-        val = "n/a" if record["val_acc"] is None else f"{record['val_acc']:.4f}"
-        tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  "
-                   f"train acc {record['train_acc']:.4f}  held-out acc {val}  ({record['seconds']}s)")
-        state = {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "history": history, "recipe": _recipe(cfg)}
-        save_checkpoint(cfg.out, model.cpu(), config, train_state=state)
-        to_device(model, device)
-    return {"config": config, "history": history, "rejected": batches.rejected}
+    seen = correct = 0
+    total_loss = 0.0
+    bar = tqdm(batches.train(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=cfg.quiet, leave=False)
+    for x, y in bar:
+        logits = batches.logits(x).float()
+        loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        seen += len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        total_loss += loss.item() * len(y)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "val_acc": batches.evaluate(), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _report_epoch(cfg: TrainConfig, record: dict) -> None:
+    # one line per epoch even with --quiet: a log of a long run needs it
+    val = "n/a" if record["val_acc"] is None else f"{record['val_acc']:.4f}"
+    tqdm.write(f"epoch {record['epoch']}/{cfg.epochs}  loss {record['loss']:.4f}  "
+               f"train acc {record['train_acc']:.4f}  held-out acc {val}  ({record['seconds']}s)")
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -36,7 +36,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ..codes import code_bytes
+from ..codes import code_bytes, hamming_distances
 from ..errors import HashsearchError
 from ..fileio import atomic_write_bytes, open_regular
 from ..config import MODES, IndexConfig, SearchConfig
@@ -61,12 +61,9 @@ class SearchResult:
     distances: np.ndarray   # float32 [nq, k], squared L2 on F7; nan in bcs mode
 
 
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.int32)
-
-
 def popcount_distances(query_codes: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Hamming distance of each row of `codes` [nq, k, B] to its query [nq, B]."""
-    return _POPCOUNT[np.bitwise_xor(codes, query_codes[:, None, :])].sum(-1, dtype=np.int32)
+    """Hamming distance of each row of `codes` [nq, k, B] to its query [nq, B], int32 like SearchResult.hamming."""
+    return hamming_distances(query_codes[:, None, :], codes).astype(np.int32)
 
 
 def nearest_of_ranges(lims: np.ndarray, dist: np.ndarray, labels: np.ndarray, pool: int):

@@ -28,6 +28,11 @@ from .manifest import (FEATURE_DTYPES, FORMAT, MANIFEST, VERSION, file_sha256, i
                        remove_unreferenced)
 
 SHARD_DIR = "shards"
+# Manifest keys that describe the collection's files and generations, which writers own;
+# the others (model, source, class names, ...) describe its items.
+WRITER_KEYS = frozenset({"format", "version", "complete", "generation", "bits", "feature_dim", "feature_dtype",
+                         "shard_size", "items", "deleted", "rejected", "next_id", "next_shard", "shards",
+                         "tombstones", "index"})
 REJECTS = "rejects.jsonl"
 # Keys that must match for a run to continue an existing collection.
 IDENTITY_KEYS = ("bits", "feature_dim", "feature_dtype", "model_fingerprint", "source", "shard_size", "precision")
@@ -418,3 +423,13 @@ class CollectionWriter:
         if exc_type is not None:
             self.abort()
         return False
+
+
+def rows_to_write(source_index, resume_from: int) -> slice:
+    """The rows of a block, given by their source indices in increasing order, that a write resumed at
+    `resume_from` (CollectionWriter.resume_from) still lacks.
+
+    A resumed run reads again the block that holds resume_from; that block's
+    rows before it are already in finished shards and must not be added twice.
+    """
+    return slice(int(np.searchsorted(np.asarray(source_index, np.int64), resume_from)), None)
