@@ -15,9 +15,8 @@ from .codes import check_bits
 from .errors import HashsearchError
 from .options import Options, fraction, not_negative, option, positive
 
-MODES = ("hds", "bcs", "es")                   # hierarchical, Hamming only, exhaustive L2
+MODES = ("bcs", "es", "hds")                   # Hamming only, exhaustive L2, hierarchical: eval reports them so
 COARSE_KINDS = ("flat", "hash", "multihash")    # the faiss binary indexes of the coarse level
-EVAL_MODES = ("bcs", "es", "hds")              # in the order eval reports them
 BASELINES = ("lsh", "itq")                     # codes eval can fit on F7 without training
 PRECISIONS = ("auto", "fp32", "bf16")           # auto: float16 on CUDA, float32 on a CPU
 WAIT_HELP = "If another process is writing the collection, wait for it instead of failing."
@@ -120,7 +119,7 @@ class CompactConfig(Options):
 
 @dataclass
 class EvalConfig(Options):
-    mode: str = option("all", "Ranking to score, or all of them.", choices=EVAL_MODES + ("all",))
+    mode: str = option("all", "Ranking to score, or all of them.", choices=MODES + ("all",))
     # The paper scores mAP at 1000; precision@k is reported up to the same depth.
     topk: int = option(1000, "Ranking depth for mAP and precision@k.", check=positive)
     pool: int | None = option(None, "Coarse pool of hds [max(topk, 1000)].", check=positive)
@@ -129,7 +128,7 @@ class EvalConfig(Options):
                                 "lsh,itq.")
 
     def modes(self) -> tuple:
-        return EVAL_MODES if self.mode == "all" else (self.mode,)
+        return MODES if self.mode == "all" else (self.mode,)
 
     def baseline_methods(self) -> tuple:
         methods = tuple(dict.fromkeys(b.strip().lower() for b in self.baselines.split(",") if b.strip()))

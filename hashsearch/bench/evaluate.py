@@ -36,7 +36,7 @@ import faiss
 import numpy as np
 
 from ..codes import check_bits
-from ..config import BASELINES, EVAL_MODES, EvalConfig
+from ..config import BASELINES, MODES, EvalConfig
 from ..errors import HashsearchError
 from ..shards import Collection
 from .baselines import fit_baseline, training_features
@@ -44,7 +44,7 @@ from .metrics import (HammingScanner, QUERY_BLOCK, average_precision, pr_curve_h
                       precision_within_radius)
 
 
-def evaluate(database: Collection, queries: Collection, modes=EVAL_MODES, topk: int = EvalConfig.topk,
+def evaluate(database: Collection, queries: Collection, modes=MODES, topk: int = EvalConfig.topk,
              pool: int | None = EvalConfig.pool, map_all: bool = EvalConfig.map_all, baselines=(),
              baseline_bits: int | None = None, baseline_seed: int = 0) -> list[dict]:
     """One dict per mode, then one per baseline: mode, map, precision_at_k
@@ -60,7 +60,7 @@ def evaluate(database: Collection, queries: Collection, modes=EVAL_MODES, topk: 
         if len(coll.deleted_rows):      # rankings and labels would count items that are gone
             raise HashsearchError(f"{coll.root} has deleted items; run `hashsearch compact {coll.root} --threshold 0` "
                                   "before evaluating it")
-    modes, baselines = _known(modes, EVAL_MODES, "mode"), _known(baselines, BASELINES, "baseline")
+    modes, baselines = _known(modes, MODES, "mode"), _known(baselines, BASELINES, "baseline")
     # int() as before: numpy integers and whole floats from library callers stay accepted.
     settings = EvalConfig(topk=int(topk), pool=None if pool is None else int(pool), map_all=bool(map_all))
     baseline_bits = database.bits if baseline_bits is None else check_bits(baseline_bits)

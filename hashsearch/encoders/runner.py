@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -31,6 +32,15 @@ from .sources import open_source
 
 _QUEUE_DEPTH = 4
 _DONE = object()
+
+
+class EncodedBatch(NamedTuple):
+    """What the model hands the writer thread for one loader batch."""
+    codes: np.ndarray           # uint8 [m, ceil(K/8)], the batch's good items only
+    features: np.ndarray        # float32 [m, D]
+    index: np.ndarray           # int64 [m], their positions in the SOURCE
+    rejects: list               # [(source index, reason)] of the items that could not be decoded
+    source_end: int             # the SOURCE index just past the batch
 
 
 def encode_collection(model_path, source_spec: str, out, *, log=print, **options) -> dict:
@@ -160,7 +170,7 @@ def _stream(encoder: Encoder, source, indices, writer: CollectionWriter, labels:
             # and a resumed run must store exactly what an uninterrupted one would.
             codes, feats = encoder.encode_batch(pixels)
             rejects = rejects[rows_to_write([i for i, _ in rejects], start)]
-            sink.put((codes[new], feats[new], good[new], rejects, batch_indices[-1] + 1))
+            sink.put(EncodedBatch(codes[new], feats[new], good[new], rejects, batch_indices[-1] + 1))
             bar.update(len(batch_indices[rows_to_write(batch_indices, start)]))
         sink.close()
     except BaseException:
@@ -186,13 +196,12 @@ class _WriterThread:
             while (item := self.queue.get()) is not _DONE:
                 if self.stopping:
                     continue
-                codes, feats, index, rejects, source_end = item
-                for i, reason in rejects:
+                for i, reason in item.rejects:
                     self.writer.reject(i, self.source.path(i), reason)
-                if len(index):
-                    self.writer.add(codes, feats, self.id_of(index), self.labels[index],
-                                    [self.source.path(int(i)) for i in index], source_end=source_end,
-                                    capacity_hint=self.total - int(index[0]), source_index=index)
+                if len(item.index):
+                    self.writer.add(item.codes, item.features, self.id_of(item.index), self.labels[item.index],
+                                    [self.source.path(int(i)) for i in item.index], source_end=item.source_end,
+                                    capacity_hint=self.total - int(item.index[0]), source_index=item.index)
         except BaseException as exc:  # handed to the main thread, which raises it
             self.error = exc
             while self.queue.get() is not _DONE:
