@@ -1,0 +1,1022 @@
+"""Issue 12, property-based: hostile input gets no hang, no crash and no silent wrong answer.
+
+Every command is run with option values drawn from strategies that mix valid
+values, boundary values, wrong types and odd paths; every collection manifest
+field and every checkpoint config field is replaced by a drawn value.  Each
+run must end in one of:
+
+  ok        exit 0, and the answer is checked (results exist, counts, ranks,
+            Hamming distances recomputed, files written and readable ...);
+  refused   non-zero exit, exactly one `hashsearch: error:` line on stderr,
+            and nothing changed on disk for writing commands;
+  usage     click's own usage error: exit 2, "Usage: ..." then "Error: ...";
+  problems  `info --verify` only: exit 1 with the problems listed on stdout.
+
+A traceback, a signal, a hang or an unchecked answer fails.  Runs that could
+block (a FIFO, an endless file such as /dev/zero) go to a real process with
+a timeout; the others run in-process (click's CliRunner) under an alarm.
+/dev/zero is reached through a symlink in the test's folder, so a command
+that atomically replaces its output replaces the link, never the device.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, reject, settings
+from hypothesis import strategies as st
+
+import live_writer as lw
+from conftest import COLL_N, cli, hashsearch_cmd, save_image
+
+# -- how long anything may take -----------------------------------------------------------------
+IN_PROCESS_LIMIT = 60       # s: an alarm turns a hang inside this process into a failure
+PROCESS_LIMIT = 60          # s: a real process past this is killed and fails the test
+MEMORY_HEADROOM = 8 << 30   # bytes of address space a command may add: an allocation past it fails fast
+MAX_WORKERS = 64            # more DataLoader worker processes than this is a fork bomb, not a setting
+
+PROPERTY_SETTINGS = settings(deadline=None, derandomize=True, database=None, print_blob=False,
+                             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                                    HealthCheck.data_too_large, HealthCheck.filter_too_much])
+
+
+# -- running a command and judging the outcome ----------------------------------------------------
+class Hang(BaseException):
+    """An in-process run that did not finish in time (BaseException: CliRunner must not swallow it)."""
+
+
+class TooManyWorkers(Exception):
+    """A command was about to start more DataLoader workers than any machine has cores."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    def alarm(signum, frame):
+        raise Hang(f"no answer within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@dataclass
+class Outcome:
+    argv: list
+    code: int
+    stdout: str
+    stderr: str
+    crash: str | None       # a traceback, a signal, a hang
+
+    def __str__(self):
+        return (f"$ hashsearch {shlex.join(self.argv)}\nexit {self.code}\n--- stdout\n{self.stdout[-3000:]}"
+                f"\n--- stderr\n{self.stderr[-3000:]}" + (f"\n--- crash\n{self.crash}" if self.crash else ""))
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _vm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _limit_child_memory():
+    # A child's address space: an allocation too large fails at once (MemoryError) instead of
+    # swapping the machine to death.  Not under CUDA, which reserves vast address ranges.
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_HEADROOM + (4 << 30), resource.RLIM_INFINITY))
+
+
+def run_in_process(argv) -> Outcome:
+    with time_limit(IN_PROCESS_LIMIT):
+        r = cli(*argv, ok=None)
+    crash = None
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        if isinstance(r.exception, TooManyWorkers):
+            reject()            # the known defect, see test_huge_worker_count_is_refused
+        crash = "".join(traceback.format_exception(*r.exc_info)) if r.exc_info else repr(r.exception)
+    return Outcome([str(a) for a in argv], r.exit_code, r.stdout, r.stderr, crash)
+
+
+def run_in_child(argv, timeout: float = PROCESS_LIMIT) -> Outcome:
+    argv = [str(a) for a in argv]
+    proc = subprocess.Popen(hashsearch_cmd() + argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=None if _cuda() else _limit_child_memory)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return Outcome(argv, -9, out, err, f"hang: no answer within {timeout} s")
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)      # stray children (loader workers) of a finished run
+    crash = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else None
+    return Outcome(argv, proc.returncode, out, err, crash)
+
+
+def run(argv, blocking: bool, timeout: float = PROCESS_LIMIT) -> Outcome:
+    return run_in_child(argv, timeout) if blocking else run_in_process(argv)
+
+
+def judge(out: Outcome, *, problems_ok: bool = False) -> str:
+    """'ok', 'refused', 'usage' or 'problems'; anything else fails."""
+    assert out.crash is None, f"crash\n{out}"
+    assert "Traceback" not in out.stdout + out.stderr, f"traceback\n{out}"
+    if out.code == 0:
+        return "ok"
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    if out.code == 2 and lines and lines[0].startswith("Usage:") and lines[-1].startswith("Error:") \
+            and not any("hashsearch: error:" in line for line in lines):
+        return "usage"
+    if problems_ok and out.code == 1 and not lines and '"problems"' in out.stdout:
+        return "problems"
+    assert out.code > 0, f"negative exit\n{out}"
+    assert len(lines) == 1 and lines[0].startswith("hashsearch: error:"), f"not one error line\n{out}"
+    return "refused"
+
+
+# -- values -----------------------------------------------------------------------------------------
+BOUNDARY_INTS = (0, -1, 2**31 - 1, 2**31, 2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 10**30)
+WRONG = ("", " ", "abc", "1.5", "-0.5", "1e3", "nan", "inf", "-inf", "0x10", "٣", "1_000", "+2", " 7 ", "-", "--",
+         "None", "true", "[]")
+FLOAT_TEXT = ("nan", "inf", "-inf", "-0.0", "1e-320", "1e308", "1e309")
+_TEXT = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=8)
+
+
+def hostile(valid) -> st.SearchStrategy:
+    """Valid values first (so shrinking leans to them), then boundaries, wrong types, anything."""
+    return st.one_of(valid, st.sampled_from(BOUNDARY_INTS), st.sampled_from(WRONG), st.floats(), _TEXT)
+
+
+def hostile_float(valid) -> st.SearchStrategy:
+    return st.one_of(valid, st.sampled_from(FLOAT_TEXT), st.sampled_from(BOUNDARY_INTS), st.sampled_from(WRONG))
+
+
+class Odd:
+    """A path made fresh for each example, in the example's own folder."""
+
+    BLOCKING = {"fifo", "zero", "fifo-manifest", "zero-manifest", "fifo-index", "zero-index", "fifo-images"}
+    KINDS = ("missing", "nested-missing", "dir", "text", "empty", "junk.png", "text.txt", "fifo", "zero",
+             "fifo-manifest", "zero-manifest", "fifo-index", "zero-index", "fifo-images", "images")
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __repr__(self):
+        return f"Odd({self.kind!r})"
+
+    @property
+    def blocking(self) -> bool:
+        return self.kind in self.BLOCKING
+
+    def make(self, where: Path) -> Path:
+        base = where / f"odd-{self.kind}-{time.monotonic_ns()}"
+        kind = self.kind
+        if kind == "missing":
+            return base
+        if kind == "nested-missing":
+            return base / "a" / "b"
+        if kind in ("text", "text.txt"):
+            path = base.with_name(base.name + (".txt" if kind == "text.txt" else ""))
+            path.write_text("hello\n3 4\nnot, an, image\n")
+            return path
+        if kind == "empty":
+            base.touch()
+            return base
+        if kind == "junk.png":
+            path = base.with_name(base.name + ".png")
+            path.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+            return path
+        if kind == "fifo":
+            os.mkfifo(base)
+            return base
+        if kind == "zero":
+            base.symlink_to("/dev/zero")
+            return base
+        base.mkdir()
+        if kind in ("fifo-manifest", "zero-manifest", "fifo-index", "zero-index"):
+            name = "manifest.json" if "manifest" in kind else "index.json"
+            if kind.startswith("fifo"):
+                os.mkfifo(base / name)
+            else:
+                (base / name).symlink_to("/dev/zero")
+        elif kind == "fifo-images":        # one readable image between a FIFO and an endless file
+            save_image(base / "b.png", seed=1)
+            os.mkfifo(base / "a.png")
+            (base / "c.png").symlink_to("/dev/zero")
+        elif kind == "images":
+            for i in range(3):
+                save_image(base / f"cls{i % 2}" / f"{i}.png", seed=10 + i)
+        return base
+
+
+class Out:
+    """A fresh output path in the example's folder (a file name that does not exist yet)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self):
+        return f"Out({self.name!r})"
+
+
+def odd_paths(*kinds) -> st.SearchStrategy:
+    return st.sampled_from(kinds or Odd.KINDS).map(Odd)
+
+
+def materialize(args, where: Path, named: dict | None = None) -> tuple[list, bool]:
+    """The argv of drawn `args`: Odd and Out made under `where`, names looked up in `named`."""
+    argv, blocking = [], False
+    for a in args:
+        if isinstance(a, Odd):
+            blocking |= a.blocking
+            a = a.make(where)
+        elif isinstance(a, Out):
+            a = where / a.name
+        elif isinstance(a, Named):
+            a = named[a.name]
+        argv.append(a)
+    return argv, blocking
+
+
+class Named:
+    """A path only the test knows (a fixture's collection or model)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self):
+        return f"Named({self.name!r})"
+
+
+def option(draw, args: list, name: str, values, p_omit: bool = True) -> None:
+    value = draw(st.none() | values) if p_omit else draw(values)
+    if value is not None:
+        args += [name, value]
+
+
+def flag(draw, args: list, name: str) -> None:
+    if draw(st.booleans()):
+        args.append(name)
+
+
+def last_value(argv, name, default=None):
+    """What click keeps of an option given several times: the last value."""
+    value = default
+    for i, a in enumerate(argv[:-1]):
+        if a == name:
+            value = argv[i + 1]
+    return value
+
+
+def all_values(argv, name) -> list:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == name]
+
+
+def as_int(value) -> int:
+    return int(str(value))      # what click's INT does with the text it was given
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def memory_cap():
+    """Cap this process's address space too: a huge allocation in-process fails fast instead of swapping."""
+    if not Path("/proc/self/status").exists() or _cuda():
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = _vm_bytes() + MEMORY_HEADROOM
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.fixture(autouse=True)
+def worker_guard(monkeypatch):
+    """No run may start more loader processes than MAX_WORKERS: the example is refused instead of forking."""
+    from hashsearch.encoders import dataset, runner, train
+    real = dataset.make_loader
+
+    def guarded(source, size, batch_size, workers, *args, **kw):
+        if workers > MAX_WORKERS:
+            raise TooManyWorkers(f"make_loader(workers={workers})")
+        return real(source, size, batch_size, workers, *args, **kw)
+
+    monkeypatch.setattr(runner, "make_loader", guarded)
+    monkeypatch.setattr(train, "make_loader", guarded)
+
+
+@pytest.fixture
+def where(tmp_path):
+    """A fresh folder per example (tmp_path is shared by all examples of a test)."""
+    counter = iter(range(10**9))
+
+    def make() -> Path:
+        d = tmp_path / f"ex{next(counter)}"
+        d.mkdir()
+        return d
+    return make
+
+
+@dataclass
+class CollData:
+    n: int
+    ids: set
+    code: dict
+    path: dict
+    label: dict
+
+
+def coll_data(root) -> CollData:
+    from hashsearch.shards import Collection
+    with Collection.open(root, allow_empty=True) as coll:
+        live = coll.live_rows()
+        ids = coll.ids()[live].tolist()
+        names = coll.manifest.get("class_names") or []
+        labels = coll.labels()[live].tolist()
+        return CollData(n=len(ids), ids=set(ids), code=dict(zip(ids, coll.codes()[live])),
+                        path=dict(zip(ids, coll.paths(live))),
+                        label={i: names[l] if 0 <= l < len(names) else l for i, l in zip(ids, labels)})
+
+
+@pytest.fixture(scope="module")
+def session_data(collection) -> CollData:
+    return coll_data(collection)
+
+
+@pytest.fixture(scope="module")
+def light(tmp_path_factory) -> Path:
+    """A torch-free collection: 400 rows in shards of 200, ids 7 and 250 deleted, a flat index (rows file)."""
+    from hashsearch import Index
+    from hashsearch.shards import delete_items
+    root = tmp_path_factory.mktemp("light") / "c"
+    lw.create(root, 400)
+    delete_items(root, ids=[7, 250])
+    Index.build(root, "flat").close()
+    return root
+
+
+def copy_of(root: Path, where: Path) -> Path:
+    dst = where / "coll"
+    shutil.copytree(root, dst, symlinks=True)
+    return dst
+
+
+def popcount(a, b) -> int:
+    return int(np.unpackbits(np.bitwise_xor(a, b)).sum())
+
+
+def check_query_report(report, *, names, k, mode, radius, data: CollData, image_hits=None):
+    assert report["mode"] == mode and report["k"] == k
+    assert [q["query"] for q in report["queries"]] == names
+    for q in report["queries"]:
+        res = q["results"]
+        assert [r["rank"] for r in res] == list(range(1, len(res) + 1))
+        assert len(res) <= min(k, data.n)
+        got = [r["id"] for r in res]
+        assert len(set(got)) == len(got) and set(got) <= data.ids, got
+        for r in res:
+            assert r["path"] == data.path[r["id"]] and r["label"] == data.label[r["id"]], r
+            if radius is not None:
+                assert r["hamming"] <= radius, r
+        if q["query"].startswith("id:"):
+            qid = int(q["query"][3:])
+            for r in res:
+                assert r["hamming"] == popcount(data.code[qid], data.code[r["id"]]), r
+            if mode == "es":
+                assert len(res) == min(k, data.n) and res[0]["id"] == qid and res[0]["distance"] == 0.0
+        elif image_hits and q["query"] in image_hits and mode == "es":
+            assert res[0]["id"] == image_hits[q["query"]] and res[0]["distance"] < 1e-2, res[:2]
+        if mode == "bcs":
+            assert [r["hamming"] for r in res] == sorted(r["hamming"] for r in res)
+        elif res:
+            dist = [r["distance"] for r in res]
+            assert all(d is not None and math.isfinite(d) and d >= 0 for d in dist), dist
+            assert dist == sorted(dist)
+
+
+def manifest_bytes(root: Path) -> bytes:
+    return (root / "manifest.json").read_bytes()
+
+
+# -- 1. command-line options --------------------------------------------------------------------------
+ID_VALUES = hostile(st.integers(0, COLL_N - 1))
+MODES = st.one_of(st.sampled_from(["hds", "bcs", "es"]), st.sampled_from(["HDS", "", "all", "exhaustive"]))
+
+
+@st.composite
+def query_options(draw, image: bool):
+    args = []
+    for name, valid in (("-k", st.integers(1, 20)), ("--pool", st.integers(1, 400)),
+                        ("--radius", st.integers(0, 16)), ("--nflip", st.integers(0, 16))):
+        option(draw, args, name, hostile(valid))
+    option(draw, args, "--mode", MODES)
+    option(draw, args, "--index", st.one_of(odd_paths("missing", "dir", "text", "fifo", "zero", "fifo-index",
+                                                      "zero-index"), st.just(Named("index"))))
+    if image:
+        option(draw, args, "--model", st.one_of(st.sampled_from([Named("model"), Named("model32")]),
+                                                odd_paths("missing", "dir", "text", "empty", "fifo", "zero")))
+    return args
+
+
+@st.composite
+def query_by_id_args(draw):
+    args = []
+    for value in draw(st.lists(ID_VALUES, max_size=3)):
+        args += ["--id", value]
+    return args + draw(query_options(False))
+
+
+@st.composite
+def query_by_image_args(draw):
+    args = []
+    images = st.one_of(st.just(Named("png")), odd_paths("missing", "dir", "text", "empty", "junk.png", "fifo", "zero"))
+    for value in draw(st.lists(images, min_size=1, max_size=2)):
+        args += ["--image", value]
+    if draw(st.booleans()):
+        args += ["--id", draw(ID_VALUES)]
+    return args + draw(query_options(True))
+
+
+def _query(argv, blocking, data, image_hits=None):
+    out = run(argv, blocking)
+    if judge(out) == "ok":
+        report = json.loads(out.stdout)
+        names = [str(p) for p in all_values(argv, "--image")] + [f"id:{as_int(i)}" for i in all_values(argv, "--id")]
+        radius = last_value(argv, "--radius")
+        check_query_report(report, names=names, k=as_int(last_value(argv, "-k", 10)),
+                           mode=last_value(argv, "--mode", "hds"), radius=None if radius is None else as_int(radius),
+                           data=data, image_hits=image_hits)
+    return out
+
+
+@settings(PROPERTY_SETTINGS, max_examples=40)
+@given(args=query_by_id_args())
+@example(args=["--id", 3, "-k", 2**63, "--mode", "es"])
+@example(args=["--id", " 7 ", "--radius", 0, "--pool", 10**30])
+def test_query_by_id_options(collection, session_data, where, args):
+    named = {"index": collection / "index"}
+    argv, blocking = materialize(args, where(), named)
+    _query(["query", collection, *argv, "--json"], blocking, session_data)
+
+
+@settings(PROPERTY_SETTINGS, max_examples=15)
+@given(args=query_by_image_args())
+@example(args=["--image", Named("png"), "-k", 1, "--mode", "es"])
+def test_query_by_image_options(collection, session_data, model, model32, synthetic_png, where, args):
+    named = {"index": collection / "index", "model": model, "model32": model32, "png": synthetic_png}
+    argv, blocking = materialize(args, where(), named)
+    _query(["query", collection, *argv, "--json"], blocking, session_data, image_hits={str(synthetic_png): 5})
+
+
+@st.composite
+def build_index_args(draw):
+    args = []
+    option(draw, args, "--coarse", st.one_of(st.sampled_from(["flat", "hash", "multihash"]),
+                                             st.sampled_from(["", "Flat", "ivf"])))
+    option(draw, args, "--hash-bits", hostile(st.integers(1, 32)))
+    option(draw, args, "--nhash", hostile(st.integers(1, 8)))
+    option(draw, args, "--nflip", hostile(st.integers(0, 4)))
+    option(draw, args, "--out", st.one_of(st.just(Out("index-out")), odd_paths("missing", "nested-missing", "dir",
+                                                                                "text", "fifo", "zero")))
+    flag(draw, args, "--wait")
+    return args
+
+
+@settings(PROPERTY_SETTINGS, max_examples=20)
+@given(args=build_index_args())
+@example(args=["--coarse", "hash", "--hash-bits", 32, "--nflip", 2])
+@example(args=["--coarse", "multihash", "--hash-bits", 2**63])
+def test_build_index_options(light, where, args):
+    from hashsearch import Index
+    d = where()
+    root = copy_of(light, d)
+    before = manifest_bytes(root)
+    argv, blocking = materialize(args, d)
+    out = run(["build-index", root, *argv], blocking)
+    data = coll_data(root)
+    if judge(out) == "ok":
+        index_dir = last_value(argv, "--out")
+        with Index.open(root, index_dir) as index:
+            assert index.kind == last_value(argv, "--coarse", "flat")
+            for name, key in (("--hash-bits", "hash_bits"), ("--nhash", "nhash"), ("--nflip", "nflip")):
+                if last_value(argv, name) is not None and index.kind != "flat":
+                    assert index.meta["coarse"][key] == as_int(last_value(argv, name)), index.meta
+            ids = sorted(data.ids)[::40]
+            codes = np.stack([data.code[i] for i in ids])
+            res = index.search(codes, None, 5, mode="bcs", pool=50, nflip=0 if index.kind != "flat" else None)
+            assert set(res.ids.ravel().tolist()) - {-1} <= data.ids
+            if index.kind == "flat":
+                assert (res.hamming[:, 0] == 0).all()
+    else:
+        assert manifest_bytes(root) == before
+
+
+@st.composite
+def info_args(draw):
+    args = [draw(st.one_of(st.just(Named("light")), odd_paths("missing", "dir", "text", "empty", "fifo", "zero",
+                                                              "fifo-manifest", "zero-manifest")))]
+    flag(draw, args, "--json")
+    flag(draw, args, "--verify")
+    return args
+
+
+@settings(PROPERTY_SETTINGS, max_examples=15)
+@given(args=info_args())
+def test_info_options(light, where, args):
+    argv, blocking = materialize(args, where(), {"light": light})
+    out = run(["info", *argv], blocking)
+    if judge(out) == "ok":
+        assert argv[0] == light
+        if "--json" in argv:
+            report = json.loads(out.stdout)
+            assert report["items"] == 398 and report["deleted"] == 2 and report["bits"] == lw.BITS
+            assert report.get("verified", True) is True
+        else:
+            assert "items: 398" in out.stdout
+
+
+@st.composite
+def delete_args(draw):
+    args = []
+    ids = hostile(st.integers(0, 420))
+    for value in draw(st.lists(ids, max_size=3)):
+        args += ["--id", value]
+    paths = st.one_of(st.integers(0, 420).map(lambda i: f"item-{i}"), st.sampled_from(["", "item-", "synthetic:3",
+                                                                                         "item-007", "ITEM-3"]))
+    for value in draw(st.lists(paths, max_size=2)):
+        args += ["--path", value]
+    if draw(st.booleans()):
+        contents = draw(st.lists(ids, max_size=4))
+        args += ["--ids-file", draw(st.one_of(st.just(("file", contents)),
+                                              odd_paths("missing", "dir", "text", "empty", "fifo", "zero")))]
+    flag(draw, args, "--wait")
+    return args
+
+
+@settings(PROPERTY_SETTINGS, max_examples=25)
+@given(args=delete_args())
+@example(args=["--id", 3, "--id", 3, "--path", "item-3"])
+@example(args=["--ids-file", ("file", [5, "abc"])])
+def test_delete_options(light, where, args):
+    d = where()
+    root = copy_of(light, d)
+    before, live = manifest_bytes(root), coll_data(root).ids
+    args = list(args)
+    for i, a in enumerate(args):
+        if isinstance(a, tuple):            # an ids file with drawn contents
+            path = d / "ids.txt"
+            path.write_text("\n".join(map(str, a[1])) + "\n")
+            args[i] = path
+    argv, blocking = materialize(args, d)
+    out = run(["delete", root, *argv], blocking)
+    if judge(out) == "ok":
+        doomed = {as_int(v) for v in all_values(argv, "--id")}
+        doomed |= {int(p[5:]) for p in all_values(argv, "--path")}
+        files = all_values(argv, "--ids-file")
+        if files:
+            doomed |= {int(v) for v in Path(files[-1]).read_text().split()}
+        assert doomed and doomed <= live
+        assert coll_data(root).ids == live - doomed
+    else:
+        assert manifest_bytes(root) == before
+
+
+@settings(PROPERTY_SETTINGS, max_examples=15)
+@given(threshold=st.none() | hostile_float(st.floats(0, 1)), wait=st.booleans(),
+       target=st.one_of(st.just(None), odd_paths("missing", "dir", "text", "fifo", "fifo-manifest", "zero-manifest")))
+@example(threshold=0.0, wait=False, target=None)
+@example(threshold="nan", wait=False, target=None)
+def test_compact_options(light, where, threshold, wait, target):
+    from hashsearch import Index
+    from hashsearch.shards import Collection
+    d = where()
+    root = copy_of(light, d)
+    before, live = manifest_bytes(root), coll_data(root)
+    args = [root if target is None else target] + ([] if threshold is None else ["--threshold", threshold]) + \
+        (["--wait"] if wait else [])
+    argv, blocking = materialize(args, d)
+    out = run(["compact", *argv], blocking)
+    if judge(out) == "ok":
+        assert target is None
+        after = coll_data(root)
+        assert after.ids == live.ids and after.path == live.path
+        assert all((after.code[i] == live.code[i]).all() for i in live.ids)
+        with Collection.open(root) as coll:
+            assert coll.verify() == []
+        with Index.open(root) as index:
+            res = index.search(np.stack([live.code[i] for i in (0, 300)]), None, 5, mode="bcs")
+            assert set(res.ids.ravel().tolist()) <= live.ids
+    elif target is None:
+        assert manifest_bytes(root) == before
+
+
+@st.composite
+def add_args(draw):
+    source = draw(st.one_of(st.integers(COLL_N, COLL_N + 6).map(lambda n: f"synthetic:{n}"),
+                            st.sampled_from(["synthetic:0", "synthetic:-1", "synthetic:", "synthetic:abc",
+                                             "synthetic:305:3", "synthetic:302:4"]),
+                            odd_paths("missing", "dir", "text.txt", "junk.png", "fifo", "zero", "fifo-images",
+                                      "images")))
+    args = [source]
+    option(draw, args, "--limit", hostile(st.integers(1, COLL_N + 6)))
+    option(draw, args, "--batch-size", hostile(st.integers(1, 8)))
+    option(draw, args, "--workers", st.one_of(st.just(0), hostile(st.just(0))), p_omit=False)
+    option(draw, args, "--device", st.sampled_from(["cpu", "auto", "cuda", "cuda:7", "CPU", "", "mps"]))
+    option(draw, args, "--data-dir", odd_paths("missing", "text", "fifo", "zero"))
+    flag(draw, args, "--wait")
+    return args
+
+
+@settings(PROPERTY_SETTINGS, max_examples=12)
+@given(args=add_args())
+@example(args=["synthetic:99999999999999999999999", "--limit", COLL_N + 2, "--workers", 0])
+def test_add_options(collection, where, args):
+    d = where()
+    root = copy_of(collection, d)
+    before = manifest_bytes(root)
+    old = coll_data(root)
+    argv, blocking = materialize(args, d)
+    source, limit = argv[0], last_value(argv, "--limit")
+    if blocking and as_int_or(last_value(argv, "--workers"), 0) > MAX_WORKERS:
+        reject()                # see test_huge_worker_count_is_refused
+    out = run(["add", root, *argv, "--quiet"], blocking)
+    if judge(out) == "ok":
+        new = coll_data(root)
+        assert set(old.ids) <= new.ids and all(new.path[i] == old.path[i] for i in old.ids)
+        if isinstance(source, str) and source.startswith("synthetic:"):
+            n = int(source.split(":")[1])
+            total = n if limit is None else min(n, as_int(limit))
+            assert new.n == max(total, COLL_N)
+            assert {new.path[i] for i in new.ids - old.ids} == {f"synthetic:{i}" for i in range(COLL_N, total)}
+        from hashsearch.shards import Collection
+        with Collection.open(root) as coll:
+            assert coll.verify() == []
+            assert np.isfinite(coll.features(coll.live_rows())).all()
+    else:
+        assert manifest_bytes(root) == before
+
+
+def as_int_or(value, default):
+    try:
+        return int(str(value))
+    except ValueError:
+        return default
+
+
+@st.composite
+def eval_args(draw):
+    args = [draw(st.one_of(st.just(Named("coll")), odd_paths("missing", "dir", "text", "fifo", "fifo-manifest")))]
+    option(draw, args, "--queries", st.one_of(st.just(Named("coll")), st.just(Named("light")),
+                                              odd_paths("missing", "dir", "text", "fifo", "zero-manifest")),
+           p_omit=draw(st.integers(0, 9)) == 0)
+    option(draw, args, "--mode", st.one_of(st.sampled_from(["bcs", "es", "hds", "all"]), st.sampled_from(["", "ALL"])))
+    option(draw, args, "--topk", hostile(st.integers(1, 400)))
+    option(draw, args, "--pool", hostile(st.integers(1, 400)))
+    flag(draw, args, "--map-all")
+    outputs = st.one_of(st.just(Out("out.json")), odd_paths("nested-missing", "dir", "fifo", "zero"))
+    option(draw, args, "--json", outputs)
+    option(draw, args, "--plot", st.one_of(st.just(Out("p.png")), odd_paths("dir", "fifo")))
+    option(draw, args, "--pr-plot", st.one_of(st.just(Out("pr.png")), odd_paths("dir", "fifo")))
+    option(draw, args, "--baselines", st.sampled_from(["lsh", "itq", "lsh,itq", "", " , ", "LSH", "pca", ",,itq,"]))
+    return args
+
+
+@settings(PROPERTY_SETTINGS, max_examples=15)
+@given(args=eval_args())
+@example(args=[Named("coll"), "--queries", Named("coll"), "--mode", "es", "--topk", 2**63, "--json", Out("out.json")])
+def test_eval_options(collection, light, where, args):
+    d = where()
+    argv, blocking = materialize(args, d, {"coll": collection, "light": light})
+    out = run(["eval", *argv], blocking)
+    if judge(out) == "ok":
+        assert argv[0] == collection and last_value(argv, "--queries") == collection
+        json_path = last_value(argv, "--json")
+        if json_path is not None and Path(json_path).is_file():
+            report = json.loads(Path(json_path).read_text())
+            for r in report if isinstance(report, list) else [report]:
+                assert 0 <= r["map"] <= 1 and all(0 <= p <= 1 for p in r["precision_at_k"].values()), r
+                if r["mode"] == "es":
+                    assert r["precision_at_k"]["1"] == 1.0        # each query item is its own nearest
+        for name in ("--plot", "--pr-plot"):
+            png = last_value(argv, name)
+            if png is not None and Path(png).is_file():
+                assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@st.composite
+def bench_args(draw):
+    args = ["--exhaustive", "--cache-dir", Out("cache")]
+    option(draw, args, "--n", st.one_of(st.integers(20, 64), st.sampled_from([0, -1, "", "x", "1.5"])), p_omit=False)
+    option(draw, args, "--dim", hostile(st.integers(4, 32)), p_omit=False)
+    option(draw, args, "--bits", hostile(st.integers(8, 64)), p_omit=False)
+    option(draw, args, "--queries", st.one_of(st.integers(1, 4), st.sampled_from([0, -1, "x", 2**31 - 1])),
+           p_omit=False)
+    option(draw, args, "--batch", hostile(st.integers(1, 4)))
+    option(draw, args, "--pool", hostile(st.integers(1, 64)))
+    option(draw, args, "--radius", hostile(st.integers(0, 8)))
+    option(draw, args, "--coarse", st.sampled_from(["flat", "hash", "multihash", "ivf"]))
+    option(draw, args, "--hash-bits", hostile(st.integers(1, 16)))
+    option(draw, args, "--nhash", hostile(st.integers(1, 4)))
+    option(draw, args, "--nflip", hostile(st.integers(0, 2)))
+    option(draw, args, "--json", st.one_of(st.just(Out("bench.json")), odd_paths("dir", "fifo")))
+    return args
+
+
+@settings(PROPERTY_SETTINGS, max_examples=5)
+@given(args=bench_args())
+def test_bench_exhaustive_options(where, args):
+    d = where()
+    argv, _ = materialize(args, d)
+    out = run_in_child(["bench", *argv])         # always a real process: faiss's probing loops are C
+    lines = [line for line in out.stderr.splitlines() if not line.startswith("[bench]")]
+    out.stderr = "\n".join(lines)                 # its progress log is stderr by design
+    if judge(out) == "ok":
+        json_path = last_value(argv, "--json")
+        if json_path is not None and Path(json_path).is_file():
+            report = json.loads(Path(json_path).read_text())
+            assert report["n"] == as_int(last_value(argv, "--n"))
+            assert report["bits"] == as_int(last_value(argv, "--bits"))
+
+
+SOURCES_FOR_ENCODE = st.one_of(
+    st.integers(1, 12).map(lambda n: f"synthetic:{n}"),
+    st.sampled_from(["synthetic:0", "synthetic:-1", "synthetic:", "synthetic:x", "synthetic:8:3", "synthetic:8:5000",
+                     "synthetic:8:4", "synthetic:८", "synthetic:1e3", "fashion-mnist:dev"]),
+    odd_paths("missing", "dir", "text.txt", "junk.png", "fifo", "zero", "fifo-images", "images"))
+
+
+@st.composite
+def encode_args(draw):
+    source = draw(SOURCES_FOR_ENCODE)
+    args = [source]
+    option(draw, args, "--model", st.one_of(st.sampled_from([Named("model"), Named("model32")]),
+                                            odd_paths("missing", "dir", "text", "empty", "fifo", "zero")), p_omit=False)
+    option(draw, args, "--out", st.one_of(st.just(Out("coll")), odd_paths("dir", "text", "fifo", "zero",
+                                                                          "nested-missing")), p_omit=False)
+    option(draw, args, "--limit", hostile(st.integers(1, 12)))
+    option(draw, args, "--batch-size", hostile(st.integers(1, 8)))
+    option(draw, args, "--workers", st.one_of(st.just(0), hostile(st.just(0))), p_omit=False)
+    option(draw, args, "--device", st.sampled_from(["cpu", "auto", "cuda", "CPU", "", "cuda:0"]))
+    option(draw, args, "--shard-size", hostile(st.integers(1, 8)))
+    option(draw, args, "--precision", st.sampled_from(["auto", "fp32", "bf16", "fp16", ""]))
+    flag(draw, args, "--float32")
+    flag(draw, args, "--overwrite")
+    option(draw, args, "--data-dir", odd_paths("missing", "text", "fifo"))
+    return args
+
+
+def check_encoded(root, *, n: int, bits: int, dtype: str):
+    from hashsearch.shards import Collection
+    with Collection.open(root) as coll:
+        assert coll.items == n and coll.bits == bits and str(coll.feature_dtype) == dtype
+        assert coll.verify() == []
+        feats = coll.features(np.arange(coll.n))
+        assert np.isfinite(feats).all(), "non-finite features stored"
+        if bits % 8:
+            assert not (coll.codes()[:, -1] >> (bits % 8)).any(), "padding bits set"
+
+
+@settings(PROPERTY_SETTINGS, max_examples=15)
+@given(args=encode_args())
+@example(args=["synthetic:99999999999999999999999", "--model", Named("model"), "--out", Out("coll"),
+               "--limit", 3, "--workers", 0, "--shard-size", 10**30])
+@example(args=["synthetic:5", "--model", Named("model"), "--out", Out("coll"), "--workers", 0,
+               "--batch-size", 2**63, "--shard-size", 2**63 - 1])
+def test_encode_options(model, model32, where, args):
+    d = where()
+    argv, blocking = materialize(args, d, {"model": model, "model32": model32})
+    if blocking and as_int_or(last_value(argv, "--workers"), 0) > MAX_WORKERS:
+        reject()
+    out = run(["encode", *argv, "--quiet"], blocking)
+    if judge(out) == "ok":
+        source, limit = str(argv[0]), last_value(argv, "--limit")
+        assert source.startswith("synthetic:") or Path(source).is_dir()
+        if source.startswith("synthetic:"):
+            n = int(source.split(":")[1])
+            n = n if limit is None else min(n, as_int(limit))
+            bits = 16 if last_value(argv, "--model") == model else 32
+            check_encoded(last_value(argv, "--out"), n=n, bits=bits,
+                          dtype="float32" if "--float32" in argv else "float16")
+
+
+@st.composite
+def train_args(draw):
+    args = [draw(st.one_of(st.integers(12, 24).map(lambda n: f"synthetic:{n}"),
+                           st.sampled_from(["synthetic:0", "synthetic:1", "synthetic:2:4", "synthetic:x"]),
+                           odd_paths("missing", "dir", "text.txt", "fifo", "zero", "fifo-images", "images")))]
+    option(draw, args, "--out", st.one_of(st.just(Out("m.pt")), odd_paths("dir", "text", "fifo", "zero",
+                                                                          "nested-missing")), p_omit=False)
+    option(draw, args, "--epochs", st.one_of(st.just(1), st.sampled_from([0, -1, "", "x", "1.5", "nan"])), p_omit=False)
+    option(draw, args, "--bits", hostile(st.integers(1, 32)))
+    option(draw, args, "--backbone", st.sampled_from(["small", "Small", "", "resnet", "small "]))
+    option(draw, args, "--batch-size", hostile(st.integers(1, 16)))
+    option(draw, args, "--lr", hostile_float(st.floats(1e-4, 1e-2)))
+    option(draw, args, "--backbone-lr-mult", hostile_float(st.floats(0, 1)))
+    option(draw, args, "--weight-decay", hostile_float(st.floats(0, 1e-2)))
+    option(draw, args, "--warmup-epochs", hostile_float(st.floats(0, 2)))
+    option(draw, args, "--val-fraction", hostile_float(st.floats(0, 0.5)))
+    option(draw, args, "--input-size", hostile(st.integers(8, 40)))
+    option(draw, args, "--limit", hostile(st.integers(1, 24)))
+    option(draw, args, "--seed", hostile(st.integers(0, 1000)))
+    option(draw, args, "--workers", st.one_of(st.just(0), hostile(st.just(0))), p_omit=False)
+    option(draw, args, "--precision", st.sampled_from(["fp32", "bf16", "auto", ""]))
+    option(draw, args, "--device", st.sampled_from(["cpu", "auto", "cuda", ""]))
+    option(draw, args, "--weights", st.one_of(st.just(Named("model")), odd_paths("missing", "dir", "text", "empty",
+                                                                                  "fifo", "zero")))
+    flag(draw, args, "--freeze-backbone")
+    flag(draw, args, "--resume")
+    return args
+
+
+@settings(PROPERTY_SETTINGS, max_examples=15)
+@given(args=train_args())
+def test_train_options(model, where, args):
+    d = where()
+    argv, blocking = materialize(args, d, {"model": model})
+    if blocking and as_int_or(last_value(argv, "--workers"), 0) > MAX_WORKERS:
+        reject()
+    out = run(["train", *argv, "--quiet"], blocking)
+    if judge(out) == "ok":
+        from hashsearch.encoders.checkpoint import read_checkpoint
+        payload = read_checkpoint(last_value(argv, "--out"))
+        assert payload["config"]["bits"] == as_int(last_value(argv, "--bits", 48))
+        bad = [k for k, v in payload["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()]
+        assert not bad, f"train exited 0 with non-finite weights in {bad[:3]}\n{out}"
+
+
+# -- 2. manifest fields ------------------------------------------------------------------------------------
+MISSING = "<field removed>"
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.sampled_from(BOUNDARY_INTS), st.floats(), _TEXT),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3), max_leaves=6)
+
+
+def manifest_fields(m: dict) -> list[tuple]:
+    fields = [("bits",), ("feature_dim",), ("feature_dtype",), ("generation",), ("next_id",), ("tombstones",),
+              ("tombstones", "count"), ("tombstones", "file"), ("tombstones", "sha256"), ("items",), ("deleted",),
+              ("complete",), ("version",), ("shards",), ("class_names",), ("index",)]
+    for s in range(len(m["shards"])):
+        fields += [("shards", s, "rows"), ("shards", s, "file"), ("shards", s, "sha256"), ("shards", s)]
+    fields += [("index", key) for key in m["index"]] + [("index", "coarse", "kind")]
+    return fields
+
+
+def near_values(m: dict, path: tuple) -> list:
+    """Values close to the real one: off by one, another entry's, a path that leaves the collection."""
+    value = _get(m, path)
+    out = [MISSING]
+    if isinstance(value, int) and not isinstance(value, bool):
+        out += [value - 1, value + 1, value * 2, -value, float(value), str(value), True, 0, 2**63 - 1, 2**62]
+    if isinstance(value, str):
+        shards = m["shards"]
+        out += [value.upper(), value + " ", "", "../" + value, "/" + value, "/dev/zero", "shards/", ".",
+                shards[0]["file"], shards[-1]["file"], shards[0]["sha256"], shards[-1]["sha256"],
+                m["index"]["file"], "float32", "float64", "object", "<f2"]
+    if isinstance(value, list):
+        out += [value[:1], value[::-1], value + value[:1], []]
+    if isinstance(value, dict):
+        out += [{}, {k: v for k, v in value.items() if k != sorted(value)[0]}]
+    return out
+
+
+def _get(m, path):
+    for key in path:
+        m = m[key]
+    return m
+
+
+def _set(m, path, value):
+    for key in path[:-1]:
+        m = m[key]
+    if value is MISSING:
+        if isinstance(m, dict):
+            m.pop(path[-1], None)
+        else:
+            del m[path[-1]]
+    else:
+        m[path[-1]] = value
+
+
+@pytest.fixture(scope="module")
+def untampered(light):
+    query = run_in_process(["query", light, "--id", 0, "--json"])
+    info = run_in_process(["info", light, "--verify", "--json"])
+    assert query.code == 0 and info.code == 0, (query, info)
+    return json.loads(query.stdout), json.loads(info.stdout), json.loads((light / "manifest.json").read_text())
+
+
+INFO_KEYS = ("complete", "items", "deleted", "shards", "bits", "feature_dim", "feature_dtype", "index", "index_delta")
+
+
+@settings(PROPERTY_SETTINGS, max_examples=40)
+@given(data=st.data())
+def test_manifest_field(light, untampered, where, data):
+    want_query, want_info, m = untampered
+    path = data.draw(st.sampled_from(manifest_fields(m)), label="field")
+    value = data.draw(st.one_of(st.sampled_from(near_values(m, path)), JSON_VALUES), label="value")
+    tampered = copy.deepcopy(m)
+    _set(tampered, path, value)
+    root = copy_of(light, where())
+    (root / "manifest.json").write_text(json.dumps(tampered))
+    check_tampered(root, want_query, want_info)
+
+
+def check_tampered(root, want_query, want_info):
+    out = run_in_process(["query", root, "--id", 0, "--json"])
+    if judge(out) == "ok":
+        assert json.loads(out.stdout) == want_query, f"a different answer, exit 0\n{out}"
+    out = run_in_process(["info", root, "--verify", "--json"])
+    if judge(out, problems_ok=True) == "ok":
+        got = json.loads(out.stdout)
+        assert got["verified"] is True
+        assert {k: got.get(k) for k in INFO_KEYS} == {k: want_info.get(k) for k in INFO_KEYS}, \
+            f"info --verify passes with other facts\n{out}"
+    elif out.code == 1 and not out.stderr.strip():
+        assert json.loads(out.stdout)["verified"] is False
+
+
+# -- 3. checkpoint fields --------------------------------------------------------------------------------------
+CONFIG_FIELDS = ("bits", "backbone", "input_size", "mean", "std", "feature_dim", "num_classes", "class_names")
+
+
+def config_values(field: str, config: dict) -> st.SearchStrategy:
+    import torch
+    value = config[field]
+    near = [MISSING, None, True, str(value), [value], {"v": value}, torch.tensor(1.0)]
+    if isinstance(value, int):
+        near += [value - 1, value + 1, 0, -1, 1, 7, 8, 1024, 1025, 4096, 4097, float(value), 2**63, 10**30,
+                 torch.tensor(value)]
+    if isinstance(value, list) and field in ("mean", "std"):
+        near += [[0.0] * 3, [1e-300] * 3, [1e308] * 3, [float("nan")] * 3, [float("inf")] * 3, [-1.0] * 3,
+                 value[:2], value + [0.5], [str(v) for v in value], torch.tensor(value), tuple(value), [True] * 3]
+    if field == "class_names":
+        near += [value[:-1], value + ["extra"], [f"other{i}" for i in range(len(value))], list(range(len(value))),
+                 ["x" * 10_000] * len(value), [""] * len(value)]
+    if field == "backbone":
+        near += ["alexnet", "efficientnet-lite0", "Small", "", "small "]
+    return st.one_of(st.sampled_from(near), JSON_VALUES)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model):
+    import torch
+    return torch.load(model, map_location="cpu", weights_only=True)
+
+
+@settings(PROPERTY_SETTINGS, max_examples=30)
+@given(data=st.data())
+def test_checkpoint_config_field(checkpoint, where, data):
+    import torch
+    from hashsearch import Encoder, HashsearchError
+    from hashsearch.encoders.sources import SyntheticSource
+    field = data.draw(st.sampled_from(CONFIG_FIELDS), label="field")
+    value = data.draw(config_values(field, checkpoint["config"]), label="value")
+    payload = {**checkpoint, "config": dict(checkpoint["config"])}
+    _set(payload["config"], (field,), value)
+    d = where()
+    path = d / "model.pt"
+    torch.save(payload, path)
+
+    with time_limit(IN_PROCESS_LIMIT):
+        try:
+            encoder = Encoder.from_checkpoint(path, device="cpu")
+        except HashsearchError:
+            encoder = None
+        else:       # a checkpoint the library accepts must encode
+            codes, feats = encoder.encode([SyntheticSource(8).load(i) for i in range(2)])
+            assert codes.shape == (2, (encoder.bits + 7) // 8) and np.isfinite(feats).all()
+
+    out = run_in_process(["encode", "synthetic:8", "--model", path, "--out", d / "coll", "--workers", 0,
+                          "--device", "cpu", "--quiet"])
+    if judge(out) == "ok":
+        assert encoder is not None, f"the CLI encodes with a checkpoint Encoder refuses\n{out}"
+        check_encoded(d / "coll", n=8, bits=encoder.bits, dtype="float16")
+    else:
+        assert encoder is None, f"Encoder.from_checkpoint accepts a checkpoint the CLI refuses\n{out}"
