@@ -149,6 +149,11 @@ def judge(out: Outcome, *, problems_ok: bool = False) -> str:
 
 
 def _judge(out: Outcome, problems_ok: bool) -> str:
+    text = f"{out.crash or ''}\n{out.stderr}"
+    for needles, xfail_test in KNOWN_CRASHES:
+        if all(n in text for n in needles):
+            event(f"known defect: {xfail_test}")
+            reject()
     assert out.crash is None, f"crash\n{out}"
     assert "Traceback" not in out.stdout + out.stderr, f"traceback\n{out}"
     if out.code == 0:
@@ -334,7 +339,24 @@ def known_defect(command: str, argv, blocking: bool = False) -> str | None:
         return "test_delete_ids_file_that_never_ends"
     if command == "eval" and _special(last_value(argv, "--json")):
         return "test_eval_json_output_that_is_a_fifo"
+    if command == "eval" and any(not str(p).endswith(".png") for p in (last_value(argv, "--plot"),
+                                                                       last_value(argv, "--pr-plot")) if p):
+        return "test_eval_plot_is_written_where_it_says"
     return None
+
+
+# Tracebacks an xfail test below already shows: (text in the traceback, ...), that test.
+KNOWN_CRASHES = [
+    (("in collection_info", "report[\"index"), "test_info_with_a_malformed_index_entry"),
+    (("in _load_generation", "KeyError: 'bits'"), "test_query_with_an_index_entry_without_bits"),
+    (("in _read_tombstones", "OverflowError"), "test_huge_tombstone_count"),
+    (("Output size is too small",), "test_input_size_too_small_for_the_backbone"),
+    (("in train", "ValueError: Invalid weight_decay value"), "test_train_numbers_that_are_no_numbers"),
+    (("in train", "cannot convert float"), "test_train_numbers_that_are_no_numbers"),
+    (("in split_holdout", "cannot convert float"), "test_train_numbers_that_are_no_numbers"),
+    (("in train", "manual_seed"), "test_train_seed_out_of_range"),
+    (("in split_holdout", "expected non-negative integer"), "test_train_seed_out_of_range"),
+]
 
 
 def _special(path) -> bool:
@@ -778,7 +800,7 @@ BENCH = [
 ]
 
 
-@settings(PROPERTY_SETTINGS, max_examples=5)
+@settings(PROPERTY_SETTINGS, max_examples=10)
 @given(args=command_args(BENCH))
 def test_bench_exhaustive_options(where, args):
     d = where()
@@ -786,8 +808,9 @@ def test_bench_exhaustive_options(where, args):
     if known_defect("bench", argv):
         reject()
     out = run_in_child(["bench", *argv])         # always a real process: faiss's probing loops are C
-    out.stderr = "\n".join(line for line in out.stderr.splitlines() if not line.startswith("[bench]"))
-    if judge(out) == "ok":                       # (its progress log is stderr by design)
+    # its progress log is stderr by design: "[bench] ..." lines, and the generator's "generating ..." ones
+    out.stderr = "\n".join(line for line in out.stderr.splitlines() if not line.startswith(("[bench]", "generating ")))
+    if judge(out) == "ok":
         json_path = last_value(argv, "--json")
         if json_path is not None:
             report = json.loads(Path(json_path).read_text())
@@ -889,7 +912,22 @@ def test_train_options(model, where, args):
         payload = read_checkpoint(last_value(argv, "--out"))
         assert payload["config"]["bits"] == as_int(last_value(argv, "--bits", 48))
         bad = [k for k, v in payload["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad and any(_extreme(last_value(argv, name)) for name in TRAIN_RATES):
+            event("known defect: test_train_numbers_that_are_no_numbers")
+            reject()
         assert not bad, f"train exited 0 with non-finite weights in {bad[:3]}\n{out}"
+
+
+TRAIN_RATES = ("--lr", "--backbone-lr-mult", "--weight-decay")
+
+
+def _extreme(value) -> bool:
+    """A rate no run survives: NaN, infinite, or so large that the weights overflow."""
+    try:
+        x = float(str(value))
+    except ValueError:
+        return False
+    return not math.isfinite(x) or abs(x) > 1e6
 
 
 # -- 2. manifest fields ------------------------------------------------------------------------------------
@@ -930,7 +968,10 @@ def near_values(m: dict, path: tuple) -> list:
 
 def _get(m, path):
     for key in path:
-        m = m[key]
+        try:
+            m = m[key]
+        except (KeyError, IndexError, TypeError):
+            return None
     return m
 
 
@@ -951,26 +992,24 @@ def untampered(light):
     query = run_in_process(["query", light, "--id", 0, "--json"])
     info = run_in_process(["info", light, "--verify", "--json"])
     assert query.code == 0 and info.code == 0, (query, info)
-    return json.loads(query.stdout), json.loads(info.stdout), json.loads((light / "manifest.json").read_text())
+    return Quiet(query=json.loads(query.stdout), info=json.loads(info.stdout),
+                 manifest=json.loads((light / "manifest.json").read_text()), name="untampered answers")
 
 
 INFO_KEYS = ("complete", "items", "deleted", "shards", "bits", "feature_dim", "feature_dtype", "index", "index_delta")
 
 
-@settings(PROPERTY_SETTINGS, max_examples=40)
+@settings(PROPERTY_SETTINGS, max_examples=60)
 @given(data=st.data())
 def test_manifest_field(light, untampered, where, data):
-    want_query, want_info, m = untampered
+    want_query, want_info, m = untampered["query"], untampered["info"], untampered["manifest"]
     path = data.draw(st.sampled_from(manifest_fields(m)), label="field")
     value = data.draw(st.one_of(st.sampled_from(near_values(m, path)), JSON_VALUES), label="value")
     tampered = copy.deepcopy(m)
     _set(tampered, path, value)
     root = copy_of(light, where())
     (root / "manifest.json").write_text(json.dumps(tampered))
-    check_tampered(root, want_query, want_info)
 
-
-def check_tampered(root, want_query, want_info):
     out = run_in_process(["query", root, "--id", 0, "--json"])
     if judge(out) == "ok":
         assert json.loads(out.stdout) == want_query, f"a different answer, exit 0\n{out}"
@@ -978,10 +1017,30 @@ def check_tampered(root, want_query, want_info):
     if judge(out, problems_ok=True) == "ok":
         got = json.loads(out.stdout)
         assert got["verified"] is True
-        assert {k: got.get(k) for k in INFO_KEYS} == {k: want_info.get(k) for k in INFO_KEYS}, \
-            f"info --verify passes with other facts\n{out}"
+        got, want = {k: got.get(k) for k in INFO_KEYS}, {k: want_info.get(k) for k in INFO_KEYS}
+        if path == ("complete",):       # reported as it stands; marked unfinished, nothing queries it
+            want["complete"] = got["complete"]
+        if path == ("index",) and (value is None or value is MISSING):
+            want["index"] = want["index_delta"] = None        # no index is a valid collection
+        if got != want:
+            known = known_silent_manifest_defect(path, value, m)
+            if known:
+                event(f"known defect: {known}")
+                reject()
+        assert got == want, f"info --verify passes with other facts\n{out}"
     elif out.code == 1 and not out.stderr.strip():
         assert json.loads(out.stdout)["verified"] is False
+
+
+def known_silent_manifest_defect(path, value, m) -> str | None:
+    from hashsearch.codes import code_bytes
+    if path == ("bits",) and isinstance(value, int) and 1 <= value <= 4096 and code_bytes(value) == code_bytes(m["bits"]):
+        return "test_info_verify_checks_bits_against_the_codes"
+    if path == ("tombstones",) and (value is None or value is MISSING):
+        return "test_info_verify_checks_the_deleted_count"
+    if path[0] == "index":              # info reads the index entry unchecked
+        return "test_info_with_a_malformed_index_entry"
+    return None
 
 
 # -- 3. checkpoint fields --------------------------------------------------------------------------------------
@@ -1006,13 +1065,20 @@ def config_values(field: str, config: dict) -> st.SearchStrategy:
     return st.one_of(st.sampled_from(near), JSON_VALUES)
 
 
+class Quiet(dict):
+    """A fixture's dict that hypothesis prints by name, not as 160 kB of tensors."""
+
+    def __repr__(self):
+        return f"<{self.get('name', 'fixture')}>"
+
+
 @pytest.fixture(scope="module")
 def checkpoint(model):
     import torch
-    return torch.load(model, map_location="cpu", weights_only=True)
+    return Quiet(torch.load(model, map_location="cpu", weights_only=True), name="the session model's payload")
 
 
-@settings(PROPERTY_SETTINGS, max_examples=30)
+@settings(PROPERTY_SETTINGS, max_examples=100)
 @given(data=st.data())
 def test_checkpoint_config_field(checkpoint, where, data):
     import torch
@@ -1020,20 +1086,30 @@ def test_checkpoint_config_field(checkpoint, where, data):
     from hashsearch.encoders.sources import SyntheticSource
     field = data.draw(st.sampled_from(CONFIG_FIELDS), label="field")
     value = data.draw(config_values(field, checkpoint["config"]), label="value")
-    payload = {**checkpoint, "config": dict(checkpoint["config"])}
+    payload = {k: v for k, v in checkpoint.items() if k != "name"}
+    payload["config"] = dict(payload["config"])
     _set(payload["config"], (field,), value)
     d = where()
     path = d / "model.pt"
     torch.save(payload, path)
 
     with time_limit(IN_PROCESS_LIMIT):
-        try:
+        try:        # the library: a HashsearchError, or an encoder that encodes
             encoder = Encoder.from_checkpoint(path, device="cpu")
+            codes, feats = encoder.encode([SyntheticSource(8).load(i) for i in range(2)])
         except HashsearchError:
             encoder = None
-        else:       # a checkpoint the library accepts must encode
-            codes, feats = encoder.encode([SyntheticSource(8).load(i) for i in range(2)])
-            assert codes.shape == (2, (encoder.bits + 7) // 8) and np.isfinite(feats).all()
+        except RuntimeError as exc:
+            if "Output size is too small" in str(exc):
+                event("known defect: test_input_size_too_small_for_the_backbone")
+                reject()
+            raise
+        else:
+            assert codes.shape == (2, (encoder.bits + 7) // 8)
+            if not np.isfinite(feats).all() and field in ("mean", "std"):
+                event("known defect: test_normalisation_that_makes_nan_features")
+                reject()
+            assert np.isfinite(feats).all(), f"Encoder made non-finite features from {field}={value!r}"
 
     out = run_in_process(["encode", "synthetic:8", "--model", path, "--out", d / "coll", "--workers", 0,
                           "--device", "cpu", "--quiet"])
