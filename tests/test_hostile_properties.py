@@ -17,6 +17,12 @@ block (a FIFO, an endless file such as /dev/zero) go to a real process with
 a timeout; the others run in-process (click's CliRunner) under an alarm.
 /dev/zero is reached through a symlink in the test's folder, so a command
 that atomically replaces its output replaces the link, never the device.
+
+The defects these properties found are section 4: one xfail(strict=True)
+test each.  The properties skip (reject) examples that hit one of them, by
+traceback signature (KNOWN_CRASHES) or by the input that shows it
+(known_defect and friends); remove both once the fix lands.  Run with
+--hypothesis-show-statistics to see how often each outcome came up.
 """
 from __future__ import annotations
 
