@@ -126,11 +126,8 @@ def add(collection, source, **options):
 @_wait
 def delete(collection, ids, ids_file, paths, wait):
     """Delete items from COLLECTION: no search returns them once this returns."""
-    from .shards import delete_items
-    ids = list(ids)
-    if ids_file:
-        _existing(ids_file, "ids file")
-        ids += Path(ids_file).read_text(encoding="utf-8", errors="replace").split()
+    from .shards import delete_items, read_ids_file
+    ids = list(ids) + (read_ids_file(ids_file) if ids_file else [])
     manifest = delete_items(collection, ids=_parse_ids(ids), paths=list(paths), wait=wait)
     click.echo(f"deleted; {collection} now holds {manifest['items']} items "
                f"({manifest['deleted']} awaiting compaction), generation {manifest['generation']}")

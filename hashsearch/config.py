@@ -13,13 +13,15 @@ from dataclasses import dataclass
 
 from .codes import check_bits
 from .errors import HashsearchError
-from .options import Options, fraction, not_negative, option, positive
+from .options import Options, fraction, in_range, not_negative, option, positive, seed_range
 
 MODES = ("bcs", "es", "hds")                   # Hamming only, exhaustive L2, hierarchical: eval reports them so
 COARSE_KINDS = ("flat", "hash", "multihash")    # the faiss binary indexes of the coarse level
 BASELINES = ("lsh", "itq")                     # codes eval can fit on F7 without training
 PRECISIONS = ("auto", "fp32", "bf16")           # auto: float16 on CUDA, float32 on a CPU
 WAIT_HELP = "If another process is writing the collection, wait for it instead of failing."
+# Each loader worker is a process; past a few per core they only cost memory, and a huge count is a fork bomb.
+check_workers = in_range(0, 64)
 
 
 @dataclass
@@ -46,9 +48,9 @@ class TrainConfig(Options):
     val_fraction: float = option(0.05, "Held out to report accuracy each epoch.", check=fraction)
     device: str = option("auto", "auto, cpu or cuda.")
     limit: int | None = option(None, "Use only the first N items of SOURCE.", check=positive)
-    workers: int = option(2, "DataLoader worker processes.", check=not_negative)
+    workers: int = option(2, "DataLoader worker processes.", check=check_workers)
     data_dir: str | None = option(None, "Where named datasets such as fashion-mnist live.")
-    seed: int = option(0, "Seed of the initialisation and the data order.")
+    seed: int = option(0, "Seed of the initialisation and the data order.", check=seed_range)
     resume: bool = option(False, "Continue the run saved in --out.")
     quiet: bool = option(False, "No progress bars; the one line per epoch stays.")
 
@@ -63,7 +65,7 @@ class EncodeConfig(Options):
     limit: int | None = option(None, "Use only the first N items of SOURCE.", check=positive)
     # Large enough for the model's GEMMs to run at speed, small enough to bound memory.
     batch_size: int = option(256, "Images per model call.", check=positive)
-    workers: int = option(2, "DataLoader worker processes that decode images.", check=not_negative)
+    workers: int = option(2, "DataLoader worker processes that decode images.", check=check_workers)
     device: str = option("auto", "auto, cpu or cuda.")
     # 100,000 rows of 4096-d float16 make 800 MB shards: few files at 1M, and a crash redoes at most one.
     shard_size: int = option(100_000, "Rows per HDF5 shard.", check=positive)
@@ -162,7 +164,7 @@ class ExhaustiveBenchConfig(Options):
     nflip: int | None = option(None, "Bits flipped when probing a hash or multihash coarse index.",
                                check=not_negative)
     collection: str | None = option(None, "Benchmark a real encoded collection instead of synthetic data.")
-    seed: int = option(0, "Seed of the synthetic data and the queries.")
+    seed: int = option(0, "Seed of the synthetic data and the queries.", check=seed_range)
     cache_dir: str | None = option(None, "Where synthetic collections are cached.")
 
 

@@ -65,6 +65,8 @@ def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
     path = Path(path)
     if path.is_dir():
         raise HashsearchError(f"{what} {path} is a directory; give a file name")
+    if path.exists() and not path.is_file():     # a FIFO would block the final write; a device would be replaced
+        raise HashsearchError(f"{what} {path} is {_kind(path.stat().st_mode)}; give a regular file name")
     parent = path.parent
     if not parent.exists():
         try:

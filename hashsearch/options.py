@@ -14,6 +14,7 @@ and the HTTP service reads them for its query parameters.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Callable
 
@@ -22,9 +23,15 @@ from .errors import HashsearchError
 _INT64_MAX = (1 << 63) - 1
 
 
-def positive(name: str, value) -> None:
+def _number(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise HashsearchError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):        # a NaN passes every comparison check and trains NaN weights
+        raise HashsearchError(f"{name} must be finite, got {value}")
+
+
+def positive(name: str, value) -> None:
+    _number(name, value)
     if value <= 0:
         raise HashsearchError(f"{name} must be positive, got {value}")
     if value > _INT64_MAX:
@@ -32,12 +39,26 @@ def positive(name: str, value) -> None:
 
 
 def not_negative(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise HashsearchError(f"{name} must be a number, got {value!r}")
+    _number(name, value)
     if value < 0:
         raise HashsearchError(f"{name} must be zero or more, got {value}")
     if value > _INT64_MAX:
         raise HashsearchError(f"{name} is too large: {value}")
+
+
+def seed_range(name: str, value) -> None:
+    """numpy and torch both take seeds from 0 to 2**32 - 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 32:
+        raise HashsearchError(f"{name} must be an integer from 0 to {(1 << 32) - 1}, got {value!r}")
+
+
+def in_range(low, high):
+    """A check that the value lies in [low, high]."""
+    def check(name: str, value) -> None:
+        not_negative(name, value)
+        if not low <= value <= high:
+            raise HashsearchError(f"{name} must be from {low} to {high}, got {value}")
+    return check
 
 
 def fraction(name: str, value) -> None:

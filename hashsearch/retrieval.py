@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import Index, SearchConfig
+from .engine.index import check_index_meta
 from .errors import HashsearchError
 from .shards import Collection
 from .shards.manifest import disk_bytes
@@ -78,6 +79,7 @@ def collection_info(root, verify: bool = False) -> dict:
     }
     index = m.get("index")
     if index is not None:
+        check_index_meta(index, coll.root / "manifest.json", len(coll.shards))
         report["index"] = index["coarse"]["kind"]
         # Rows added since the index was built: searched exhaustively until the next build-index.
         report["index_delta"] = coll.n - int(coll.offsets[len(index["base_shards"])])

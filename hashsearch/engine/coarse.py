@@ -82,6 +82,11 @@ def describe(index: faiss.IndexBinary) -> dict:
     return {"kind": "flat"}
 
 
+# Buckets one query may probe in one table: the sum of C(hash_bits, i) for i <= nflip.  A million is far
+# past any useful depth; nflip 32 over 32-bit keys would be 4 billion probes, a query that never returns.
+MAX_PROBES = 1_000_000
+
+
 def _check_nflip(nflip: int | None, hash_bits: int | None = None) -> None:
     # faiss loops forever on a negative nflip, and on one above the key's bits.
     if nflip is None:
@@ -89,6 +94,10 @@ def _check_nflip(nflip: int | None, hash_bits: int | None = None) -> None:
     top = 64 if hash_bits is None else hash_bits
     if isinstance(nflip, bool) or not isinstance(nflip, (int, np.integer)) or not 0 <= nflip <= top:
         raise HashsearchError(f"nflip must be an integer from 0 to {top} (the hash key's bits), got {nflip}")
+    probes = sum(math.comb(top, i) for i in range(int(nflip) + 1))
+    if hash_bits is not None and probes > MAX_PROBES:
+        raise HashsearchError(f"nflip {nflip} over {top}-bit hash keys probes {probes:,} buckets a query; "
+                              f"at most {MAX_PROBES:,} are allowed (use a smaller --nflip or --hash-bits)")
 
 
 class Coarse:
@@ -107,6 +116,8 @@ class Coarse:
         self.params = describe(index)
         self.hashed = "nflip" in self.params
         self.built_nflip = self.params.get("nflip")
+        if self.hashed:         # an index file from elsewhere may carry any depth
+            _check_nflip(self.built_nflip, self.params["hash_bits"])
         self._setting = threading.Condition()
         self._running = 0           # searches in flight, all with index.nflip == self._nflip
         self._nflip = self.built_nflip

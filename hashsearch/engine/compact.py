@@ -7,12 +7,13 @@ parameters.  Readers switch to both at once.
 """
 from __future__ import annotations
 
-from ..shards import DEFAULT_COMPACT_THRESHOLD, Collection, editing, publish, rewrite_shards
+from ..config import CompactConfig
+from ..shards import Collection, editing, publish, rewrite_shards
 from ..shards.manifest import remove_unreferenced
 from .index import INDEX_DIR, write_index_files
 
 
-def compact(root, threshold: float = DEFAULT_COMPACT_THRESHOLD, *, wait: bool = False) -> dict:
+def compact(root, threshold: float = CompactConfig.threshold, *, wait: bool = False) -> dict:
     """Rewrite the shards whose deleted share is above `threshold`; returns what changed."""
     with editing(root, wait=wait) as manifest:
         new, rewritten = rewrite_shards(root, manifest, threshold)

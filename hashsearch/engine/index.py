@@ -121,16 +121,20 @@ def _read_checked(base: Path, entry: dict, what: str) -> bytes:
     return data
 
 
-def _check_meta(meta, where) -> dict:
+def check_index_meta(meta, where, shards: int | None = None) -> dict:
+    """An index's metadata, every field checked before use; `shards`: how many the collection has."""
     try:
         check_file_entry(meta, "the coarse index")
-        assert meta["coarse"]["kind"] in coarse_mod.KINDS
-        assert isinstance(meta["ntotal"], int) and meta["ntotal"] >= 0
-        assert isinstance(meta["base_shards"], list) and all(isinstance(s, str) for s in meta["base_shards"])
+        assert isinstance(meta["coarse"], dict) and meta["coarse"].get("kind") in coarse_mod.KINDS, "coarse kind"
+        assert isinstance(meta["ntotal"], int) and meta["ntotal"] >= 0, "ntotal"
+        assert isinstance(meta["bits"], int) and not isinstance(meta["bits"], bool), "bits"
+        assert isinstance(meta["base_shards"], list) and all(isinstance(s, str) for s in meta["base_shards"]), \
+            "base_shards"
+        assert shards is None or len(meta["base_shards"]) <= shards, "more base shards than the collection has"
         if meta.get("rows_file") is not None:
             check_file_entry({"file": meta["rows_file"], "sha256": meta.get("rows_sha256")}, "the index rows")
     except Exception as exc:  # noqa: BLE001 - any malformed field means the same thing
-        raise HashsearchError(f"unreadable index metadata in {where} ({exc or type(exc).__name__}); "
+        raise HashsearchError(f"unreadable index metadata in {where} ({str(exc) or type(exc).__name__}); "
                               "rebuild it with `hashsearch build-index`") from None
     return meta
 
@@ -145,7 +149,7 @@ def read_index_meta(index_dir) -> dict | None:
             meta = json.loads(f.read(1 << 26))
     except (OSError, ValueError) as exc:
         raise HashsearchError(f"unreadable index metadata {path} ({exc}); rebuild it with `hashsearch build-index`") from None
-    return _check_meta(meta, path)
+    return check_index_meta(meta, path)
 
 
 def write_index_files(coll: Collection, kind: str, out: Path, prefix: str, tag: str, **params) -> dict:
@@ -198,7 +202,7 @@ def _load_generation(coll: Collection, index_dir: Path | None, previous: _Genera
         meta, base_dir = coll.manifest.get("index"), coll.root
         if meta is None:
             raise HashsearchError(f"no index in {coll.root}; run `hashsearch build-index {coll.root}` first")
-        meta = _check_meta(meta, coll.root / "manifest.json")
+        meta = check_index_meta(meta, coll.root / "manifest.json", len(coll.shards))
     else:
         meta, base_dir = read_index_meta(index_dir), Path(index_dir)
         if meta is None:

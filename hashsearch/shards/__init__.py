@@ -1,9 +1,9 @@
 """The on-disk collection: HDF5 shards plus manifest.json, in generations.  Never imports torch."""
 from .collection import Collection, RowReader
-from .edit import DEFAULT_COMPACT_THRESHOLD, delete_items, editing, rewrite_shards
+from .edit import delete_items, editing, read_ids_file, rewrite_shards
 from .lock import WriteLock
 from .manifest import publish, read_manifest, write_manifest
 from .writer import CollectionWriter, REJECTS, SHARD_DIR
 
 __all__ = ["Collection", "CollectionWriter", "RowReader", "WriteLock", "read_manifest", "write_manifest", "publish",
-           "delete_items", "rewrite_shards", "editing", "DEFAULT_COMPACT_THRESHOLD", "REJECTS", "SHARD_DIR"]
+           "delete_items", "read_ids_file", "rewrite_shards", "editing", "REJECTS", "SHARD_DIR"]

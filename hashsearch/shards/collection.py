@@ -229,7 +229,12 @@ class Collection:
         if self._codes is None:
             if self.n == 0:
                 return np.zeros((0, code_bytes(self.bits)), np.uint8)
-            self._codes = np.ascontiguousarray(self._column("codes"))
+            codes = np.ascontiguousarray(self._column("codes"))
+            if self.bits % 8 and np.any(codes[:, -1] >> (self.bits % 8)):
+                # Padding bits are always 0 (codes.py); set ones mean codes of another length.
+                raise HashsearchError(f"collection {self.root} says {self.bits}-bit codes, but its codes set bits "
+                                      f"past {self.bits}; it is damaged: run `hashsearch info --verify`")
+            self._codes = codes
         return self._codes
 
     def ids(self) -> np.ndarray:
@@ -321,10 +326,11 @@ class Collection:
         for shard in self.shards:
             if file_sha256(shard.path) != shard.sha256:
                 problems.append(f"{shard.path.name}: checksum mismatch (truncated or altered)")
-        try:
-            self.ids()
-        except HashsearchError as exc:
-            problems.append(f"ids: {exc}")
+        for column, read in (("ids", self.ids), ("codes", self.codes)):
+            try:
+                read()
+            except HashsearchError as exc:
+                problems.append(f"{column}: {exc}")
         return problems
 
     def rejects(self) -> list[dict]:

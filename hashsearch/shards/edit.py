@@ -15,17 +15,15 @@ import os
 
 import numpy as np
 
+from ..config import CompactConfig
 from ..errors import HashsearchError
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, read_regular
 from .collection import Collection
 from .lock import WriteLock
 from .manifest import publish, read_manifest, remove_unreferenced
 from .writer import copy_shard, next_shard_number
 
 TOMBSTONE_DIR = "tombstones"
-# Rewrite a shard once more than this share of its rows are deleted: rewriting costs a
-# shard's worth of I/O, and a few dead rows cost searches almost nothing.
-DEFAULT_COMPACT_THRESHOLD = 0.2
 
 
 @contextlib.contextmanager
@@ -82,6 +80,21 @@ def delete_items(root, *, ids=(), paths=(), wait: bool = False) -> dict:
         return publish(root, manifest)
 
 
+# An ids file holds at most this much: 64 MiB is ~5 million ids, far past any one delete.
+MAX_IDS_FILE_BYTES = 64 << 20
+
+
+def read_ids_file(path) -> list[str]:
+    """The whitespace-separated ids of a file; a FIFO, a device or an endless file is refused, never waited on."""
+    try:
+        data = read_regular(path, MAX_IDS_FILE_BYTES)
+    except ValueError as exc:
+        raise HashsearchError(f"ids file {path} is {exc}") from None
+    except OSError as exc:
+        raise HashsearchError(f"cannot read ids file {path}: {exc.strerror or exc}") from None
+    return data.decode("utf-8", "replace").split()
+
+
 def _rows_for_paths(coll: Collection, paths) -> np.ndarray:
     live = np.ones(coll.n, bool)
     live[coll.deleted_rows] = False
@@ -100,14 +113,13 @@ def _rows_for_paths(coll: Collection, paths) -> np.ndarray:
     return np.array(rows, np.int64)
 
 
-def rewrite_shards(root, manifest: dict, threshold: float = DEFAULT_COMPACT_THRESHOLD) -> tuple[dict, int]:
+def rewrite_shards(root, manifest: dict, threshold: float = CompactConfig.threshold) -> tuple[dict, int]:
     """The manifest of a compacted generation (not yet published) and the number of shards rewritten.
 
     Every shard whose deleted share is above `threshold` is copied without its
     deleted rows (or dropped when none is left); the others are kept as they are.
     """
-    if not 0 <= threshold < 1:
-        raise HashsearchError(f"threshold must be at least 0 and below 1, got {threshold}")
+    CompactConfig(threshold=threshold)
     coll = Collection.open(root, allow_empty=True)
     try:
         deleted = coll.deleted_mask()

@@ -140,10 +140,18 @@ def _check_manifest(m: dict) -> None:
         _need(_is_int(entry.get("source_end", 0)), f"shard {s} has a bad source_end")
         _need(entry["file"] not in seen, f"shard file {entry['file']} is listed twice")
         seen.add(entry["file"])
+    stored = sum(entry["rows"] for entry in shards)
     tombstones = m.get("tombstones")
     if tombstones is not None:
         check_file_entry(tombstones, "tombstones")
-        _need(_is_int(tombstones.get("count"), 1), "tombstones has no count")
+        _need(_is_int(tombstones.get("count"), 1, stored), f"tombstones count {tombstones.get('count')!r} is not "
+                                                            f"between 1 and the {stored} rows stored")
+    # The counts a generation publishes must agree with its files: a dropped tombstone entry would revive items.
+    deleted = tombstones["count"] if tombstones is not None else 0
+    _need(m.get("deleted", deleted) == deleted, f"deleted is {m.get('deleted')!r}, but {deleted} tombstones are listed")
+    if m.get("complete") and "items" in m:
+        _need(m["items"] == stored - deleted, f"items is {m['items']}, but the shards hold {stored} rows, "
+                                              f"{deleted} of them deleted")
     if m.get("index") is not None:
         _need(isinstance(m["index"], dict), "index is not an object")
 
