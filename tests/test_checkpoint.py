@@ -51,7 +51,7 @@ MISFITS = {
                           "do not fit its config (unexpected weight 'extra.weight')"),
     "weights not a dict": (lambda p: p.update({"state_dict": [1, 2]}),
                            "damaged hashsearch checkpoint (no config or state_dict)"),
-    "backbone of other weights": (_configs(backbone="alexnet", feature_dim=4096),
+    "backbone of other weights": (_configs(backbone="alexnet", feature_dim=4096, input_size=224),
                                   "do not fit its config (backbone.features.0.weight has shape 32x3x3x3 where "
                                   "64x3x11x11 is needed)"),
     "unknown backbone": (_config("backbone", "resnet"), "backbone is 'resnet', not one of small, alexnet"),
@@ -68,6 +68,9 @@ MISFITS = {
     "input_size huge": (_config("input_size", 10 ** 6), "input_size is 1000000, not an int from 1 to 1024"),
     "mean of 2": (_config("mean", [0.5, 0.5]), "mean is [0.5, 0.5], not 3 finite numbers"),
     "mean not finite": (_config("mean", [0.5, float("nan"), 0.5]), "mean is [0.5, nan, 0.5], not 3 finite numbers"),
+    "input_size below the backbone's": (_config("input_size", 7), "input_size 7 is below the 8 px the small backbone needs"),
+    "input_size below alexnet's": (_configs(backbone="alexnet", feature_dim=4096, input_size=62),
+                                   "input_size 62 is below the 63 px the alexnet backbone needs"),
     "std 0": (_config("std", [0.25, 0.0, 0.25]), "std is [0.25, 0.0, 0.25], not 3 positive numbers"),
     "bits a string": (_config("bits", "48"), "bits is '48', not an int from 1 to 4096"),
     "bits a float": (_config("bits", 48.5), "bits is 48.5, not an int from 1 to 4096"),

@@ -376,7 +376,6 @@ KNOWN_CRASHES = [
     (("in collection_info", "report[\"index"), "test_info_with_a_malformed_index_entry"),
     (("in _load_generation", "KeyError: 'bits'"), "test_query_with_an_index_entry_without_bits"),
     (("in _read_tombstones", "OverflowError"), "test_huge_tombstone_count"),
-    (("Output size is too small",), "test_input_size_too_small_for_the_backbone"),
     (("in train", "ValueError: Invalid weight_decay value"), "test_train_numbers_that_are_no_numbers"),
     (("in train", "cannot convert float"), "test_train_numbers_that_are_no_numbers"),
     (("in split_holdout", "cannot convert float"), "test_train_numbers_that_are_no_numbers"),
@@ -1135,11 +1134,6 @@ def test_checkpoint_config_field(checkpoint, where, data):
             codes, feats = encoder.encode([SyntheticSource(8).load(i) for i in range(2)])
         except HashsearchError:
             encoder = None
-        except RuntimeError as exc:
-            if "Output size is too small" in str(exc):
-                event("known defect: test_input_size_too_small_for_the_backbone")
-                reject()
-            raise
         else:
             assert codes.shape == (2, (encoder.bits + 7) // 8)
             if not np.isfinite(feats).all() and field in ("mean", "std"):
@@ -1269,8 +1263,6 @@ def edited_model(checkpoint, where):
     return make
 
 
-@pytest.mark.xfail(strict=True, reason="input_size 1-7 passes the config check, the small CNN's pooling then "
-                                       "raises RuntimeError 'Output size is too small'")
 @pytest.mark.parametrize("how", ["checkpoint", "train"])
 def test_input_size_too_small_for_the_backbone(edited_model, where, how):
     d = where()

@@ -62,6 +62,9 @@ def config_problem(config: dict) -> str | None:
         return f"class_names is {_short(names)}, not a list of {n} strings"
     if not _is_int(config["input_size"]) or not 1 <= config["input_size"] <= MAX_INPUT_SIZE:
         return f"input_size is {_short(config['input_size'])}, not an int from 1 to {MAX_INPUT_SIZE}"
+    smallest = BACKBONES[backbone].min_input_size
+    if config["input_size"] < smallest:
+        return f"input_size {config['input_size']} is below the {smallest} px the {backbone} backbone needs"
     for key in ("mean", "std"):
         values = config[key]
         if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(map(_is_finite, values)):
