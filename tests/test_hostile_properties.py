@@ -18,11 +18,9 @@ a timeout; the others run in-process (click's CliRunner) under an alarm.
 /dev/zero is reached through a symlink in the test's folder, so a command
 that atomically replaces its output replaces the link, never the device.
 
-The defects these properties found are section 4: one xfail(strict=True)
-test each.  The properties skip (reject) examples that hit one of them, by
-traceback signature (KNOWN_CRASHES) or by the input that shows it
-(known_defect and friends); remove both once the fix lands.  Run with
---hypothesis-show-statistics to see how often each outcome came up.
+The defects these properties found are section 4, one plain test each (they
+were xfail(strict=True) until fixed).  Run with --hypothesis-show-statistics
+to see how often each outcome came up.
 """
 from __future__ import annotations
 
@@ -162,17 +160,8 @@ def run(argv, blocking: bool, timeout: float = PROCESS_LIMIT) -> Outcome:
     return run_in_process(argv)
 
 
-def judge(out: Outcome, *, problems_ok: bool = False, known: bool = True) -> str:
-    """'ok', 'refused', 'usage' or 'problems'; anything else fails.
-
-    known: an example that crashes like a defect an xfail test below shows is rejected, not failed.
-    """
-    if known:
-        text = f"{out.crash or ''}\n{out.stderr}"
-        for needles, xfail_test in KNOWN_CRASHES:
-            if all(n in text for n in needles):
-                event(f"known defect: {xfail_test}")
-                reject()
+def judge(out: Outcome, *, problems_ok: bool = False) -> str:
+    """'ok', 'refused', 'usage' or 'problems'; anything else fails."""
     verdict = _judge(out, problems_ok)
     if currently_in_test_context():
         event(f"{out.argv[0]}: {verdict}")       # --hypothesis-show-statistics: how often each outcome was seen
@@ -352,37 +341,6 @@ def all_values(argv, name) -> list:
 
 def as_int(value) -> int:
     return int(str(value))      # what click's INT does with the text it was given
-
-
-def known_defect(command: str, argv, blocking: bool = False) -> str | None:
-    """Why this run would hit a defect an xfail test below already shows (the example is then rejected).
-
-    Remove an entry once its xfail test passes.
-    """
-    return None
-
-
-# Tracebacks an xfail test below already shows: (text in the traceback, ...), that test.
-KNOWN_CRASHES = [
-    (("Output size is too small",), "test_input_size_too_small_for_the_backbone"),
-]
-
-
-def _special(path) -> bool:
-    """A FIFO or a device: reading or writing it may never end."""
-    import stat
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, TypeError, ValueError):
-        return False
-    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
-
-
-def as_int_or(value, default):
-    try:
-        return int(str(value))
-    except ValueError:
-        return default
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------
@@ -589,8 +547,6 @@ def test_build_index_options(light, where, args):
     root = copy_of(light, d)
     before = manifest_bytes(root)
     argv, blocking = materialize(args, d)
-    if known_defect("build-index", argv):
-        reject()
     out = run(["build-index", root, *argv], blocking)
     data = coll_data(root)
     if judge(out) == "ok":
@@ -668,8 +624,6 @@ def test_delete_options(light, where, args):
             args[i] = d / f"ids-{i}.txt"
             args[i].write_text("".join(f"{v}\n" for v in a.values))
     argv, blocking = materialize(args, d)
-    if known_defect("delete", argv):
-        reject()
     out = run(["delete", root, *argv], blocking)
     if judge(out) == "ok":
         doomed = {as_int(v) for v in all_values(argv, "--id")}
@@ -739,8 +693,6 @@ def test_add_options(collection, where, args):
     root = copy_of(collection, d)
     before, old = manifest_bytes(root), coll_data(root)
     argv, blocking = materialize(args, d, {"tmp": d})
-    if known_defect("add", argv, blocking):
-        reject()
     out = run(["add", root, *argv, "--quiet"], blocking)
     if judge(out) == "ok":
         new = coll_data(root)
@@ -781,8 +733,6 @@ EVAL = [
 def test_eval_options(collection, light, where, args):
     d = where()
     argv, blocking = materialize(args, d, {"coll": collection, "light": light})
-    if known_defect("eval", argv):
-        reject()
     out = run(["eval", *argv], blocking)
     if judge(out) == "ok":
         assert argv[0] == collection and last_value(argv, "--queries") == collection
@@ -825,8 +775,6 @@ def drop_bench_log(out: Outcome) -> None:
 def test_bench_exhaustive_options(where, args):
     d = where()
     argv, _ = materialize(["--exhaustive", "--cache-dir", Out("cache"), *args], d)
-    if known_defect("bench", argv):
-        reject()
     out = run_in_child(["bench", *argv])         # always a real process: faiss's probing loops are C
     drop_bench_log(out)
     if judge(out) == "ok":
@@ -879,8 +827,6 @@ def check_encoded(root, *, n: int, bits: int, dtype: str):
 def test_encode_options(model, model32, where, args):
     d = where()
     argv, blocking = materialize(args, d, {"model": model, "model32": model32, "tmp": d})
-    if known_defect("encode", argv, blocking):
-        reject()
     out = run(["encode", *argv, "--quiet"], blocking)
     if judge(out) == "ok":
         source, limit = str(argv[0]), last_value(argv, "--limit")
@@ -924,8 +870,6 @@ def test_train_options(model, where, args):
     from hashsearch.encoders.checkpoint import read_checkpoint
     d = where()
     argv, blocking = materialize(args, d, {"model": model})
-    if known_defect("train", argv, blocking):
-        reject()
     out = run(["train", *argv, "--quiet"], blocking)
     if judge(out) == "ok":
         payload = read_checkpoint(last_value(argv, "--out"))
@@ -1118,16 +1062,8 @@ def test_checkpoint_config_field(checkpoint, where, data):
             codes, feats = encoder.encode([SyntheticSource(8).load(i) for i in range(2)])
         except HashsearchError:
             encoder = None
-        except RuntimeError as exc:
-            if "Output size is too small" in str(exc):
-                event("known defect: test_input_size_too_small_for_the_backbone")
-                reject()
-            raise
         else:
             assert codes.shape == (2, (encoder.bits + 7) // 8)
-            if not np.isfinite(feats).all() and field in ("mean", "std"):
-                event("known defect: test_normalisation_that_makes_nan_features")
-                reject()
             assert np.isfinite(feats).all(), f"Encoder made non-finite features from {field}={value!r}"
 
     out = run_in_process(["encode", "synthetic:8", "--model", path, "--out", d / "coll", "--workers", 0,
@@ -1139,9 +1075,7 @@ def test_checkpoint_config_field(checkpoint, where, data):
         assert encoder is None, f"Encoder.from_checkpoint accepts a checkpoint the CLI refuses\n{out}"
 
 
-# -- 4. defects found by the properties above, one test each ---------------------------------------------
-# Each is xfail(strict=True): it fails now, and a fix makes it pass, which strict turns into a failure
-# until the mark (and the entry in KNOWN_CRASHES / known_defect that skips it above) is removed.
+# -- 4. defects found by the properties above, one test each (each failed before its fix) -----------------
 def tampered_copy(light, where, edit) -> Path:
     root = copy_of(light, where())
     m = json.loads((root / "manifest.json").read_text())
@@ -1156,7 +1090,7 @@ def test_delete_ids_file_that_never_ends(light, where, kind, timeout, memory):
     root = copy_of(light, d)
     before = manifest_bytes(root)
     out = run_in_child(["delete", root, "--ids-file", Odd(kind).make(d)], timeout=timeout, memory=memory)
-    assert judge(out, known=False) == "refused"
+    assert judge(out) == "refused"
     assert manifest_bytes(root) == before
 
 
@@ -1169,14 +1103,14 @@ def test_json_output_that_is_a_fifo(light, where, command):
                       "--cache-dir", d / "cache"]}[command]
     out = run_in_child([*argv, "--json", fifo], timeout=5)
     drop_bench_log(out)
-    if judge(out, known=False) == "ok":      # the FIFO replaced by a regular file is fine too
+    if judge(out) == "ok":      # the FIFO replaced by a regular file is fine too
         assert fifo.is_file() and json.loads(fifo.read_text())
 
 
 def test_eval_plot_is_written_where_it_says(collection, where):
     curves = where() / "curves"
     out = run_in_process(["eval", collection, "--queries", collection, "--mode", "bcs", "--plot", curves])
-    assert judge(out, known=False) == "ok"
+    assert judge(out) == "ok"
     written = [line[len("wrote "):] for line in out.stdout.splitlines() if line.startswith("wrote ")]
     assert written and all(Path(p).is_file() and Path(p).read_bytes()[:4] == b"\x89PNG" for p in written), out
 
@@ -1184,9 +1118,9 @@ def test_eval_plot_is_written_where_it_says(collection, where):
 def test_hash_index_probing_depth_that_never_ends(light, where):
     root = copy_of(light, where())
     built = run_in_process(["build-index", root, "--coarse", "hash", "--hash-bits", 32, "--nflip", 32])
-    if judge(built, known=False) == "refused":
+    if judge(built) == "refused":
         return
-    assert judge(run_in_child(["query", root, "--id", 0, "--json"], timeout=3), known=False) in ("ok", "refused")
+    assert judge(run_in_child(["query", root, "--id", 0, "--json"], timeout=3)) in ("ok", "refused")
 
 
 @pytest.mark.parametrize("edit", [
@@ -1195,31 +1129,31 @@ def test_hash_index_probing_depth_that_never_ends(light, where):
 def test_info_with_a_malformed_index_entry(light, where, edit):
     root = tampered_copy(light, where, lambda m: exec(edit, {"m": m}))
     out = run_in_process(["info", root, "--verify", "--json"])
-    assert judge(out, problems_ok=True, known=False) in ("refused", "problems")
+    assert judge(out, problems_ok=True) in ("refused", "problems")
 
 
 def test_query_with_an_index_entry_without_bits(light, where):
     root = tampered_copy(light, where, lambda m: m["index"].pop("bits"))
-    assert judge(run_in_process(["query", root, "--id", 0, "--json"]), known=False) == "refused"
+    assert judge(run_in_process(["query", root, "--id", 0, "--json"])) == "refused"
 
 
 @pytest.mark.parametrize("command", [["query", "--id", 0, "--json"], ["info", "--verify", "--json"]])
 def test_huge_tombstone_count(light, where, command):
     root = tampered_copy(light, where, lambda m: m["tombstones"].update(count=2**62))
     out = run_in_process([command[0], root, *command[1:]])
-    assert judge(out, problems_ok=True, known=False) in ("refused", "problems")
+    assert judge(out, problems_ok=True) in ("refused", "problems")
 
 
 def test_info_verify_checks_bits_against_the_codes(light, where):
     root = tampered_copy(light, where, lambda m: m.update(bits=25))
     out = run_in_process(["info", root, "--verify", "--json"])
-    assert judge(out, problems_ok=True, known=False) in ("refused", "problems")
+    assert judge(out, problems_ok=True) in ("refused", "problems")
 
 
 def test_info_verify_checks_the_deleted_count(light, where):
     root = tampered_copy(light, where, lambda m: m.update(tombstones=None))
     out = run_in_process(["info", root, "--verify", "--json"])
-    assert judge(out, problems_ok=True, known=False) in ("refused", "problems")
+    assert judge(out, problems_ok=True) in ("refused", "problems")
 
 
 @pytest.fixture
@@ -1235,8 +1169,6 @@ def edited_model(checkpoint, where):
     return make
 
 
-@pytest.mark.xfail(strict=True, reason="input_size 1-7 passes the config check, the small CNN's pooling then "
-                                       "raises RuntimeError 'Output size is too small'")
 @pytest.mark.parametrize("how", ["checkpoint", "train"])
 def test_input_size_too_small_for_the_backbone(edited_model, where, how):
     d = where()
@@ -1245,24 +1177,22 @@ def test_input_size_too_small_for_the_backbone(edited_model, where, how):
     else:
         argv = ["train", "synthetic:12", "--epochs", 1, "--input-size", 4, "--out", d / "m.pt"]
     out = run_in_process([*argv, "--workers", 0, "--device", "cpu", "--quiet"])
-    assert judge(out, known=False) == "refused"
+    assert judge(out) == "refused"
 
 
-@pytest.mark.xfail(strict=True, reason="std 1e-300 or mean 1e308 pass the config check (finite, std > 0); "
-                                       "encode exits 0 having stored NaN features and all-zero codes")
 @pytest.mark.parametrize("config", [{"std": [1e-300] * 3}, {"mean": [1e308] * 3}])
 def test_normalisation_that_makes_nan_features(edited_model, where, config):
     d = where()
     out = run_in_process(["encode", "synthetic:4", "--model", edited_model(**config), "--out", d / "c",
                           "--workers", 0, "--device", "cpu", "--quiet"])
-    if judge(out, known=False) == "ok":
+    if judge(out) == "ok":
         check_encoded(d / "c", n=4, bits=16, dtype="float16")
 
 
 def trained_ok(out: Outcome) -> bool:
     """train's answer is good: refused, or a checkpoint whose weights are all finite."""
     from hashsearch.encoders.checkpoint import read_checkpoint
-    if judge(out, known=False) != "ok":
+    if judge(out) != "ok":
         return True
     state = read_checkpoint(last_value(out.argv, "--out"))["state_dict"]
     return all(v.isfinite().all() for v in state.values() if v.is_floating_point())
@@ -1280,14 +1210,14 @@ def test_train_numbers_that_are_no_numbers(where, option, value):
 def test_train_negative_backbone_rate(where):
     out = run_in_process(["train", "synthetic:12", "--epochs", 1, "--backbone-lr-mult", -1,
                           "--out", where() / "m.pt", "--workers", 0, "--device", "cpu", "--quiet"])
-    assert judge(out, known=False) == "refused"
+    assert judge(out) == "refused"
 
 
 @pytest.mark.parametrize("seed", [-1, 2**64])
 def test_train_seed_out_of_range(where, seed):
     out = run_in_process(["train", "synthetic:12", "--epochs", 1, "--seed", seed, "--out", where() / "m.pt",
                           "--workers", 0, "--device", "cpu", "--quiet"])
-    assert judge(out, known=False) in ("ok", "refused")
+    assert judge(out) in ("ok", "refused")
 
 
 @pytest.mark.parametrize("command", ["encode", "add", "train"])
@@ -1301,4 +1231,4 @@ def test_huge_worker_count_is_refused(collection, model, where, command):
     # worker_guard stops make_loader before it forks: reaching it is the defect
     assert not isinstance(r.exception, TooManyWorkers), r.exception
     out = Outcome([str(a) for a in argv], r.exit_code, r.stdout, r.stderr, None)
-    assert judge(out, known=False) in ("ok", "refused")
+    assert judge(out) in ("ok", "refused")

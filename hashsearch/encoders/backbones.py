@@ -26,6 +26,9 @@ class BackboneSpec:
     input_size: int
     mean: tuple
     std: tuple
+    # The smallest input side the architecture can compute features of; a smaller one
+    # fails inside the model.  Derived from the layers (each spec says how), never probed at run time.
+    min_input_size: int
     default_weights: Callable[[], str | None] = lambda: None   # where installed weights live
 
 
@@ -131,10 +134,14 @@ def _shape(tensor: torch.Tensor) -> str:
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "small": BackboneSpec(lambda w: SmallCNN() if w is None else _no_pretrained("small"), 512, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-    "alexnet": BackboneSpec(AlexNetF7, 4096, 224, IMAGENET_MEAN, IMAGENET_STD),
+    # three 2x2 max-pools: 8 -> 4 -> 2 -> 1 px, and a 7 px image pools to nothing
+    "small": BackboneSpec(lambda w: SmallCNN() if w is None else _no_pretrained("small"), 512, 32, (0.5, 0.5, 0.5),
+                          (0.25, 0.25, 0.25), min_input_size=8),
+    # conv 11/4 pad 2 and three 3/2 max-pools: 63 -> 15 -> 7 -> 3 -> 1 px, and 62 pools to nothing
+    "alexnet": BackboneSpec(AlexNetF7, 4096, 224, IMAGENET_MEAN, IMAGENET_STD, min_input_size=63),
+    # padding fixed for 224 px: below 32 px the last stride-2 5x5 conv gets 1 px, padded to 4, smaller than its kernel
     "efficientnet-lite0": BackboneSpec(EfficientNetLite0, 1280, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-                                       EfficientNetLite0.installed_weights),
+                                       min_input_size=32, default_weights=EfficientNetLite0.installed_weights),
 }
 
 

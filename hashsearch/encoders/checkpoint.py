@@ -28,6 +28,10 @@ CONFIG_KEYS = ("backbone", "bits", "num_classes", "class_names", "input_size", "
 # 3 MiB an image as uint8, 12 MiB as float: a batch of larger inputs no longer
 # fits in memory, so a larger side is damage, not a choice.
 MAX_INPUT_SIZE = 1024
+# Pixels are normalised from [0, 1]: real normalisations have means in [0, 1] and stds near 0.25.  These
+# bounds keep (pixel - mean) / std within +-1100, well inside float16 (the CUDA default, max 65504),
+# where std 1e-300 or mean 1e308 made inf, then NaN features.
+MIN_STD, MAX_STD, MAX_ABS_MEAN = 0.01, 100.0, 10.0
 # The first bytes of torch.save's zip format and of its legacy pickle format.
 _TORCH_HEADS = (b"PK\x03\x04", b"\x80")
 
@@ -62,12 +66,17 @@ def config_problem(config: dict) -> str | None:
         return f"class_names is {_short(names)}, not a list of {n} strings"
     if not _is_int(config["input_size"]) or not 1 <= config["input_size"] <= MAX_INPUT_SIZE:
         return f"input_size is {_short(config['input_size'])}, not an int from 1 to {MAX_INPUT_SIZE}"
+    smallest = BACKBONES[backbone].min_input_size
+    if config["input_size"] < smallest:
+        return f"input_size {config['input_size']} is below the {smallest} px the {backbone} backbone needs"
     for key in ("mean", "std"):
         values = config[key]
         if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(map(_is_finite, values)):
             return f"{key} is {_short(values)}, not 3 finite numbers"
-    if not all(s > 0 for s in config["std"]):
-        return f"std is {_short(config['std'])}, not 3 positive numbers"
+    if not all(MIN_STD <= s <= MAX_STD for s in config["std"]):
+        return f"std is {_short(config['std'])}, not 3 numbers from {MIN_STD:g} to {MAX_STD:g}"
+    if not all(abs(m) <= MAX_ABS_MEAN for m in config["mean"]):
+        return f"mean is {_short(config['mean'])}, not 3 numbers from {-MAX_ABS_MEAN:g} to {MAX_ABS_MEAN:g}"
     dim = BACKBONES[backbone].feature_dim
     if not _is_int(config["feature_dim"]) or config["feature_dim"] != dim:
         return f"feature_dim is {_short(config['feature_dim'])}, but {backbone} makes {dim}-d features"

@@ -75,8 +75,9 @@ def _initial_model(cfg: TrainConfig, class_names: list, device):
     """(config, model on `device`, whether it starts from pretrained weights): --weights, else the backbone's own."""
     weights = read_weights(cfg.weights) if cfg.weights else None
     reused = weights if is_checkpoint(weights) else None
-    # a reused backbone keeps the input size it learned at
-    input_size = cfg.input_size or (reused["config"]["input_size"] if reused else None)
+    # a reused backbone keeps the input size it learned at (one of another backbone is refused by build_model)
+    same = reused is not None and reused["config"]["backbone"] == cfg.backbone
+    input_size = cfg.input_size or (reused["config"]["input_size"] if same else None)
     config = make_config(cfg.backbone, cfg.bits, class_names, input_size)
     if weights is None:
         installed = get_backbone(cfg.backbone).default_weights()
