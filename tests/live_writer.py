@@ -6,7 +6,8 @@
     python live_writer.py compact ROOT THRESHOLD
     python live_writer.py hold ROOT                hold the write lock until stdin closes
 
-It prints "ready" once imports are done, then works; errors are one line and exit 1, as in the CLI.
+It prints "ready" once imports are done, then works, then prints "done"; errors are one line and exit 1,
+as in the CLI.
 No torch, so a test can start and kill many of these quickly.
 """
 from __future__ import annotations
@@ -98,6 +99,7 @@ def main(argv) -> int:
     except HashsearchError as exc:
         print(f"hashsearch: error: {exc}", file=sys.stderr)
         return 1
+    print("done", flush=True)
     return 0
 
 

@@ -205,19 +205,33 @@ def test_kill_9_during_add_delete_and_compact_then_rerun(tmp_path):
     lw.create(base, 1200)
     Index.build(base, "flat")
     ops = [("append", 5000, 1500), ("delete", *range(100, 700, 2)), ("compact", 0.1)]
+
+    def prepared(name):
+        root = tmp_path / name
+        shutil.copytree(base, root)
+        if name.endswith("compact"):
+            lw.delete(root, list(range(0, 400, 3)))
+        return root
+
+    # How long each operation works once its imports are done, so that the kills land inside it.
+    seconds = {}
+    for op in ops:
+        proc = start(op[0], prepared(f"timing-{op[0]}"), *op[1:])
+        assert proc.stdout.readline().strip() == "ready"
+        began = time.monotonic()
+        assert proc.stdout.readline().strip() == "done"
+        seconds[op[0]] = time.monotonic() - began
+        proc.communicate()
     killed_mid_op = 0
     for trial in range(24):
-        root = tmp_path / f"t{trial}"
-        shutil.copytree(base, root)
         op = ops[trial % 3]
-        if op[0] == "compact":
-            lw.delete(root, list(range(0, 400, 3)))
+        root = prepared(f"t{trial}-{op[0]}")
         proc = start(op[0], root, *op[1:])
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(random.uniform(0, 0.15))
+        time.sleep(random.uniform(0, seconds[op[0]]))
         proc.kill()
-        proc.communicate()
-        killed_mid_op += proc.returncode == -9
+        out, _ = proc.communicate()
+        killed_mid_op += "done" not in out
         with Collection.open(root) as coll:             # opens, and every byte matches its manifest
             assert coll.verify() == [], trial
         Index.open(root).search(*queries(), 5)       # searchable as it is

@@ -269,9 +269,9 @@ class Index:
     Searches in flight finish on the generation they started on.
     """
 
-    def __init__(self, collection: Collection, index_dir=None, *, _generation: _Generation | None = None):
+    def __init__(self, collection: Collection, index_dir=None):
         self._index_dir = None if index_dir is None else Path(index_dir)
-        self._gen = _generation or _load_generation(collection, self._index_dir, None)
+        self._gen = _load_generation(collection, self._index_dir, None)
         self._refresh_lock = threading.Lock()
         self._local = threading.local()
         self._closed = False
