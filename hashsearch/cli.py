@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .config import (ADD_SKIPS, WAIT_HELP, CompactConfig, EncodeBenchConfig, EncodeConfig, EvalConfig,
-                     ExhaustiveBenchConfig, IndexConfig, SearchConfig, TrainConfig)
+                     ExhaustiveBenchConfig, IndexConfig, LiveBenchConfig, SearchConfig, TrainConfig)
 from .errors import HashsearchError
 from .fileio import atomic_write_bytes, check_output_file
 from .options import click_options
@@ -249,7 +249,8 @@ class _BenchGroup(click.Group):
 
 @main.group(cls=_BenchGroup)
 def bench():
-    """Benchmarks: `exhaustive` (search speed against the paper's baseline) or `encode SOURCE` (throughput)."""
+    """Benchmarks: `exhaustive` (search speed against the paper's baseline), `encode SOURCE` (throughput),
+    `live` (what adds and deletes cost)."""
 
 
 @bench.command("exhaustive")
@@ -291,6 +292,20 @@ def bench_encode(source, model_path, limit, json_path, **options):
     _existing(model_path, "model")
     result = run_encode_bench(model_path, source, limit=limit, **options)
     click.echo(format_encode_report(result))
+    if json_path:
+        _write_json(json_path, result)
+
+
+@bench.command("live")
+@click_options(LiveBenchConfig)
+@click.option("--json", "json_path", help="Write the results to this JSON file.")
+def bench_live(json_path, **options):
+    """What a live collection costs: an add into N rows, and search with a delta and tombstones."""
+    from .bench.live import format_live_report, run_live_bench
+    if json_path:
+        check_output_file(json_path, "--json")
+    result = run_live_bench(**options)
+    click.echo(format_live_report(result))
     if json_path:
         _write_json(json_path, result)
 

@@ -172,3 +172,18 @@ class ExhaustiveBenchConfig(Options):
 class EncodeBenchConfig(Options):
     # Enough batches for a steady rate, few enough for a quick run; the other settings are encode's own.
     limit: int = option(10_000, "Images to encode.", check=positive)
+
+
+@dataclass
+class LiveBenchConfig(Options):
+    n: int = option(1_000_000, "Rows of the synthetic collection (the `bench exhaustive` one, linked, not copied).",
+                    check=positive)
+    # The case: 10,000 new images into a 1M collection.
+    add: int = option(10_000, "Rows appended to time an add.", check=positive)
+    delta: float = option(0.10, "Share of N added after the index was built, for the search timing.", check=fraction)
+    deleted: float = option(0.05, "Share of N deleted after the index was built.", check=fraction)
+    queries: int = option(200, "Held-out queries timed at batch 1.", check=positive)
+    # The 1M headline settings of `bench exhaustive` (README).
+    hash_bits: int = option(18, "Bits per slice of the multihash index.", check=positive)
+    pool: int = option(32, "Coarse candidate pool.", check=positive)
+    radius: int = option(12, "Rerank only candidates within this Hamming radius.", check=not_negative)

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..codes import check_bits, pack_codes
 from ..errors import HashsearchError
-from ..config import BASELINES
+from ..config import BASELINES, EncodeConfig
 from ..shards import Collection, CollectionWriter
 from ..shards.writer import WRITER_KEYS, rows_to_write
 
@@ -93,7 +93,7 @@ def write_baseline_collection(src: Collection, out_root, method: str, bits: int,
     ids, labels = src.ids(), src.labels()
     with CollectionWriter(Path(out_root), bits=bits, feature_dim=src.feature_dim,
                           feature_dtype=src.manifest["feature_dtype"],
-                          shard_size=int(src.manifest.get("shard_size", 100_000)),
+                          shard_size=int(src.manifest.get("shard_size", EncodeConfig.shard_size)),
                           meta=meta, overwrite=overwrite) as writer:
         if writer.complete:
             raise HashsearchError(f"{out_root} already holds a finished collection; use overwrite to replace it")

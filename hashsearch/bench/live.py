@@ -1,6 +1,6 @@
 """What a live collection costs: adding rows to a large collection, and searching with a delta and tombstones.
 
-    python -m hashsearch.bench.live [--n 1000000] [--add 10000] [--delta 0.10] [--deleted 0.05] [--queries 200]
+    hashsearch bench live [--n 1000000] [--add 10000] [--delta 0.1] [--deleted 0.05] [--queries 200]
 
 It works on a copy of the synthetic bench collection (`bench --exhaustive`
 makes it) whose shards are hard links: shards never change, so linking them
@@ -13,8 +13,6 @@ is safe and costs no space.  It reports:
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -23,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import LiveBenchConfig
 from ..engine import Index
-from ..fileio import atomic_write_bytes
 from ..shards import Collection, CollectionWriter, delete_items
 from ..shards.manifest import MANIFEST
 from .speed import K, time_calls
@@ -69,7 +67,12 @@ def _time_add(root: Path, model: SyntheticModel, add: int, hash_bits: int) -> tu
     return seconds, refresh
 
 
-def run(n: int, add: int, delta: float, deleted: float, queries: int, hash_bits: int, pool: int, radius: int) -> dict:
+def run_live_bench(n: int = LiveBenchConfig.n, add: int = LiveBenchConfig.add, delta: float = LiveBenchConfig.delta,
+                   deleted: float = LiveBenchConfig.deleted, queries: int = LiveBenchConfig.queries,
+                   hash_bits: int = LiveBenchConfig.hash_bits, pool: int = LiveBenchConfig.pool,
+                   radius: int = LiveBenchConfig.radius) -> dict:
+    LiveBenchConfig(n=n, add=add, delta=delta, deleted=deleted, queries=queries, hash_bits=hash_bits, pool=pool,
+                    radius=radius)
     spec_root = default_cache_root() / SyntheticSpec(n=n).name
     base = generate_collection(spec_root, n, progress=True).root
     model = SyntheticModel(SyntheticSpec(n=n))
@@ -112,24 +115,14 @@ def run(n: int, add: int, delta: float, deleted: float, queries: int, hash_bits:
     return out
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=1_000_000)
-    p.add_argument("--add", type=int, default=10_000)
-    p.add_argument("--delta", type=float, default=0.10)
-    p.add_argument("--deleted", type=float, default=0.05)
-    p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--hash-bits", type=int, default=18)
-    p.add_argument("--pool", type=int, default=32)
-    p.add_argument("--radius", type=int, default=12)
-    p.add_argument("--json", help="Write the results to this file.")
-    args = p.parse_args(argv)
-    result = run(args.n, args.add, args.delta, args.deleted, args.queries, args.hash_bits, args.pool, args.radius)
-    text = json.dumps(result, indent=2, default=float)
-    print(text)
-    if args.json:
-        atomic_write_bytes(args.json, (text + "\n").encode())
-
-
-if __name__ == "__main__":
-    main()
+def format_live_report(result: dict) -> str:
+    followed, fresh = result["followed_batch1"], result["fresh_batch1"]
+    return "\n".join([
+        f"append {result['add']:,} rows: {result['add_to_n_seconds']:.2f} s into {result['n']:,} rows, "
+        f"{result['add_to_small_seconds']:.2f} s into {result['add']:,}; refresh after: "
+        f"{result['refresh_after_add_to_n_seconds'] * 1e3:.1f} ms and "
+        f"{result['refresh_after_add_to_small_seconds'] * 1e3:.1f} ms",
+        f"batch-1 hds over {result['live_items']:,} live rows: followed index (delta + tombstones) "
+        f"{followed['median_ms']:.3f} ms median, {followed['p95_ms']:.3f} ms p95; fresh build-index "
+        f"{fresh['median_ms']:.3f} ms, {fresh['p95_ms']:.3f} ms; same results: {result['same_results']}",
+        f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores"])

@@ -21,11 +21,12 @@ import h5py
 import numpy as np
 
 from ..codes import code_bytes
+from ..config import EncodeConfig
 from ..errors import HashsearchError
 from ..fileio import atomic_write_bytes, fsync_dir, open_regular
 from .lock import LOCK_FILE, WriteLock
-from .manifest import (FEATURE_DTYPES, FORMAT, MANIFEST, VERSION, file_sha256, inside, publish, read_manifest,
-                       remove_unreferenced)
+from .manifest import (FEATURE_DTYPES, FORMAT, GENERATION_DIRS, MANIFEST, VERSION, file_sha256, inside, publish,
+                       read_manifest, remove_unreferenced)
 
 SHARD_DIR = "shards"
 # Manifest keys that describe the collection's files and generations, which writers own;
@@ -92,6 +93,16 @@ def stored_path(path) -> str | bytes:
         return path.encode("utf-8", "surrogateescape")
 
 
+def _seal(partial: Path, final: Path) -> str:
+    """Make a finished shard durable under its final name; its sha256.  Nothing names it until a manifest does."""
+    with open(partial, "rb+") as fh:
+        os.fsync(fh.fileno())
+    checksum = file_sha256(partial)
+    os.replace(partial, final)
+    fsync_dir(final.parent)
+    return checksum
+
+
 def copy_shard(src, keep: np.ndarray, root: Path, number: int, source_end: int) -> dict:
     """Write shard `number` holding the rows `keep` (local, increasing) of shard `src`; its manifest entry.
 
@@ -107,11 +118,7 @@ def copy_shard(src, keep: np.ndarray, root: Path, number: int, source_end: int) 
                 out = dst.create_dataset(name, (len(keep),) + ds.shape[1:], ds.dtype)
                 for a in range(0, len(keep), _COPY_BLOCK):
                     out[a:a + _COPY_BLOCK] = ds[keep[a:a + _COPY_BLOCK]]
-        with open(partial, "rb+") as fh:
-            os.fsync(fh.fileno())
-        checksum = file_sha256(partial)
-        os.replace(partial, final)
-        fsync_dir(final.parent)
+        checksum = _seal(partial, final)
     except OSError as exc:
         partial.unlink(missing_ok=True)
         raise HashsearchError(f"cannot write shard {final}: {exc}") from None
@@ -132,7 +139,7 @@ class CollectionWriter:
     """
 
     def __init__(self, root, *, bits: int, feature_dim: int, feature_dtype: str = "float16",
-                 shard_size: int = 100_000, meta: dict | None = None, overwrite: bool = False,
+                 shard_size: int = EncodeConfig.shard_size, meta: dict | None = None, overwrite: bool = False,
                  wait: bool = False):
         if feature_dtype not in FEATURE_DTYPES:
             raise HashsearchError(f"feature dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
@@ -174,7 +181,7 @@ class CollectionWriter:
             raise
         m = writer.manifest
         writer.code_bytes, writer.feature_dim = code_bytes(m["bits"]), m["feature_dim"]
-        writer.feature_dtype, writer.shard_size = np.dtype(m["feature_dtype"]), m.get("shard_size", 100_000)
+        writer.feature_dtype, writer.shard_size = np.dtype(m["feature_dtype"]), m.get("shard_size", EncodeConfig.shard_size)
         writer._file, writer._rows, writer._capacity, writer._pending_rejects = None, 0, 0, []
         # A file an earlier add already rejected is tried again, but not recorded twice.
         writer._known_rejects = {_reject_field(line, "path") for line in _reject_lines(writer.root / REJECTS)}
@@ -228,7 +235,7 @@ class CollectionWriter:
             raise HashsearchError(f"{self.root} exists and is not a hashsearch collection; choose an empty directory")
 
     def _remove_contents(self) -> None:
-        for folder in (SHARD_DIR, "index", "tombstones"):
+        for folder in GENERATION_DIRS:
             shutil.rmtree(self.root / folder, ignore_errors=True)
         for name in (MANIFEST, REJECTS):
             (self.root / name).unlink(missing_ok=True)
@@ -361,11 +368,7 @@ class CollectionWriter:
             else:
                 self._file.close()
                 self._file = None
-            with open(self._partial, "rb+") as fh:
-                os.fsync(fh.fileno())
-            checksum = file_sha256(self._partial)
-            os.replace(self._partial, self._final)
-            fsync_dir(self._final.parent)
+            checksum = _seal(self._partial, self._final)
         except OSError as exc:
             self.abort()
             raise HashsearchError(f"cannot finish shard {self._final}: {exc}") from None
