@@ -26,30 +26,47 @@ def run_query(collection, *, images=(), ids=(), k: int = SearchConfig.k, pool: i
     coll = index.collection
     names, codes, feats = [], [], []
     if images:
-        from .encoders.encoder import Encoder   # torch is only needed to encode new images
-        model_path = model_path or coll.model_path
-        if model_path is None:
-            raise HashsearchError(f"{coll.root} has no model.pt; pass --model")
-        # bf16 collections get bf16 queries; fp16 (a GPU's) is not run on the CPU.
-        precision = "bf16" if coll.manifest.get("precision") == "bf16" else "fp32"
-        encoder = Encoder.from_checkpoint(model_path, device="cpu", expect_bits=coll.bits, precision=precision)
-        if encoder.feature_dim != coll.feature_dim:
-            raise HashsearchError(f"model {model_path} makes {encoder.feature_dim}-d features but {coll.root} "
-                                  f"holds {coll.feature_dim}-d features")
         for path in images:
             if not Path(path).exists():
                 raise HashsearchError(f"query image not found: {path}")
-        c, f = encoder.encode(list(images))
+        c, f = query_encoder(coll, model_path).encode(list(images))
         names += [str(p) for p in images]
         codes.append(c)
         feats.append(f)
     if ids:
-        rows = coll.rows_for_ids(list(ids), live=True)
+        c, f = stored_query(index, ids)
         names += [f"id:{i}" for i in ids]
-        codes.append(index.codes[rows])
-        feats.append(coll.features(rows))
+        codes.append(c)
+        feats.append(f)
     result = index.search(np.concatenate(codes), np.concatenate(feats), k, mode=mode,
                           pool=pool, radius=radius, nflip=nflip)
+    return {"mode": mode, "k": k, "queries": describe_results(index, names, result)}
+
+
+def query_encoder(coll: Collection, model_path=None):
+    """The encoder that makes queries comparable with `coll`: its model, in its arithmetic, on the CPU."""
+    from .encoders.encoder import Encoder   # torch is only needed to encode new images
+    model_path = model_path or coll.model_path
+    if model_path is None:
+        raise HashsearchError(f"{coll.root} has no model.pt; pass --model")
+    # bf16 collections get bf16 queries; fp16 (a GPU's) is not run on the CPU.
+    precision = "bf16" if coll.manifest.get("precision") == "bf16" else "fp32"
+    encoder = Encoder.from_checkpoint(model_path, device="cpu", expect_bits=coll.bits, precision=precision)
+    if encoder.feature_dim != coll.feature_dim:
+        raise HashsearchError(f"model {model_path} makes {encoder.feature_dim}-d features but {coll.root} "
+                              f"holds {coll.feature_dim}-d features")
+    return encoder
+
+
+def stored_query(index: Index, ids) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, float32 features) of live items, to search by: no model needed."""
+    rows = index.collection.rows_for_ids(list(ids), live=True)
+    return index.codes[rows], index.collection.features(rows)
+
+
+def describe_results(index: Index, names: list[str], result) -> list[dict]:
+    """One {"query", "results": [{rank, id, path, label, hamming, distance}]} per query, ready for JSON."""
+    coll = index.collection
     class_names = coll.manifest.get("class_names") or []
     queries = []
     for q, name in enumerate(names):
@@ -63,7 +80,7 @@ def run_query(collection, *, images=(), ids=(), k: int = SearchConfig.k, pool: i
                          "hamming": int(result.hamming[q, j]),
                          "distance": None if math.isnan(dist) else dist})
         queries.append({"query": name, "results": hits})
-    return {"mode": mode, "k": k, "queries": queries}
+    return queries
 
 
 def collection_info(root, verify: bool = False) -> dict:
