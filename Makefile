@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= demo-out
 
-.PHONY: install data demo test clean
+.PHONY: install data browser demo test clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,efficientnet]'
+	$(PY) -m pip install -q -e '.[test,efficientnet,serve]'
 	touch $@
 
 # Fashion-MNIST from Debian's package when it is missing; elsewhere, say how to get it.
@@ -26,11 +26,23 @@ data:
 		echo "Fashion-MNIST is missing: put the four *-ubyte.gz files in ~/.cache/hashsearch/fashion-mnist or set HASHSEARCH_DATA (https://github.com/zalandoresearch/fashion-mnist)"; exit 1; \
 	fi
 
+# Debian's chromium for the browser tests (Playwright drives it; no browser download).
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "chromium is missing: install it to run the browser tests"; exit 1; \
+	fi
+
 demo: install data
 	$(PY) -m hashsearch.demo --out $(DEMO_OUT)
 
 test: install
 	-@$(MAKE) --no-print-directory data
+	-@$(MAKE) --no-print-directory browser
 	$(PY) -m pytest -q
 
 clean:

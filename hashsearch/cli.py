@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .config import (ADD_SKIPS, WAIT_HELP, CompactConfig, EncodeBenchConfig, EncodeConfig, EvalConfig,
-                     ExhaustiveBenchConfig, IndexConfig, LiveBenchConfig, SearchConfig, TrainConfig)
+                     ExhaustiveBenchConfig, IndexConfig, LiveBenchConfig, SearchConfig, ServeConfig, TrainConfig)
 from .errors import HashsearchError
 from .fileio import atomic_write_bytes, check_output_file
 from .options import click_options
@@ -183,6 +183,16 @@ def query(collection, images, ids, model_path, index_dir, as_json, **search):
             dist = "" if r["distance"] is None else f"{r['distance']:.4f}"
             click.echo(f"  {r['rank']:>4}  {r['id']:>8}  {r['hamming']:>4}  {dist:>10}  {str(r['label']):<12} "
                        f"{readable(r['path'])}")
+
+
+# -- serve ------------------------------------------------------------------------------
+@main.command()
+@click.argument("collection")
+@click_options(ServeConfig)
+def serve(collection, **options):
+    """Serve COLLECTION over HTTP: a JSON API (docs at /docs) and a search page at /."""
+    from .serve.server import run_server
+    run_server(collection, ServeConfig(**options), log=click.echo)
 
 
 # -- info -----------------------------------------------------------------------------

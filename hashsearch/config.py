@@ -187,3 +187,14 @@ class LiveBenchConfig(Options):
     hash_bits: int = option(18, "Bits per slice of the multihash index.", check=positive)
     pool: int = option(32, "Coarse candidate pool.", check=positive)
     radius: int = option(12, "Rerank only candidates within this Hamming radius.", check=not_negative)
+
+
+@dataclass
+class ServeConfig(Options):
+    # Loopback unless asked: a search service with an upload endpoint is not for the whole network by default.
+    host: str = option("127.0.0.1", "Address to listen on.")
+    port: int = option(8000, "Port to listen on.", check=in_range(1, 65535))
+    token_file: str | None = option(None, "File holding the bearer token that POST /items and DELETE /items "
+                                          "require; without it, changes are refused.")
+    # A phone photo is a few MB; 20 MB leaves room without letting one request fill the memory.
+    max_upload_mb: float = option(20, "Largest upload accepted, in MB.", check=positive)

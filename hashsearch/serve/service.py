@@ -1,0 +1,233 @@
+"""The long-running side of hashsearch: one collection, its index and its model, loaded once.
+
+The HTTP layer (app.py) only translates requests into these calls and their
+HashsearchErrors into status codes.  Every call first makes sure it works on
+the collection's newest generation (a stat of manifest.json, then
+Index.refresh() when it changed), so changes made by this service or by
+`hashsearch add/delete/compact` in another process show without a restart;
+a request in flight keeps the generation it started on.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+
+from ..config import SearchConfig
+from ..engine import Index
+from ..errors import HashsearchError
+from ..fileio import atomic_write_bytes
+from ..retrieval import collection_info, describe_results, query_encoder, stored_query
+from ..shards.manifest import MANIFEST
+
+UPLOAD_DIR = "uploads"
+# Thumbnails kept in memory: 256 of ~5 KB each.
+THUMBNAIL_CACHE = 256
+THUMBNAIL_SIDE = 160
+
+
+class NotFound(HashsearchError):
+    """An id that is not a live item, or an item without a stored image."""
+
+
+class ReadOnly(HashsearchError):
+    """A write to a collection this service may not change."""
+
+
+class MicroBatcher:
+    """Encodes images one request at a time from the callers' side, in batches on the model's side.
+
+    A caller hands one image and waits; a worker thread takes whatever has
+    arrived within `wait_ms` (or `max_batch` images) and runs the model once for
+    all of them, so concurrent uploads approach the encoder's batched throughput.
+    """
+
+    def __init__(self, encoder, wait_ms: float = 5.0, max_batch: int = 32):
+        self.encoder, self.wait, self.max_batch = encoder, wait_ms / 1e3, max_batch
+        self._pending: list[tuple[object, Future]] = []
+        self._ready = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="hashsearch-encoder", daemon=True)
+        self._thread.start()
+
+    def encode(self, image) -> tuple[np.ndarray, np.ndarray]:
+        done: Future = Future()
+        with self._ready:
+            self._pending.append((image, done))
+            self._ready.notify()
+        return done.result()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._pending:
+                    self._ready.wait()
+                deadline = time.monotonic() + self.wait
+                while len(self._pending) < self.max_batch and time.monotonic() < deadline:
+                    self._ready.wait(max(deadline - time.monotonic(), 0))
+                batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+            try:
+                codes, feats = self.encoder.encode([image for image, _ in batch])
+                for j, (_, done) in enumerate(batch):
+                    done.set_result((codes[j:j + 1], feats[j:j + 1]))
+            except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
+                for _, done in batch:
+                    done.set_exception(exc)
+
+
+class SearchService:
+    def __init__(self, root, *, max_upload_bytes: int = 20 << 20):
+        self.root = Path(root)
+        self.index = Index.open(self.root)
+        self.max_upload_bytes = max_upload_bytes
+        self.writable = os.access(self.root, os.W_OK)
+        self._manifest_stamp = self._stamp()
+        self._refresh_lock = threading.Lock()
+        self._batcher: MicroBatcher | None = None
+        self._batcher_lock = threading.Lock()
+        self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
+
+    # -- generations ------------------------------------------------------------------
+    def _stamp(self) -> tuple:
+        st = os.stat(self.root / MANIFEST)
+        return st.st_mtime_ns, st.st_ino, st.st_size
+
+    def current(self) -> Index:
+        """The index on the newest generation; a stat when nothing changed."""
+        stamp = self._stamp()
+        if stamp != self._manifest_stamp:
+            with self._refresh_lock:
+                if stamp != self._manifest_stamp:
+                    self.index.refresh()
+                    self._manifest_stamp = stamp
+        return self.index
+
+    # -- searching --------------------------------------------------------------------
+    def search_id(self, item_id: int, params: SearchConfig) -> dict:
+        index = self.current()
+        try:
+            codes, feats = stored_query(index, [item_id])
+        except HashsearchError as exc:
+            raise NotFound(str(exc)) from None
+        return self._search(index, f"id:{item_id}", codes, feats, params)
+
+    def search_image(self, data: bytes, name: str, params: SearchConfig) -> dict:
+        from ..encoders.images import ImageRejected, decode_image
+        if len(data) > self.max_upload_bytes:
+            raise HashsearchError(f"upload of {len(data)} bytes is over the {self.max_upload_bytes}-byte limit")
+        try:
+            image = decode_image(data)
+        except ImageRejected as exc:
+            raise NotAnImage(f"{name or 'the upload'} is not a usable image: {exc}") from None
+        index = self.current()
+        codes, feats = self._encoder(index).encode(image)
+        return self._search(index, name or "upload", codes, feats, params)
+
+    def _search(self, index: Index, name: str, codes, feats, params: SearchConfig) -> dict:
+        result = index.search(codes, feats, params.k, mode=params.mode, pool=params.pool, radius=params.radius,
+                              nflip=params.nflip)
+        return describe_results(index, [name], result)[0] | {"generation": index.generation}
+
+    def _encoder(self, index: Index) -> MicroBatcher:
+        with self._batcher_lock:
+            if self._batcher is None:
+                self._batcher = MicroBatcher(query_encoder(index.collection))
+            return self._batcher
+
+    # -- items ----------------------------------------------------------------------------
+    def item(self, item_id: int) -> dict:
+        index = self.current()
+        coll = index.collection
+        try:
+            row = int(coll.rows_for_ids([item_id], live=True)[0])
+        except HashsearchError as exc:
+            raise NotFound(str(exc)) from None
+        names = coll.manifest.get("class_names") or []
+        label = int(coll.labels()[row])
+        return {"id": item_id, "path": coll.paths([row])[0], "hamming_code": index.codes[row].tobytes().hex(),
+                "label": names[label] if 0 <= label < len(names) else label, "generation": index.generation}
+
+    def thumbnail(self, item_id: int) -> bytes:
+        path = self.item(item_id)["path"]
+        cached = self._thumbnails.get(item_id)
+        if cached is not None:
+            return cached
+        from ..encoders.images import ImageRejected, load_image
+        try:
+            image = load_image(path)
+        except ImageRejected as exc:
+            raise NotFound(f"item {item_id} has no image to show ({exc})") from None
+        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=85)
+        self._thumbnails[item_id] = data = buffer.getvalue()
+        while len(self._thumbnails) > THUMBNAIL_CACHE:
+            self._thumbnails.popitem(last=False)
+        return data
+
+    def info(self) -> dict:
+        self.current()
+        return collection_info(self.root)
+
+    def health(self) -> dict:
+        index = self.current()
+        return {"status": "ok", "generation": index.generation, "items": index.collection.items}
+
+    # -- changing the collection ------------------------------------------------------------
+    def add(self, uploads: list[tuple[str, bytes]]) -> dict:
+        """Store the uploaded images in the collection's uploads/ folder and add them; their new ids, in order."""
+        from ..encoders.images import ImageRejected, decode_image
+        from ..encoders.runner import add_to_collection
+        self._check_writable()
+        if not uploads:
+            raise HashsearchError("no image uploaded")
+        folder = self.root / UPLOAD_DIR
+        folder.mkdir(exist_ok=True)
+        paths = []
+        for name, data in uploads:
+            if len(data) > self.max_upload_bytes:
+                raise HashsearchError(f"upload {name} of {len(data)} bytes is over the "
+                                      f"{self.max_upload_bytes}-byte limit")
+            try:
+                decode_image(data)
+            except ImageRejected as exc:
+                raise NotAnImage(f"{name or 'an upload'} is not a usable image: {exc}") from None
+            target = folder / f"{hashlib.sha256(data).hexdigest()[:32]}{Path(name or 'x.jpg').suffix.lower()[:6]}"
+            if not target.exists():
+                atomic_write_bytes(target, data)
+            paths.append(str(target.resolve()))
+        listing = folder / f".add-{os.getpid()}-{threading.get_ident()}.txt"
+        atomic_write_bytes(listing, "".join(f"{p}\n" for p in paths).encode())
+        try:
+            add_to_collection(self.root, str(listing), workers=0, quiet=True, wait=True, log=lambda *_: None)
+        finally:
+            listing.unlink(missing_ok=True)
+        index = self.current()
+        coll = index.collection
+        row_of = {path: r for r, path in zip(coll.live_rows().tolist(), coll.paths(coll.live_rows()))}
+        return {"ids": [int(index.ids[row_of[p]]) for p in paths], "generation": index.generation}
+
+    def delete(self, item_id: int) -> dict:
+        from ..shards import delete_items
+        self._check_writable()
+        try:
+            self.current().collection.rows_for_ids([item_id], live=True)
+        except HashsearchError as exc:
+            raise NotFound(str(exc)) from None
+        manifest = delete_items(self.root, ids=[item_id], wait=True)
+        self.current()
+        return {"deleted": item_id, "generation": manifest["generation"]}
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise ReadOnly(f"collection {self.root} is read-only here: searches work, changes are refused")
+
+
+class NotAnImage(HashsearchError):
+    """An upload that does not decode as an image."""
