@@ -1,0 +1,172 @@
+"""`hashsearch serve`: every endpoint, every error status and the token, through httpx against a live server."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import LiveServer, cli
+
+TOKEN = "a-token-of-at-least-16-characters"
+
+
+@pytest.fixture(scope="module")
+def paths(photo_collection):
+    from hashsearch import Collection
+    with Collection.open(photo_collection) as coll:
+        return dict(zip(coll.ids().tolist(), coll.paths(np.arange(coll.n))))
+
+
+@pytest.fixture(scope="module")
+def server(photo_collection):
+    with LiveServer(photo_collection) as s:
+        yield s
+
+
+@pytest.fixture
+def writable(photo_collection, tmp_path):
+    root = tmp_path / "coll"
+    shutil.copytree(photo_collection, root)
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    with LiveServer(root, "--token-file", tmp_path / "token", "--max-upload-mb", 1) as s:
+        s.root = root
+        yield s
+
+
+def png_bytes(path) -> bytes:
+    return open(path, "rb").read()
+
+
+def test_search_by_image_finds_the_item_itself(server, paths):
+    item, path = next(iter(paths.items()))
+    r = httpx.post(server.url + "/search", params={"k": 5}, files={"image": ("q.png", png_bytes(path))})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["query"] == "q.png" and len(body["results"]) == 5
+    first = body["results"][0]
+    assert first["id"] == item and first["hamming"] == 0 and first["distance"] < 1e-3
+    assert first["thumbnail"] == f"/items/{item}/thumbnail" and set(first) >= {"rank", "path", "label"}
+
+
+def test_search_by_id_equals_the_cli_query(server, photo_collection):
+    r = httpx.post(server.url + "/search", params={"k": 7, "mode": "bcs"}, json={"id": 4})
+    assert r.status_code == 200, r.text
+    cli_answer = json.loads(cli("query", photo_collection, "--id", 4, "-k", 7, "--mode", "bcs", "--json").stdout)
+    expected = cli_answer["queries"][0]["results"]
+    assert [h["id"] for h in r.json()["results"]] == [h["id"] for h in expected]
+    assert [h["hamming"] for h in r.json()["results"]] == [h["hamming"] for h in expected]
+
+
+def test_items_thumbnails_info_health(server, paths):
+    item = next(iter(paths))
+    meta = httpx.get(f"{server.url}/items/{item}").json()
+    assert meta["id"] == item and meta["path"] == paths[item] and meta["label"].startswith("class")
+    thumb = httpx.get(f"{server.url}/items/{item}/thumbnail")
+    assert thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) <= 160
+    info = httpx.get(server.url + "/info").json()
+    assert info["items"] == len(paths) and info["index"] == "flat"
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "generation": info["generation"],
+                                                        "items": len(paths)}
+    assert httpx.get(server.url + "/docs").status_code == 200
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "/static/app.js" in page.text
+
+
+@pytest.mark.parametrize("request_kw, status, needle", [
+    ({"params": {"k": 0}, "json": {"id": 1}}, 400, "k must be positive"),
+    ({"params": {"k": "many"}, "json": {"id": 1}}, 400, "k must be an integer"),
+    ({"params": {"mode": "fast"}, "json": {"id": 1}}, 400, "mode must be one of"),
+    ({"params": {"radius": 999}, "json": {"id": 1}}, 400, "radius must be an integer from 0"),
+    ({"json": {"id": "one"}}, 400, "integer id"),
+    ({"content": b"not json", "headers": {"content-type": "application/json"}}, 400, "send a multipart"),
+    ({"json": {"id": 99999}}, 404, "not in collection"),
+    ({"files": {"image": ("notes.txt", b"just some text")}}, 415, "not a usable image"),
+    ({"files": {"image": ("a.png", b"x"), "other": ("b.png", b"y")}}, 415, "not a usable image"),
+])
+def test_bad_searches_are_json_errors_with_their_status(server, request_kw, status, needle):
+    r = httpx.post(server.url + "/search", **request_kw)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]
+
+
+def test_unknown_items_are_404(server):
+    for path in ("/items/99999", "/items/99999/thumbnail", "/items/notanumber"):
+        r = httpx.get(server.url + path)
+        assert r.status_code in (404, 400) and "error" in r.json(), (path, r.text)
+    assert httpx.get(server.url + "/items/99999").status_code == 404
+
+
+def test_writes_need_the_token_and_are_refused_without_a_token_file(server, writable, paths):
+    item, path = next(iter(paths.items()))
+    assert httpx.delete(f"{server.url}/items/{item}").status_code == 403        # no --token-file: no changes
+    assert httpx.post(server.url + "/items", files={"image": ("a.png", png_bytes(path))}).status_code == 403
+    assert httpx.delete(f"{writable.url}/items/{item}").status_code == 401
+    bad = {"Authorization": "Bearer " + "x" * len(TOKEN)}
+    assert httpx.delete(f"{writable.url}/items/{item}", headers=bad).status_code == 401
+    assert httpx.get(f"{writable.url}/items/{item}").status_code == 200       # nothing was deleted
+
+
+def test_add_and_delete_through_the_api(writable, paths, tmp_path):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    first = httpx.get(writable.url + "/health").json()
+    images = []
+    for seed in (1, 2):
+        rgb = np.random.default_rng(seed).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, "PNG")
+        images.append(("image", (f"new{seed}.png", buffer.getvalue())))
+    r = httpx.post(writable.url + "/items", files=images, headers=auth, timeout=120)
+    assert r.status_code == 200, r.text
+    ids, generation = r.json()["ids"], r.json()["generation"]
+    assert len(ids) == 2 and ids[0] < ids[1] and min(ids) > max(paths) and generation > first["generation"]
+    hit = httpx.post(writable.url + "/search", params={"k": 1}, files={"image": images[1][1]}).json()["results"][0]
+    assert hit["id"] == ids[1] and hit["hamming"] == 0
+    assert httpx.delete(f"{writable.url}/items/{ids[1]}", headers=auth).status_code == 200
+    found = httpx.post(writable.url + "/search", params={"k": 10}, files={"image": images[1][1]}).json()
+    assert ids[1] not in [h["id"] for h in found["results"]]
+    assert httpx.get(f"{writable.url}/items/{ids[1]}").status_code == 404
+    assert httpx.delete(f"{writable.url}/items/{ids[1]}", headers=auth).status_code == 404
+    not_image = httpx.post(writable.url + "/items", files={"image": ("x.png", b"nope")}, headers=auth)
+    assert not_image.status_code == 415
+    too_big = httpx.post(writable.url + "/items", files={"image": ("big.png", b"0" * (2 << 20))}, headers=auth)
+    assert too_big.status_code == 413 and "limit" in too_big.json()["error"]
+
+
+def test_changes_from_another_process_are_picked_up_without_a_restart(writable, paths):
+    item = sorted(paths)[5]
+    before = httpx.get(writable.url + "/health").json()
+    cli("delete", writable.root, "--id", item)
+    after = httpx.get(writable.url + "/health").json()
+    assert after["generation"] > before["generation"] and after["items"] == before["items"] - 1
+    r = httpx.post(writable.url + "/search", params={"k": 60}, json={"id": sorted(paths)[6]})
+    assert item not in [h["id"] for h in r.json()["results"]]
+    assert httpx.post(writable.url + "/search", json={"id": item}).status_code == 404
+
+
+def test_a_read_only_collection_is_searched_and_refuses_changes(photo_collection, tmp_path):
+    root = tmp_path / "ro"
+    shutil.copytree(photo_collection, root)
+    (tmp_path / "token").write_text(TOKEN)
+    os.system(f"mount --bind {root} {root} && mount -o remount,ro,bind {root}")     # root ignores chmod
+    try:
+        with LiveServer(root, "--token-file", tmp_path / "token") as s:
+            assert httpx.post(s.url + "/search", json={"id": 1}).status_code == 200
+            r = httpx.delete(s.url + "/items/1", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert r.status_code == 403 and "read-only" in r.json()["error"]
+    finally:
+        os.system(f"umount {root}")
+
+
+def test_serve_refuses_a_bad_token_file_and_a_bad_port_in_one_line(photo_collection, tmp_path):
+    (tmp_path / "short").write_text("abc")
+    r = cli("serve", photo_collection, "--token-file", tmp_path / "short", ok=False)
+    assert "shorter than 16 characters" in r.stderr
+    r = cli("serve", photo_collection, "--port", 70000, ok=False)
+    assert "port must be from 1 to 65535" in r.stderr
