@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from .config import (ADD_SKIPS, WAIT_HELP, CompactConfig, EncodeBenchConfig, EncodeConfig, EvalConfig,
-                     ExhaustiveBenchConfig, IndexConfig, LiveBenchConfig, SearchConfig, ServeConfig, TrainConfig)
+                     ExhaustiveBenchConfig, IndexConfig, LiveBenchConfig, SearchConfig, ServeBenchConfig, ServeConfig,
+                     TrainConfig)
 from .errors import HashsearchError
 from .fileio import atomic_write_bytes, check_output_file
 from .options import click_options
@@ -260,7 +261,7 @@ class _BenchGroup(click.Group):
 @main.group(cls=_BenchGroup)
 def bench():
     """Benchmarks: `exhaustive` (search speed against the paper's baseline), `encode SOURCE` (throughput),
-    `live` (what adds and deletes cost)."""
+    `live` (what adds and deletes cost), `serve COLLECTION` (the HTTP service under load)."""
 
 
 @bench.command("exhaustive")
@@ -316,6 +317,21 @@ def bench_live(json_path, **options):
         check_output_file(json_path, "--json")
     result = run_live_bench(**options)
     click.echo(format_live_report(result))
+    if json_path:
+        _write_json(json_path, result)
+
+
+@bench.command("serve")
+@click.argument("collection")
+@click_options(ServeBenchConfig)
+@click.option("--json", "json_path", help="Write the results to this JSON file.")
+def bench_serve(collection, json_path, **options):
+    """Concurrent clients against `hashsearch serve COLLECTION` on 127.0.0.1 (the collection is not changed)."""
+    from .bench.serve_load import format_serve_report, run_serve_bench
+    if json_path:
+        check_output_file(json_path, "--json")
+    result = run_serve_bench(collection, **options)
+    click.echo(format_serve_report(result))
     if json_path:
         _write_json(json_path, result)
 

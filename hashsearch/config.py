@@ -198,3 +198,14 @@ class ServeConfig(Options):
                                           "require; without it, changes are refused.")
     # A phone photo is a few MB; 20 MB leaves room without letting one request fill the memory.
     max_upload_mb: float = option(20, "Largest upload accepted, in MB.", check=positive)
+
+
+@dataclass
+class ServeBenchConfig(Options):
+    clients: int = option(32, "Concurrent clients.", check=in_range(1, 1024))
+    seconds: float = option(60, "How long the clients run.", check=in_range(1, 3600))
+    # Uploads cost a model call each, searches by id none: a fifth keeps both in the mix.
+    upload_share: float = option(0.2, "Share of requests that upload an image instead of searching by id.",
+                                 check=in_range(0, 1))
+    writes: bool = option(False, "Add and delete items through the API while the clients run.")
+    seed: int = option(0, "Seed of the clients' choices.", check=seed_range)

@@ -170,3 +170,13 @@ def test_serve_refuses_a_bad_token_file_and_a_bad_port_in_one_line(photo_collect
     assert "shorter than 16 characters" in r.stderr
     r = cli("serve", photo_collection, "--port", 70000, ok=False)
     assert "port must be from 1 to 65535" in r.stderr
+
+
+def test_bench_serve_runs_clients_and_writes_without_errors_or_leaks(photo_collection):
+    from hashsearch.bench.serve_load import run_serve_bench
+    before = sorted(p.name for p in photo_collection.rglob("*"))
+    r = run_serve_bench(photo_collection, clients=4, seconds=4, writes=True)
+    assert r["requests"] > 0 and r["search_by_id"]["count"] > 0 and r["search_by_image"]["count"] > 0
+    assert r["errors"] == 0, r["first_errors"]
+    assert r["deletes"] >= 1 and r["deleted_ids_returned"] == 0
+    assert sorted(p.name for p in photo_collection.rglob("*")) == before        # it ran on a copy

@@ -89,8 +89,9 @@ class SearchService:
         self.writable = os.access(self.root, os.W_OK)
         self._manifest_stamp = self._stamp()
         self._refresh_lock = threading.Lock()
-        self._batcher: MicroBatcher | None = None
-        self._batcher_lock = threading.Lock()
+        # Loaded now, not at the first upload: the model is the bulk of the server's memory, and a
+        # server's footprint should be known when it starts answering.
+        self._batcher = MicroBatcher(query_encoder(self.index.collection))
         self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
 
     # -- generations ------------------------------------------------------------------
@@ -126,19 +127,13 @@ class SearchService:
         except ImageRejected as exc:
             raise NotAnImage(f"{name or 'the upload'} is not a usable image: {exc}") from None
         index = self.current()
-        codes, feats = self._encoder(index).encode(image)
+        codes, feats = self._batcher.encode(image)
         return self._search(index, name or "upload", codes, feats, params)
 
     def _search(self, index: Index, name: str, codes, feats, params: SearchConfig) -> dict:
         result = index.search(codes, feats, params.k, mode=params.mode, pool=params.pool, radius=params.radius,
                               nflip=params.nflip)
         return describe_results(index, [name], result)[0] | {"generation": index.generation}
-
-    def _encoder(self, index: Index) -> MicroBatcher:
-        with self._batcher_lock:
-            if self._batcher is None:
-                self._batcher = MicroBatcher(query_encoder(index.collection))
-            return self._batcher
 
     # -- items ----------------------------------------------------------------------------
     def item(self, item_id: int) -> dict:
