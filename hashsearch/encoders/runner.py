@@ -86,13 +86,14 @@ def encode_collection(model_path, source_spec: str, out, *, log=print, **options
     return manifest
 
 
-def add_to_collection(root, source_spec: str, *, log=print, **options) -> dict:
+def add_to_collection(root, source_spec: str, *, log=print, encoder: Encoder | None = None, **options) -> dict:
     """`hashsearch add`: encode the new images of SOURCE with the collection's own model and append them.
 
     Items whose path the collection already holds are skipped, so running the
     same add again (after a kill, or on a folder that has grown) adds only what
     is new.  Every finished shard is published at once as a new generation.
     `options` are EncodeConfig's fields but ADD_SKIPS, which the collection fixes.
+    `encoder`, one already loaded from the collection's model (a server's), saves loading it again.
     """
     fixed = [name for name in ADD_SKIPS if name in options]
     if fixed:
@@ -106,11 +107,11 @@ def add_to_collection(root, source_spec: str, *, log=print, **options) -> dict:
             raise HashsearchError(f"collection {root} has no {MODEL_FILE} to encode new images with")
         # fp16 is a GPU's arithmetic; elsewhere a collection's images are encoded as it was.
         precision = manifest.get("precision") if manifest.get("precision") in ("fp32", "bf16") else "auto"
-        encoder = Encoder.from_checkpoint(model_path, device=cfg.device, precision=precision,
-                                          expect_bits=manifest["bits"])
-        if encoder.feature_dim != manifest["feature_dim"]:
-            raise HashsearchError(f"{model_path} makes {encoder.feature_dim}-d features, the collection holds "
-                                  f"{manifest['feature_dim']}-d ones")
+        encoder = encoder or Encoder.from_checkpoint(model_path, device=cfg.device, precision=precision,
+                                                     expect_bits=manifest["bits"])
+        if (encoder.feature_dim, encoder.bits) != (manifest["feature_dim"], manifest["bits"]):
+            raise HashsearchError(f"{model_path} makes {encoder.bits}-bit codes of {encoder.feature_dim}-d features; "
+                                  f"the collection holds {manifest['bits']}-bit codes of {manifest['feature_dim']}-d")
         source = open_source(source_spec, data_dir=cfg.data_dir, limit=cfg.limit)
         with Collection.open(root, allow_empty=True) as coll:
             present, first_id, before = coll.live_paths(), coll.next_id, coll.items

@@ -200,7 +200,8 @@ class SearchService:
         listing = folder / f".add-{os.getpid()}-{threading.get_ident()}.txt"
         atomic_write_bytes(listing, "".join(f"{p}\n" for p in paths).encode())
         try:
-            add_to_collection(self.root, str(listing), workers=0, quiet=True, wait=True, log=lambda *_: None)
+            add_to_collection(self.root, str(listing), encoder=self._batcher.encoder, workers=0, quiet=True,
+                              wait=True, log=lambda *_: None)
         finally:
             listing.unlink(missing_ok=True)
         index = self.current()
