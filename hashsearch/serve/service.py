@@ -51,6 +51,8 @@ class MicroBatcher:
 
     def __init__(self, encoder, wait_ms: float = 5.0, max_batch: int = 32):
         self.encoder, self.wait, self.max_batch = encoder, wait_ms / 1e3, max_batch
+        # One model call at a time: two threads in torch at once fight over the same cores.
+        self.model_lock = threading.Lock()
         self._pending: list[tuple[object, Future]] = []
         self._ready = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="hashsearch-encoder", daemon=True)
@@ -73,7 +75,8 @@ class MicroBatcher:
                     self._ready.wait(max(deadline - time.monotonic(), 0))
                 batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
             try:
-                codes, feats = self.encoder.encode([image for image, _ in batch])
+                with self.model_lock:
+                    codes, feats = self.encoder.encode([image for image, _ in batch])
                 for j, (_, done) in enumerate(batch):
                     done.set_result((codes[j:j + 1], feats[j:j + 1]))
             except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
@@ -200,14 +203,13 @@ class SearchService:
         listing = folder / f".add-{os.getpid()}-{threading.get_ident()}.txt"
         atomic_write_bytes(listing, "".join(f"{p}\n" for p in paths).encode())
         try:
-            add_to_collection(self.root, str(listing), encoder=self._batcher.encoder, workers=0, quiet=True,
+            add_to_collection(self.root, str(listing), encoder=_Locked(self._batcher), workers=0, quiet=True,
                               wait=True, log=lambda *_: None)
         finally:
             listing.unlink(missing_ok=True)
         index = self.current()
-        coll = index.collection
-        row_of = {path: r for r, path in zip(coll.live_rows().tolist(), coll.paths(coll.live_rows()))}
-        return {"ids": [int(index.ids[row_of[p]]) for p in paths], "generation": index.generation}
+        rows = index.collection.rows_for_paths(paths)
+        return {"ids": index.ids[rows].tolist(), "generation": index.generation}
 
     def delete(self, item_id: int) -> dict:
         from ..shards import delete_items
@@ -223,6 +225,20 @@ class SearchService:
     def _check_writable(self) -> None:
         if not self.writable:
             raise ReadOnly(f"collection {self.root} is read-only here: searches work, changes are refused")
+
+
+class _Locked:
+    """The batcher's encoder for `add`, taking its model lock for each model call."""
+
+    def __init__(self, batcher: MicroBatcher):
+        self._batcher = batcher
+
+    def __getattr__(self, name):
+        return getattr(self._batcher.encoder, name)
+
+    def encode_batch(self, batch):
+        with self._batcher.model_lock:
+            return self._batcher.encoder.encode_batch(batch)
 
 
 class NotAnImage(HashsearchError):

@@ -301,11 +301,26 @@ class Collection:
                 out[w] = path
         return out
 
-    def live_paths(self) -> set[str]:
-        paths = list(itertools.chain.from_iterable(s.all_paths() for s in self.shards))
+    def _live_row_of_path(self) -> dict[str, int]:
+        paths = list(itertools.chain.from_iterable(s.all_paths() for s in self.shards))   # one read a shard
         for r in self.deleted_rows.tolist():
             paths[r] = None
-        return set(paths) - {None}
+        return {path: r for r, path in enumerate(paths) if path is not None}
+
+    def live_paths(self) -> set[str]:
+        return set(self._live_row_of_path())
+
+    def rows_for_paths(self, paths) -> np.ndarray:
+        """Rows of the live items stored under these paths; a path given relative to here matches the
+        absolute one a folder SOURCE stores.  A path that is not a live item raises."""
+        row_of = self._live_row_of_path()
+        rows = []
+        for path in map(str, paths):
+            row = row_of.get(path, row_of.get(os.path.abspath(path)))
+            if row is None:
+                raise HashsearchError(f"path {path!r} is not an item of collection {self.root}")
+            rows.append(row)
+        return np.array(rows, np.int64)
 
     def iter_feature_blocks(self, block_rows: int = 8192):
         """Yield (first_row, block) over all features in their stored dtype; a block is valid until the next."""

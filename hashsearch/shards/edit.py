@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
 
 import numpy as np
 
@@ -71,7 +70,7 @@ def delete_items(root, *, ids=(), paths=(), wait: bool = False) -> dict:
         try:
             rows = [coll.rows_for_ids(ids, live=True)] if len(ids) else []
             if len(paths):
-                rows.append(_rows_for_paths(coll, paths))
+                rows.append(coll.rows_for_paths(paths))
             doomed = coll.ids()[np.concatenate(rows)]
             old = coll.ids()[coll.deleted_rows]
             manifest = _with_tombstones(coll.root, manifest, np.union1d(old, doomed), coll.n)
@@ -93,24 +92,6 @@ def read_ids_file(path) -> list[str]:
     except OSError as exc:
         raise HashsearchError(f"cannot read ids file {path}: {exc.strerror or exc}") from None
     return data.decode("utf-8", "replace").split()
-
-
-def _rows_for_paths(coll: Collection, paths) -> np.ndarray:
-    live = np.ones(coll.n, bool)
-    live[coll.deleted_rows] = False
-    row_of = {}
-    for s, shard in enumerate(coll.shards):
-        for r, path in enumerate(shard.all_paths(), start=int(coll.offsets[s])):
-            if live[r]:
-                row_of[path] = r
-    rows = []
-    for path in map(str, paths):
-        # As stored, or as a folder SOURCE stores it (absolute) when given relative to here.
-        row = row_of.get(path, row_of.get(os.path.abspath(path)))
-        if row is None:
-            raise HashsearchError(f"path {path!r} is not an item of collection {coll.root}")
-        rows.append(row)
-    return np.array(rows, np.int64)
 
 
 def rewrite_shards(root, manifest: dict, threshold: float = CompactConfig.threshold) -> tuple[dict, int]:
