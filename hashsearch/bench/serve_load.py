@@ -106,7 +106,9 @@ async def _load(server: _Server, ids: list[int], images: list[bytes], cfg: Serve
     live = list(ids)
     rng = np.random.default_rng(cfg.seed)
     sent = 0
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=cfg.clients + 4)) as client:
+    # Idle connections are dropped before the server's keep-alive (5 s) would close them under a request.
+    limits = httpx.Limits(max_connections=cfg.clients + 4, keepalive_expiry=2.0)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         await server.ready(client)
         rss.append(_rss_mb(server.proc.pid))
         deadline = time.monotonic() + cfg.seconds
@@ -117,15 +119,13 @@ async def _load(server: _Server, ids: list[int], images: list[bytes], cfg: Serve
             while time.monotonic() < deadline and sent < MAX_REQUESTS:
                 sent += 1
                 began = time.monotonic()
-                if local.random() < cfg.upload_share:
-                    kind = "image"
-                    r = await client.post(server.url + "/search", params={"k": 10},
-                                          files={"image": ("q.png", images[local.integers(len(images))])})
-                else:
-                    kind, item = "id", int(live[local.integers(len(live))])
-                    r = await client.post(server.url + "/search", params={"k": 10}, json={"id": item})
-                    if r.status_code == 404 and item in deleted:
-                        continue        # deleted while this request was on its way: the right answer
+                try:
+                    r, kind, item = await one_request(local)
+                except httpx.TransportError as exc:         # counted, never a crash of the benchmark
+                    errors.append(f"connection: {type(exc).__name__} {exc}")
+                    continue
+                if r.status_code == 404 and kind == "id" and item in deleted:
+                    continue        # deleted while this request was on its way: the right answer
                 if r.status_code != 200:
                     errors.append(f"{r.status_code} {r.text[:200]}")
                     continue
@@ -133,19 +133,30 @@ async def _load(server: _Server, ids: list[int], images: list[bytes], cfg: Serve
                 gone = {i for i, t in deleted.items() if t < began}
                 leaks.extend(h["id"] for h in r.json()["results"] if h["id"] in gone)
 
+        async def one_request(local):
+            if local.random() < cfg.upload_share:
+                r = await client.post(server.url + "/search", params={"k": 10},
+                                      files={"image": ("q.png", images[local.integers(len(images))])})
+                return r, "image", None
+            item = int(live[local.integers(len(live))])
+            return await client.post(server.url + "/search", params={"k": 10}, json={"id": item}), "id", item
+
         async def writer():
             auth = {"Authorization": f"Bearer {token}"}
             while time.monotonic() < deadline - 2:
                 await asyncio.sleep(1.0)
                 victim = int(live.pop(int(rng.integers(len(live)))))
-                r = await client.delete(f"{server.url}/items/{victim}", headers=auth)
-                if r.status_code != 200:
-                    errors.append(f"delete {r.status_code} {r.text[:200]}")
-                deleted[victim] = time.monotonic()
-                r = await client.post(server.url + "/items", headers=auth, files=[
-                    ("image", (f"w{len(deleted)}.png", images[int(rng.integers(len(images)))]))])
-                if r.status_code != 200:
-                    errors.append(f"add {r.status_code} {r.text[:200]}")
+                try:
+                    r = await client.delete(f"{server.url}/items/{victim}", headers=auth)
+                    if r.status_code != 200:
+                        errors.append(f"delete {r.status_code} {r.text[:200]}")
+                    deleted[victim] = time.monotonic()
+                    r = await client.post(server.url + "/items", headers=auth, files=[
+                        ("image", (f"w{len(deleted)}.png", images[int(rng.integers(len(images)))]))])
+                    if r.status_code != 200:
+                        errors.append(f"add {r.status_code} {r.text[:200]}")
+                except httpx.TransportError as exc:
+                    errors.append(f"writer connection: {type(exc).__name__} {exc}")
 
         async def sample_rss():
             while time.monotonic() < deadline:
