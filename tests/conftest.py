@@ -164,13 +164,6 @@ def synthetic_png(tmp_path):
 
 
 # -- the HTTP service ------------------------------------------------------------------------
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def photo_collection(tmp_path_factory, model) -> Path:
     """60 synthetic images saved as PNG files in class folders, encoded and indexed: items with real files,
@@ -188,40 +181,7 @@ def photo_collection(tmp_path_factory, model) -> Path:
     return root
 
 
-class LiveServer:
-    """`hashsearch serve` in its own process on 127.0.0.1; stopped (and waited for) on exit."""
-
-    def __init__(self, root, *extra):
-        import time
-        import urllib.request
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(hashsearch_cmd() + ["serve", str(root), "--port", str(self.port),
-                                                         *[str(a) for a in extra]],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("server did not start in 60 s")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+def LiveServer(root, *extra):
+    """`hashsearch serve` in its own process on 127.0.0.1 (a context manager that stops it)."""
+    from hashsearch.serve.server import ServerProcess
+    return ServerProcess(root, *extra)

@@ -14,8 +14,6 @@ import io
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ServeBenchConfig
-from ..errors import HashsearchError
+from ..serve.server import ServerProcess
 from ..shards import Collection
 from .sysinfo import machine_info
 
@@ -66,39 +64,7 @@ def _upload_images(coll: Collection, count: int = 16) -> list[bytes]:
     return images
 
 
-class _Server:
-    def __init__(self, root: Path, token_file: Path):
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "hashsearch.cli", "serve", str(root), "--port",
-                                      str(self.port), "--token-file", str(token_file)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    async def ready(self, client) -> None:
-        for _ in range(600):
-            if self.proc.poll() is not None:
-                raise HashsearchError(f"the server did not start: {self.proc.stderr.read().strip()}")
-            try:
-                if (await client.get(self.url + "/health")).status_code == 200:
-                    return
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
-            await asyncio.sleep(0.1)
-        raise HashsearchError("the server did not answer /health within 60 s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-async def _load(server: _Server, ids: list[int], images: list[bytes], cfg: ServeBenchConfig, token: str) -> dict:
+async def _load(server: ServerProcess, ids: list[int], images: list[bytes], cfg: ServeBenchConfig, token: str) -> dict:
     import httpx
     latencies = {"id": [], "image": []}
     errors, leaks, rss = [], [], []
@@ -109,7 +75,6 @@ async def _load(server: _Server, ids: list[int], images: list[bytes], cfg: Serve
     # Idle connections are dropped before the server's keep-alive (5 s) would close them under a request.
     limits = httpx.Limits(max_connections=cfg.clients + 4, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        await server.ready(client)
         rss.append(_rss_mb(server.proc.pid))
         deadline = time.monotonic() + cfg.seconds
 
@@ -189,11 +154,8 @@ def run_serve_bench(collection, **options) -> dict:
         root = _linked_copy(Path(collection), Path(tmp) / "coll")
         token = secrets.token_hex(16)
         (Path(tmp) / "token").write_text(token)
-        server = _Server(root, Path(tmp) / "token")
-        try:
+        with ServerProcess(root, "--token-file", Path(tmp) / "token") as server:
             raw = asyncio.run(_load(server, ids, images, cfg, token))
-        finally:
-            server.stop()
     done = sum(len(v) for v in raw["latencies"].values())
     rss = raw["rss_mb"]
     return {"collection": str(collection), "items": len(ids), "clients": cfg.clients, "seconds": raw["seconds"],

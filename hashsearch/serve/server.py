@@ -33,3 +33,54 @@ def run_server(collection, config: ServeConfig, log=print) -> None:
     app = build_app(collection, config)
     log(f"serving {collection} on http://{config.host}:{config.port}/  (API docs at /docs)")
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_keep_alive=5)
+
+
+class ServerProcess:
+    """`hashsearch serve ROOT` in a process of its own on 127.0.0.1 and a free port, answering /health once
+    constructed; stopped (and waited for) by stop() or on leaving a `with` block.  Benchmarks and tests use it."""
+
+    def __init__(self, root, *args, start_seconds: float = 60):
+        import socket
+        import subprocess
+        import sys
+        import tempfile
+        import time
+        import urllib.request
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        # stderr to a file, not a pipe: a pipe nobody reads would block a long run's server once full.
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "hashsearch.cli", "serve", str(root), "--port",
+                                      str(self.port), *[str(a) for a in args]],
+                                     stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+        deadline = time.monotonic() + start_seconds
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise HashsearchError(f"the server did not start: {self.log.read().strip()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise HashsearchError(f"the server did not answer /health within {start_seconds:.0f} s")
+
+    def stop(self) -> None:
+        import subprocess
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
