@@ -413,3 +413,25 @@ def test_eval_refuses_deleted_items_until_compacted_and_baselines_take_no_genera
         out = write_baseline_collection(coll, tmp_path / "lsh", "lsh", 16)
     assert out.manifest.get("index") is None and out.manifest["generation"] >= 1 and out.items == 298
     assert out.verify() == []
+
+
+def test_deleted_rows_of_the_delta_are_fetched_past(tmp_path):
+    """50 added rows share one code; the first 45 are deleted: a pool of 10 must still find the other 5."""
+    root = tmp_path / "c"
+    lw.create(root, 200)
+    Index.build(root, "flat")
+    codes, feats, labels, _ = lw.item_rows(0, 1)
+    writer = CollectionWriter.append(root)
+    first = writer.manifest["next_id"]
+    rng = np.random.default_rng(0)
+    writer.add(np.repeat(codes, 50, 0), feats + rng.normal(size=(50, lw.DIM)).astype(np.float32),
+               np.arange(first, first + 50), np.zeros(50), [f"twin-{i}" for i in range(50)], source_end=50)
+    writer.finish()
+    delete_items(root, ids=list(range(first, first + 45)))
+    live = Index.open(root)
+    fresh = fresh_index(root, tmp_path, "flat", {})
+    for q in (codes, np.repeat(codes, 3, 0)):            # one query, and a batch
+        a = live.search(q, None, 10, mode="bcs")
+        b = fresh.search(q, None, 10, mode="bcs")
+        np.testing.assert_array_equal(a.ids, b.ids)
+        assert set(range(first + 45, first + 50)) <= set(a.ids[0].tolist())
