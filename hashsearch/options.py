@@ -94,10 +94,6 @@ class Options:
             if f.metadata.get("check"):
                 f.metadata["check"](label, value)
 
-    @classmethod
-    def defaults(cls) -> dict:
-        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-
     def given(self) -> dict:
         return dataclasses.asdict(self)
 

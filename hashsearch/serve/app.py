@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import MODES, SearchConfig
 from ..errors import HashsearchError
-from .service import NotAnImage, NotFound, ReadOnly, SearchService
+from .service import NotAnImage, NotFound, ReadOnly, SearchService, TooLarge
 
 STATIC = Path(__file__).with_name("static")
 # A request that takes longer is answered 503: search is milliseconds, an add of a few images seconds.
@@ -46,7 +46,7 @@ def _status(exc: HashsearchError) -> int:
         return 415
     if isinstance(exc, ReadOnly):
         return 403
-    if "over the" in str(exc) and "limit" in str(exc):
+    if isinstance(exc, TooLarge):
         return 413
     return 400
 

@@ -41,6 +41,10 @@ class ReadOnly(HashsearchError):
     """A write to a collection this service may not change."""
 
 
+class TooLarge(HashsearchError):
+    """An upload over the service's byte limit."""
+
+
 class MicroBatcher:
     """Encodes images one request at a time from the callers' side, in batches on the model's side.
 
@@ -123,8 +127,7 @@ class SearchService:
 
     def search_image(self, data: bytes, name: str, params: SearchConfig) -> dict:
         from ..encoders.images import ImageRejected, decode_image
-        if len(data) > self.max_upload_bytes:
-            raise HashsearchError(f"upload of {len(data)} bytes is over the {self.max_upload_bytes}-byte limit")
+        self._check_size(name, data)
         try:
             image = decode_image(data)
         except ImageRejected as exc:
@@ -148,7 +151,7 @@ class SearchService:
             raise NotFound(str(exc)) from None
         names = coll.manifest.get("class_names") or []
         label = int(coll.labels()[row])
-        return {"id": item_id, "path": coll.paths([row])[0], "hamming_code": index.codes[row].tobytes().hex(),
+        return {"id": item_id, "path": coll.paths([row])[0], "code": index.codes[row].tobytes().hex(),
                 "label": names[label] if 0 <= label < len(names) else label, "generation": index.generation}
 
     def thumbnail(self, item_id: int) -> bytes:
@@ -189,9 +192,7 @@ class SearchService:
         folder.mkdir(exist_ok=True)
         paths = []
         for name, data in uploads:
-            if len(data) > self.max_upload_bytes:
-                raise HashsearchError(f"upload {name} of {len(data)} bytes is over the "
-                                      f"{self.max_upload_bytes}-byte limit")
+            self._check_size(name, data)
             try:
                 decode_image(data)
             except ImageRejected as exc:
@@ -221,6 +222,10 @@ class SearchService:
         manifest = delete_items(self.root, ids=[item_id], wait=True)
         self.current()
         return {"deleted": item_id, "generation": manifest["generation"]}
+
+    def _check_size(self, name: str, data: bytes) -> None:
+        if len(data) > self.max_upload_bytes:
+            raise TooLarge(f"upload {name or ''} of {len(data)} bytes is over the {self.max_upload_bytes}-byte limit")
 
     def _check_writable(self) -> None:
         if not self.writable:

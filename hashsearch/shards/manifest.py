@@ -32,7 +32,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _INT64_MAX = (1 << 63) - 1
 
 __all__ = ["MANIFEST", "FORMAT", "VERSION", "FEATURE_DTYPES", "read_manifest", "write_manifest", "publish",
-           "file_sha256", "disk_bytes", "inside", "fsync_dir", "atomic_write_bytes", "check_file_entry"]
+           "file_sha256", "disk_bytes", "inside", "check_file_entry", "referenced_files", "remove_unreferenced"]
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
