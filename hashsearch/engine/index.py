@@ -98,6 +98,35 @@ def merge_candidates(parts: list[tuple[np.ndarray, np.ndarray]], pool: int):
     return np.where(rows >= 0, ham, -1).astype(np.int32), rows
 
 
+def merge_partitions(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int, mode: str, pool: int):
+    """One search's answer from its partitions' answers (Index.search_pool), each (hamming, rows, distances)
+    [nq, m_i] with rows numbered in the whole collection: (rows, hamming, distances) [nq, k].
+
+    k and pool must be capped as Index.search caps them.  hds cuts the merged pool at the pool's
+    size by (Hamming, row), exactly where one index over every row cuts it, then ranks it by L2; bcs
+    keeps the k first by (Hamming, row); es the k nearest.  Equal L2 distances, which only duplicate
+    features give, come in partition order.
+    """
+    ham = np.concatenate([h for h, _, _ in parts], axis=1).astype(np.int64)
+    rows = np.concatenate([r for _, r, _ in parts], axis=1)
+    dist = np.concatenate([d for _, _, d in parts], axis=1)
+    if mode == "es":
+        order = np.argsort(np.where(rows >= 0, dist, np.inf), axis=1, kind="stable")[:, :k]
+    else:
+        key = np.where(rows >= 0, (ham << 40) | rows, _NO_ROW)
+        order = np.argsort(key, axis=1, kind="stable")[:, :max(pool, k) if mode == "hds" else k]
+        if mode == "hds":
+            pooled = np.where(np.take_along_axis(rows, order, 1) >= 0, np.take_along_axis(dist, order, 1), np.inf)
+            order = np.take_along_axis(order, np.argsort(pooled, axis=1, kind="stable")[:, :k], 1)
+    rows, ham, dist = (np.take_along_axis(a, order, 1) for a in (rows, ham, dist))
+    pad = k - rows.shape[1]
+    if pad > 0:
+        rows, ham = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1), np.pad(ham, ((0, 0), (0, pad)), constant_values=-1)
+        dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.nan if mode == "bcs" else np.inf)
+    found = rows >= 0
+    return rows, np.where(found, ham, -1).astype(np.int32), dist.astype(np.float32, copy=False)
+
+
 def _live_first(ham: np.ndarray, rows: np.ndarray, alive: np.ndarray, pool: int):
     """Each query's live candidates, in their order, first `pool` of them; the rest -1."""
     order = np.argsort(~alive, axis=1, kind="stable")[:, :pool]
@@ -233,6 +262,18 @@ def _load_generation(coll: Collection, index_dir: Path | None, previous: _Genera
                        RowReader(coll), codes, coll.ids())
 
 
+def _partition_generation(part: Collection, meta: dict) -> _Generation:
+    """A partition's generation: an index of the kind and settings `meta` records, built in memory over
+    the part's live rows (Collection.part), so it has neither delta nor tombstones to skip."""
+    settings = {k: v for k, v in meta["coarse"].items() if k != "kind"}
+    live = part.live_rows()
+    codes = part.codes()
+    base = coarse_mod.Coarse(coarse_mod.build_coarse(codes[live], part.bits, meta["coarse"]["kind"], **settings))
+    deleted = part.deleted_mask() if len(part.deleted_rows) else None
+    return _Generation(part, meta, base, None if deleted is None else live, part.n, None, deleted, False, 0,
+                       RowReader(part), codes, part.ids())
+
+
 def _read_base(meta: dict, base_dir: Path, base_end: int, coll: Collection):
     data = _read_checked(base_dir, meta, "coarse index")
     try:
@@ -269,9 +310,11 @@ class Index:
     Searches in flight finish on the generation they started on.
     """
 
-    def __init__(self, collection: Collection, index_dir=None):
+    def __init__(self, collection: Collection, index_dir=None, *, partition_of: dict | None = None):
         self._index_dir = None if index_dir is None else Path(index_dir)
-        self._gen = _load_generation(collection, self._index_dir, None)
+        self._partition = partition_of is not None
+        self._gen = (_partition_generation(collection, partition_of) if self._partition
+                     else _load_generation(collection, self._index_dir, None))
         self._refresh_lock = threading.Lock()
         self._local = threading.local()
         self._closed = False
@@ -352,8 +395,16 @@ class Index:
             collection = Collection.open(collection)
         return cls(collection, index_dir)
 
+    @classmethod
+    def partition(cls, part: Collection, meta: dict) -> "Index":
+        """The index of one partition of a distributed search (hashsearch.distributed): `part` from
+        Collection.part, `meta` the collection's index metadata.  It is pinned to its generation."""
+        return cls(part, partition_of=check_index_meta(meta, part.root))
+
     def refresh(self) -> bool:
         """Move to the collection's newest generation; False if there is none newer."""
+        if self._partition:
+            raise HashsearchError("a partition is pinned to its generation; its ShardedIndex refreshes")
         with self._refresh_lock:
             gen = self._current()
             root = gen.collection.root
@@ -367,10 +418,21 @@ class Index:
     def search(self, query_codes: np.ndarray, query_features: np.ndarray | None = None, k: int = SearchConfig.k, *,
                mode: str = SearchConfig.mode, pool: int = SearchConfig.pool, radius: int | None = SearchConfig.radius,
                nflip: int | None = SearchConfig.nflip) -> SearchResult:
+        return self._search(query_codes, query_features, k, mode, pool, radius, nflip, whole_pool=False)
+
+    def search_pool(self, query_codes: np.ndarray, query_features: np.ndarray | None = None, k: int = SearchConfig.k,
+                    *, mode: str = SearchConfig.mode, pool: int = SearchConfig.pool,
+                    radius: int | None = SearchConfig.radius, nflip: int | None = SearchConfig.nflip) -> SearchResult:
+        """What a partition of a distributed search answers: as search(), except that in hds mode every
+        candidate of the pool comes back, in pool order (Hamming, row), with its L2 distance.  The driver
+        can then cut the merged pool exactly where one index over all rows would (merge_partitions)."""
+        return self._search(query_codes, query_features, k, mode, pool, radius, nflip, whole_pool=True)
+
+    def _search(self, query_codes, query_features, k, mode, pool, radius, nflip, *, whole_pool: bool) -> SearchResult:
         gen = self._current()
         if mode not in MODES:
             raise HashsearchError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        k, pool = _positive_count("k", k, gen), _positive_count("pool", pool, gen)
+        k, pool = search_count("k", k, gen.collection.items), search_count("pool", pool, gen.collection.items)
         self._check_probe(gen, radius, nflip)
         query_codes = self._check_codes(gen, query_codes)
         if mode != "bcs":
@@ -383,9 +445,10 @@ class Index:
         nq = len(query_codes)
         if mode == "es":
             return self._exhaustive(gen, query_codes, query_features, k)
-        rows = np.full((nq, k), -1, np.int64)
-        ham = np.full((nq, k), -1, np.int32)
-        dist = np.full((nq, k), np.nan if mode == "bcs" else np.inf, np.float32)
+        width = max(pool, k) if whole_pool and mode == "hds" else k
+        rows = np.full((nq, width), -1, np.int64)
+        ham = np.full((nq, width), -1, np.int32)
+        dist = np.full((nq, width), np.nan if mode == "bcs" else np.inf, np.float32)
 
         def work(a, b):
             if mode == "bcs":
@@ -397,7 +460,12 @@ class Index:
             rr = self._reranker(gen.reader)
             for q in range(a, b):
                 order = rr.search(query_features[q:q + 1], cand[q - a], dist[q], rows[q])
-                ham[q, :len(order)] = cand_ham[q - a, order]
+                if whole_pool:      # back to pool order, each candidate with its distance
+                    found = np.count_nonzero(cand[q - a] >= 0)
+                    dist[q, order] = dist[q, :len(order)].copy()
+                    rows[q, :found], ham[q, :found] = cand[q - a, :found], cand_ham[q - a, :found]
+                else:
+                    ham[q, :len(order)] = cand_ham[q - a, order]
 
         self._run(work, nq)
         return self._result(gen, rows, dist, ham)
@@ -409,7 +477,7 @@ class Index:
         With `radius`, every code within that Hamming distance (at most `pool`).
         """
         gen = self._current()
-        pool = _positive_count("pool", pool, gen)
+        pool = search_count("pool", pool, gen.collection.items)
         self._check_probe(gen, radius, nflip)
         return self._candidates(gen, self._check_codes(gen, query_codes), pool, radius, nflip)
 
@@ -570,10 +638,10 @@ class Index:
         return SearchResult(rows=rows, ids=ids, hamming=hamming.astype(np.int32, copy=False), distances=dist)
 
 
-def _positive_count(name: str, value, gen: _Generation) -> int:
+def search_count(name: str, value, items: int) -> int:
     """k or pool, checked, and capped at the live items before anything of that size is allocated."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise HashsearchError(f"{name} must be an integer, got {value!r}")
     if value <= 0:
         raise HashsearchError(f"{name} must be positive, got {value}")
-    return int(min(value, max(gen.collection.items, 1)))
+    return int(min(value, max(items, 1)))

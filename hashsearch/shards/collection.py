@@ -40,6 +40,10 @@ class _Vanished(Exception):
     """A file the manifest named is gone because a writer published a newer generation meanwhile."""
 
 
+class GenerationGone(HashsearchError):
+    """The generation asked for was replaced and its files removed: open the newest one instead."""
+
+
 def _open_named(root: Path, name, what: str, generation: int) -> tuple[Path, int]:
     path = inside(root, name, what)
     try:
@@ -174,6 +178,34 @@ class Collection:
     def from_manifest(cls, root, manifest: dict) -> "Collection":
         """The generation `manifest` describes, published or not (a writer about to publish it)."""
         return cls._open_generation(Path(root), manifest, None)
+
+    @classmethod
+    def part(cls, root, manifest: dict, first: int, end: int) -> "Collection":
+        """Shards [first, end) of the generation `manifest` describes, as a collection of their rows alone:
+        row 0 is their first row, ids and tombstones are the generation's own.  A partition of a
+        distributed search opens only its shards, and no data is copied to make it."""
+        if not 0 <= first < end <= len(manifest["shards"]):
+            raise HashsearchError(f"shards {first}..{end} are not shards of collection {root}")
+        part = dict(manifest, shards=manifest["shards"][first:end])
+        shards = []
+        try:
+            for entry in part["shards"]:
+                shards.append(Shard(Path(root), entry, manifest))
+            deleted = _read_tombstones(Path(root), manifest)
+        except BaseException as exc:
+            for s in shards:
+                s.close()
+            if isinstance(exc, _Vanished):
+                raise GenerationGone(f"generation {manifest.get('generation', 0)} of {root} was replaced by a "
+                                     "newer one") from None
+            raise
+        coll = cls(root, part, shards, np.zeros(0, np.int64))
+        if len(deleted) and coll.n:
+            ids = coll.ids()
+            mine = deleted[(deleted >= ids[0]) & (deleted <= ids[-1])]       # ids grow with rows
+            coll.deleted_rows = coll.rows_for_ids(mine, what="deleted id")
+            coll.items = coll.n - len(coll.deleted_rows)
+        return coll
 
     @classmethod
     def _open_generation(cls, root: Path, manifest: dict, previous) -> "Collection":

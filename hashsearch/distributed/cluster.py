@@ -1,0 +1,75 @@
+"""The Ray cluster hashsearch's distributed commands run on: joined, or started on this machine.
+
+A cluster started here listens on 127.0.0.1 only.  Ray binds its servers to
+the node's address, which it takes from the network interfaces unless told
+that this is a single-machine cluster (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+read when ray is first imported); it is checked after start-up, and a
+cluster that came up on another address is stopped rather than used.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+from ..errors import HashsearchError
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def import_ray(*, loopback: bool = False):
+    """The ray module, or one line saying how to install it.  `loopback`: a cluster started by this
+    process will be a single-machine one (only effective before ray's first import)."""
+    if loopback and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")      # no network calls home from a search engine
+    try:
+        import ray
+    except ImportError:
+        raise HashsearchError("--ray needs Ray, which is not installed: pip install 'hashsearch[ray]'") from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None = None, num_cpus: int | None = None):
+    """Ray, connected for the block.
+
+    address None starts a local cluster of `num_cpus` CPUs [all of them] on 127.0.0.1 and stops it
+    afterwards; "auto" or HOST:PORT joins a running one.  A process already connected (a library
+    user's own ray.init) keeps its connection, and it is not closed here.
+    """
+    ray = import_ray(loopback=address is None)
+    if ray.is_initialized():
+        yield ray
+        return
+    try:
+        if address is None:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                     logging_level=logging.ERROR, log_to_driver=False)
+            node = ray.util.get_node_ip_address()
+            if node not in _LOOPBACK:
+                ray.shutdown()
+                raise HashsearchError(f"the local Ray cluster came up on {node}, not 127.0.0.1; set "
+                                      "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray is imported")
+        else:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+    except HashsearchError:
+        raise
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise HashsearchError(f"cannot {'start a local Ray cluster' if address is None else f'join the Ray cluster at {address}'}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def cluster_cpus(ray) -> float:
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def task_error(exc) -> HashsearchError | None:
+    """The HashsearchError an actor raised, from Ray's wrapper of it (whose text carries the remote traceback)."""
+    cause = getattr(exc, "cause", None)
+    return HashsearchError(str(cause)) if isinstance(cause, HashsearchError) else None

@@ -1,0 +1,230 @@
+"""Distributed search: a collection's generation split into partitions, one Ray actor each.
+
+A partition is a run of consecutive shards of one generation (Collection.part):
+nothing is copied to distribute a collection, and every actor reads the
+collection's own files.  Each actor builds, in memory, a coarse index of the
+kind and settings `build-index` recorded over its live rows, and answers a
+search for them: the coarse pool, its rerank by L2 (hds), Hamming alone (bcs)
+or an exhaustive scan (es).  The driver merges the partitions' answers with
+engine.index.merge_partitions, cutting the merged pool where one index over
+every row would, so the results (ids, Hamming and L2) are those of Index.
+
+>>> with ray_cluster():                       # or ray.init(address="auto") first
+...     index = ShardedIndex("coll", partitions=4)
+...     res = index.search(codes, feats, k=10)  # an engine.SearchResult, as Index.search's
+
+A partition's actor that dies is restarted by Ray (up to MAX_RESTARTS times);
+the driver loads its partition into it again and retries the query once.
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from ..config import MODES, SearchConfig
+from ..engine.index import Index, SearchResult, merge_partitions, search_count
+from ..errors import HashsearchError
+from ..shards import Collection, GenerationGone, read_manifest
+from .cluster import cluster_cpus, import_ray, task_error
+
+# Enough for a few crashes of a long-lived server's actor; a partition that keeps killing its
+# actor (a damaged shard that crashes a reader) then fails its queries instead of looping.
+MAX_RESTARTS = 3
+# An actor keeps the generation searches are starting on and the one before, for searches in flight.
+_KEEP_GENERATIONS = 2
+# Ray sends arguments this small inside the call itself; larger ones are worth one shared put.
+_INLINE_BYTES = 100 * 1024
+
+
+def plan_partitions(shard_rows: list[int], partitions: int, where) -> list[tuple[int, int]]:
+    """[first, end) shard ranges of `partitions` consecutive runs with about equal rows each."""
+    if partitions > len(shard_rows):
+        raise HashsearchError(f"{partitions} partitions need at least {partitions} shards; {where} has "
+                              f"{len(shard_rows)} (encode it with a smaller --shard-size, or use fewer partitions)")
+    ends = np.cumsum(shard_rows)
+    cuts = [0]
+    for j in range(1, partitions):
+        # the first shard that ends past j/P of the rows, leaving at least one shard for each partition after
+        cut = int(np.searchsorted(ends, ends[-1] * j / partitions, side="left")) + 1
+        cuts.append(min(max(cut, cuts[-1] + 1), len(shard_rows) - (partitions - j)))
+    cuts.append(len(shard_rows))
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+class PartitionSearcher:
+    """What a partition's actor runs: the partition's Index for each generation loaded."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.indexes: dict[int, Index] = {}
+
+    def load(self, manifest: dict, first: int, end: int) -> int:
+        generation = int(manifest.get("generation", 0))
+        if generation not in self.indexes:
+            self.indexes[generation] = Index.partition(Collection.part(self.root, manifest, first, end),
+                                                       manifest["index"])
+        for old in sorted(self.indexes)[:-_KEEP_GENERATIONS]:
+            self.indexes.pop(old).close()
+        return self.indexes[generation].collection.items
+
+    def search(self, generation: int, codes, feats, k: int, mode: str, pool: int, radius, nflip):
+        index = self.indexes.get(generation)
+        if index is None:       # a restarted actor: the driver loads the partition again
+            raise _NotLoaded(f"generation {generation} is not loaded")
+        if index.collection.items == 0:
+            empty = np.zeros((len(codes), 0))
+            return empty.astype(np.int32), empty.astype(np.int64), empty.astype(np.float32)
+        res = index.search_pool(codes, feats, k, mode=mode, pool=pool, radius=radius, nflip=nflip)
+        return res.hamming, res.rows, res.distances
+
+
+class _NotLoaded(HashsearchError):
+    pass
+
+
+class ShardedIndex:
+    """Index's search over a collection split into `partitions` partitions on Ray actors.
+
+    It needs a connection to Ray (distributed.ray_cluster, or the caller's ray.init).  Like Index,
+    it pins a generation; refresh() moves every partition to the newest one.
+    """
+
+    def __init__(self, collection, partitions: int = 2, *, cpus_per_actor: float | None = None):
+        self._ray = ray = import_ray()
+        if not ray.is_initialized():
+            raise HashsearchError("ShardedIndex needs a Ray connection: open one with hashsearch.distributed.ray_cluster")
+        if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+            raise HashsearchError(f"partitions must be a positive integer, got {partitions!r}")
+        self.root = Path(collection.root if isinstance(collection, Collection) else collection)
+        self.partitions = partitions
+        # Fractional CPUs, so that P actors fit on a cluster of fewer CPUs (whole ones would wait forever).
+        cpus = cpus_per_actor if cpus_per_actor is not None else min(1.0, cluster_cpus(ray) / partitions)
+        actor, token = ray.remote(PartitionSearcher), uuid.uuid4().hex[:8]
+        self.actors = [actor.options(num_cpus=cpus, max_restarts=MAX_RESTARTS,
+                                     name=f"hashsearch-partition-{token}-{i}").remote(str(self.root))
+                       for i in range(partitions)]
+        self._refresh_lock = threading.Lock()
+        self._closed = False
+        self._state = None
+        try:
+            self._state = self._load(collection if isinstance(collection, Collection) else Collection.open(self.root))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- generations ---------------------------------------------------------------------
+    def _load(self, coll: Collection):
+        """Load `coll`'s generation into every actor; the state searches then use."""
+        manifest = coll.manifest
+        if manifest.get("index") is None:
+            raise HashsearchError(f"no index in {self.root}; run `hashsearch build-index {self.root}` first")
+        plan = plan_partitions([s.rows for s in coll.shards], self.partitions, self.root)
+        first_rows = [int(coll.offsets[a]) for a, _ in plan]
+        self._get([a.load.remote(manifest, s, e) for a, (s, e) in zip(self.actors, plan)])
+        return coll, plan, first_rows
+
+    def refresh(self) -> bool:
+        """Move every partition to the collection's newest generation; False if there is none newer."""
+        with self._refresh_lock:
+            coll = self._current()[0]
+            if read_manifest(self.root).get("generation", 0) == coll.generation:
+                return False
+            for _ in range(5):
+                try:
+                    self._state = self._load(Collection.open(self.root, previous=coll))
+                    return True
+                except GenerationGone:      # a writer published again while the actors opened it
+                    continue
+            raise HashsearchError(f"collection {self.root} changed under every attempt to load it")
+
+    def _current(self):
+        if self._closed:
+            raise HashsearchError("this index is closed")
+        return self._state
+
+    @property
+    def collection(self) -> Collection:
+        return self._current()[0]
+
+    @property
+    def codes(self) -> np.ndarray:
+        return self.collection.codes()
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.collection.ids()
+
+    @property
+    def meta(self) -> dict:
+        return self.collection.manifest["index"]
+
+    @property
+    def kind(self) -> str:
+        return self.meta["coarse"]["kind"]
+
+    @property
+    def generation(self) -> int:
+        return self.collection.generation
+
+    # -- searching -------------------------------------------------------------------------
+    def search(self, query_codes: np.ndarray, query_features: np.ndarray | None = None, k: int = SearchConfig.k, *,
+               mode: str = SearchConfig.mode, pool: int = SearchConfig.pool, radius: int | None = SearchConfig.radius,
+               nflip: int | None = SearchConfig.nflip) -> SearchResult:
+        coll, plan, first_rows = self._current()
+        if mode not in MODES:
+            raise HashsearchError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        k, pool = search_count("k", k, coll.items), search_count("pool", pool, coll.items)
+        codes = np.atleast_2d(np.asarray(query_codes))
+        feats = None if query_features is None or mode == "bcs" else np.atleast_2d(np.asarray(query_features))
+        ray = self._ray
+        if feats is not None and feats.nbytes > _INLINE_BYTES:
+            feats = ray.put(feats)      # one copy in the object store for every partition, not one per call
+        args = (coll.generation, codes, feats, k, mode, pool, radius, nflip)
+        answers = self._get([a.search.remote(*args) for a in self.actors],
+                            retry=lambda i: self._retry(i, coll, plan, args))
+        parts = [(h, np.where(r >= 0, r + first, -1), d) for (h, r, d), first in zip(answers, first_rows)]
+        rows, ham, dist = merge_partitions(parts, k, mode, pool)
+        ids = np.where(rows >= 0, coll.ids()[rows], -1)
+        return SearchResult(rows=rows, ids=ids, hamming=ham, distances=dist)
+
+    def _retry(self, i: int, coll: Collection, plan, args):
+        """Partition i's answer once more, after loading it into its (restarted) actor again."""
+        self._get([self.actors[i].load.remote(coll.manifest, *plan[i])])
+        return self._get([self.actors[i].search.remote(*args)])[0]
+
+    def _get(self, futures, retry=None) -> list:
+        ray = self._ray
+        out = []
+        for i, future in enumerate(futures):
+            try:
+                out.append(ray.get(future))
+            except ray.exceptions.RayTaskError as exc:
+                error = task_error(exc)
+                if retry is not None and isinstance(exc.cause, _NotLoaded):
+                    out.append(retry(i))
+                    continue
+                raise error or HashsearchError(f"partition {i} of {self.root} failed: {exc.cause!r}") from None
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                if retry is None:
+                    raise HashsearchError(f"partition {i} of {self.root}: its actor died ({type(exc).__name__})") from None
+                out.append(retry(i))
+        return out
+
+    def close(self) -> None:
+        """Stop the partitions' actors; any later call raises."""
+        if self._closed:
+            return
+        self._closed = True
+        for a in self.actors:
+            self._ray.kill(a, no_restart=True)
+        if self._state is not None:
+            self._state[0].close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
