@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from .config import (ADD_SKIPS, WAIT_HELP, CompactConfig, EncodeBenchConfig, EncodeConfig, EvalConfig,
-                     ExhaustiveBenchConfig, IndexConfig, LiveBenchConfig, SearchConfig, ServeBenchConfig, ServeConfig,
-                     TrainConfig)
+                     ExhaustiveBenchConfig, IndexConfig, LiveBenchConfig, RayEncodeConfig, RaySearchConfig,
+                     SearchConfig, ServeBenchConfig, ServeConfig, TrainConfig)
 from .errors import HashsearchError
 from .fileio import atomic_write_bytes, check_output_file
 from .options import click_options
@@ -102,10 +102,16 @@ def train(source, out, **options):
 @click.option("--model", "model_path", required=True, help="Checkpoint from `hashsearch train`.")
 @click.option("--out", required=True, help="Collection directory to write (or resume).")
 @click_options(EncodeConfig)
-def encode(source, model_path, out, **options):
-    """Encode SOURCE into a collection of codes and F7 features."""
-    from .encoders.runner import encode_collection
+@click_options(RayEncodeConfig)
+def encode(source, model_path, out, ray, address, actors, gpus_per_actor, **options):
+    """Encode SOURCE into a collection of codes and F7 features (with --ray, on Ray actors)."""
+    distributed = RayEncodeConfig(ray=ray, address=address, actors=actors, gpus_per_actor=gpus_per_actor)
     _existing(model_path, "model")
+    if distributed.ray:
+        from .distributed.encode import encode_on_ray
+        encode_on_ray(model_path, source, out, log=click.echo, ray=distributed, **options)
+        return
+    from .encoders.runner import encode_collection
     encode_collection(model_path, source, out, log=click.echo, **options)
 
 
@@ -169,11 +175,12 @@ def build_index(collection, coarse, out, wait, **params):
 @click.option("--model", "model_path", help="Checkpoint for --image queries [COLLECTION/model.pt].")
 @click.option("--index", "index_dir", help="Index directory [the collection's own].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def query(collection, images, ids, model_path, index_dir, as_json, **search):
-    """Find the k nearest items of COLLECTION to each query."""
+@click_options(RaySearchConfig)
+def query(collection, images, ids, model_path, index_dir, as_json, ray, address, partitions, **search):
+    """Find the k nearest items of COLLECTION to each query (with --ray, over partitions on Ray actors)."""
     from .retrieval import run_query
     report = run_query(collection, images=images, ids=_parse_ids(ids), model_path=model_path, index_dir=index_dir,
-                       **search)
+                       ray=RaySearchConfig(ray=ray, address=address, partitions=partitions), **search)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -190,10 +197,12 @@ def query(collection, images, ids, model_path, index_dir, as_json, **search):
 @main.command()
 @click.argument("collection")
 @click_options(ServeConfig)
-def serve(collection, **options):
-    """Serve COLLECTION over HTTP: a JSON API (docs at /docs) and a search page at /."""
+@click_options(RaySearchConfig)
+def serve(collection, ray, address, partitions, **options):
+    """Serve COLLECTION over HTTP: a JSON API (docs at /docs) and a search page at /; --ray searches on Ray."""
     from .serve.server import run_server
-    run_server(collection, ServeConfig(**options), log=click.echo)
+    run_server(collection, ServeConfig(**options), log=click.echo,
+               ray=RaySearchConfig(ray=ray, address=address, partitions=partitions))
 
 
 # -- info -----------------------------------------------------------------------------

@@ -103,6 +103,36 @@ class SearchConfig(Options):
 
 
 @dataclass
+class RayConfig(Options):
+    """Where a --ray run runs (hashsearch.distributed)."""
+    ray: bool = option(False, "Run on a Ray cluster (pip install 'hashsearch[ray]').")
+    # A cluster started here listens on 127.0.0.1 only; reaching other machines is the user's explicit choice.
+    address: str | None = option(None, "Ray cluster to join: auto, or HOST:PORT of its head [start one on this "
+                                       "machine, on 127.0.0.1 only].")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.address is not None and not self.ray:
+            raise HashsearchError("--address is for --ray runs; add --ray")
+
+
+@dataclass
+class RayEncodeConfig(RayConfig):
+    # One per core is this machine's best (README); on a cluster, one per GPU.
+    actors: int = option(2, "Encoder actors for --ray, each holding the model once.", check=in_range(1, 4096))
+    gpus_per_actor: float = option(0, "GPUs each encoder actor takes for --ray (0: encode on CPUs).",
+                                   check=not_negative)
+
+
+@dataclass
+class RaySearchConfig(RayConfig):
+    # Each partition costs one actor call a query (~1 ms, README); more pay off once one machine's
+    # memory or cores no longer hold the collection.
+    partitions: int = option(2, "Partitions of the collection for --ray, one actor each (at most its shards).",
+                             check=in_range(1, 4096))
+
+
+@dataclass
 class IndexConfig(Options):
     """`build-index`'s settings: the coarse index's kind and its hashing (see engine.coarse)."""
     coarse: str = option("flat", "Coarse index kind.", choices=COARSE_KINDS)

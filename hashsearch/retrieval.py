@@ -5,11 +5,13 @@ hashsearch calls; results are plain dicts ready for JSON.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
 import numpy as np
 
+from .config import RaySearchConfig
 from .engine import Index, SearchConfig
 from .engine.index import check_index_meta
 from .errors import HashsearchError
@@ -19,10 +21,31 @@ from .shards.manifest import disk_bytes
 
 def run_query(collection, *, images=(), ids=(), k: int = SearchConfig.k, pool: int = SearchConfig.pool,
               radius: int | None = SearchConfig.radius, nflip: int | None = SearchConfig.nflip,
-              mode: str = SearchConfig.mode, model_path=None, index_dir=None) -> dict:
+              mode: str = SearchConfig.mode, model_path=None, index_dir=None,
+              ray: RaySearchConfig | None = None) -> dict:
+    """`hashsearch query`: the k nearest items to each image and stored id; `ray` searches on Ray."""
     if not len(images) and not len(ids):
         raise HashsearchError("give at least one image or id to query")
-    index = Index.open(collection, index_dir)
+    with search_index(collection, index_dir, ray) as index:
+        return _query(index, images, ids, k, pool, radius, nflip, mode, model_path)
+
+
+@contextlib.contextmanager
+def search_index(collection, index_dir=None, ray: RaySearchConfig | None = None):
+    """The index a query or a server searches, closed afterwards: an engine Index, or with ray.ray a
+    distributed ShardedIndex on the cluster ray.address names (one is started on 127.0.0.1 if none)."""
+    if ray is None or not ray.ray:
+        with Index.open(collection, index_dir) as index:
+            yield index
+        return
+    if index_dir is not None:
+        raise HashsearchError("--index cannot be combined with --ray: partitions take the collection's own index settings")
+    from .distributed import ShardedIndex, ray_cluster
+    with ray_cluster(ray.address), ShardedIndex(collection, ray.partitions) as index:
+        yield index
+
+
+def _query(index, images, ids, k, pool, radius, nflip, mode, model_path) -> dict:
     coll = index.collection
     names, codes, feats = [], [], []
     if images:

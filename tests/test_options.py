@@ -16,10 +16,12 @@ from hashsearch.errors import HashsearchError
 COMMANDS = [
     (("train",), cfg.TrainConfig, ()),
     (("encode",), cfg.EncodeConfig, ()),
+    (("encode",), cfg.RayEncodeConfig, ()),
     (("add",), cfg.EncodeConfig, cfg.ADD_SKIPS),
     (("compact",), cfg.CompactConfig, ()),
     (("build-index",), cfg.IndexConfig, ()),
     (("query",), cfg.SearchConfig, ()),
+    (("query",), cfg.RaySearchConfig, ()),
     (("eval",), cfg.EvalConfig, ()),
     (("bench", "exhaustive"), cfg.ExhaustiveBenchConfig, ()),
     (("bench", "encode"), cfg.EncodeBenchConfig, ()),
@@ -27,6 +29,7 @@ COMMANDS = [
     (("bench", "live"), cfg.LiveBenchConfig, ()),
     (("bench", "serve"), cfg.ServeBenchConfig, ()),
     (("serve",), cfg.ServeConfig, ()),
+    (("serve",), cfg.RaySearchConfig, ()),
 ]
 
 

@@ -39,7 +39,8 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None):
     afterwards; "auto" or HOST:PORT joins a running one.  A process already connected (a library
     user's own ray.init) keeps its connection, and it is not closed here.
     """
-    ray = import_ray(loopback=address is None)
+    # A driver joining a cluster on this machine's loopback must call itself 127.0.0.1 as well.
+    ray = import_ray(loopback=address is None or address.rsplit(":", 1)[0] in _LOOPBACK)
     if ray.is_initialized():
         yield ray
         return

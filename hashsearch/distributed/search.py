@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import MODES, SearchConfig
-from ..engine.index import Index, SearchResult, merge_partitions, search_count
+from ..engine.index import Index, SearchResult, check_probe, check_query_codes, merge_partitions, search_count
 from ..errors import HashsearchError
 from ..shards import Collection, GenerationGone, read_manifest
 from .cluster import cluster_cpus, import_ray, task_error
@@ -177,8 +177,17 @@ class ShardedIndex:
         if mode not in MODES:
             raise HashsearchError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         k, pool = search_count("k", k, coll.items), search_count("pool", pool, coll.items)
-        codes = np.atleast_2d(np.asarray(query_codes))
-        feats = None if query_features is None or mode == "bcs" else np.atleast_2d(np.asarray(query_features))
+        # Checked here as Index checks them, so that bad input is one error, not one from every partition.
+        codes = check_query_codes(query_codes, coll.bits)
+        check_probe(radius, nflip, coll.bits, self.meta["coarse"])
+        feats = None
+        if mode != "bcs":
+            if query_features is None:
+                raise HashsearchError(f"mode {mode} needs query features")
+            feats = np.ascontiguousarray(np.atleast_2d(query_features), dtype=np.float32)
+            if feats.shape != (len(codes), coll.feature_dim):
+                raise HashsearchError(f"query features have shape {feats.shape}; expected "
+                                      f"({len(codes)}, {coll.feature_dim})")
         ray = self._ray
         if feats is not None and feats.nbytes > _INLINE_BYTES:
             feats = ray.put(feats)      # one copy in the object store for every partition, not one per call
@@ -196,21 +205,25 @@ class ShardedIndex:
         return self._get([self.actors[i].search.remote(*args)])[0]
 
     def _get(self, futures, retry=None) -> list:
+        """Every partition's answer; `retry(i)` gets partition i's once more where its actor died."""
         ray = self._ray
-        out = []
+        out, error = [], None
         for i, future in enumerate(futures):
             try:
                 out.append(ray.get(future))
+                continue
             except ray.exceptions.RayTaskError as exc:
-                error = task_error(exc)
-                if retry is not None and isinstance(exc.cause, _NotLoaded):
-                    out.append(retry(i))
-                    continue
-                raise error or HashsearchError(f"partition {i} of {self.root} failed: {exc.cause!r}") from None
+                lost = isinstance(exc.cause, _NotLoaded)
+                failure = task_error(exc) or HashsearchError(f"partition {i} of {self.root} failed: {exc.cause!r}")
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                if retry is None:
-                    raise HashsearchError(f"partition {i} of {self.root}: its actor died ({type(exc).__name__})") from None
+                lost = True
+                failure = HashsearchError(f"partition {i} of {self.root}: its actor died ({type(exc).__name__})")
+            if lost and retry is not None and error is None:
                 out.append(retry(i))
+            else:
+                error = error or failure        # the others are still collected: none is left unread
+        if error is not None:
+            raise error
         return out
 
     def close(self) -> None:

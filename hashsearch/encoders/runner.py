@@ -1,14 +1,18 @@
 """`hashsearch encode`: SOURCE -> collection, streaming, resumable.
 
     reader  DataLoader workers decode and resize (dataset.py)
-    mapper  the model, on the main thread (encoder.py)
+    mapper  the model, on the main thread (encoder.py); or, with --ray, encoder
+            actors that each run reader and model over chunks of SOURCE
+            (distributed.encode), handing batches back in order
     writer  a thread appending to HDF5 shards (shards.CollectionWriter)
 
 The three overlap, so the pipeline runs at the model's speed, and memory is
-bounded by the loader's prefetch and the writer queue, whatever N is.
+bounded by the loader's prefetch and the writer queue, whatever N is.  The
+batches are the same whichever mapper makes them, so is the collection.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import queue
 import shutil
@@ -42,25 +46,62 @@ class EncodedBatch(NamedTuple):
     rejects: list               # [(source index, reason)] of the items that could not be decoded
     source_end: int             # the SOURCE index just past the batch
 
+    @property
+    def items(self) -> int:
+        """Source items the batch accounts for, encoded or rejected."""
+        return len(self.index) + len(self.rejects)
 
-def encode_collection(model_path, source_spec: str, out, *, log=print, **options) -> dict:
-    """`hashsearch encode`: SOURCE -> a new collection at `out` (or the rest of an unfinished one).
 
-    `options` are EncodeConfig's fields (hashsearch.config), checked there.
-    """
-    cfg = EncodeConfig(**options)
-    encoder = Encoder.from_checkpoint(model_path, device=cfg.device, precision=cfg.precision)
-    source = open_source(source_spec, data_dir=cfg.data_dir, limit=cfg.limit)
-    if len(source) == 0:
-        raise HashsearchError(f"no images in {source_spec}")
-    # class_names name the values of the stored label column, which come from the
-    # SOURCE (a folder's subfolders, a list's labels), not from the model's training set.
-    meta = {"model_fingerprint": encoder.fingerprint(), "source": source.fingerprint(),
-            "source_spec": source.spec, "class_names": source.class_names,
+def describe_encoder(encoder: Encoder) -> dict:
+    """What a collection records of the model that encoded it."""
+    return {"model_fingerprint": encoder.fingerprint(), "bits": encoder.bits, "feature_dim": encoder.feature_dim,
             "backbone": encoder.config["backbone"], "input_size": encoder.input_size,
             # fp32, fp16 and bf16 give slightly different codes; one collection holds one kind.
             "precision": encoder.precision}
-    writer = CollectionWriter(out, bits=encoder.bits, feature_dim=encoder.feature_dim,
+
+
+class LocalMapper:
+    """The model in this process: encode's mapper without --ray."""
+
+    def __init__(self, model_path, cfg: EncodeConfig):
+        self.encoder = Encoder.from_checkpoint(model_path, device=cfg.device, precision=cfg.precision)
+        self.cfg = cfg
+
+    def describe(self) -> dict:
+        return describe_encoder(self.encoder)
+
+    def batches(self, source, indices, start: int = 0):
+        return encoded_batches(self.encoder, source, indices, self.cfg, start)
+
+    def close(self) -> None:
+        pass
+
+
+def encode_collection(model_path, source_spec: str, out, *, log=print, mapper=None, **options) -> dict:
+    """`hashsearch encode`: SOURCE -> a new collection at `out` (or the rest of an unfinished one).
+
+    `options` are EncodeConfig's fields (hashsearch.config), checked there.  `mapper` encodes the
+    batches elsewhere (distributed.encode's RayMapper); by default the model runs here.
+    """
+    cfg = EncodeConfig(**options)
+    source = open_source(source_spec, data_dir=cfg.data_dir, limit=cfg.limit)
+    if len(source) == 0:
+        raise HashsearchError(f"no images in {source_spec}")
+    mapper = mapper or LocalMapper(model_path, cfg)
+    try:
+        return _encode_with(mapper, model_path, source, out, cfg, log)
+    finally:
+        mapper.close()
+
+
+def _encode_with(mapper, model_path, source, out, cfg: EncodeConfig, log) -> dict:
+    model = mapper.describe()
+    # class_names name the values of the stored label column, which come from the
+    # SOURCE (a folder's subfolders, a list's labels), not from the model's training set.
+    meta = {"model_fingerprint": model["model_fingerprint"], "source": source.fingerprint(),
+            "source_spec": source.spec, "class_names": source.class_names,
+            **{key: model[key] for key in ("backbone", "input_size", "precision")}}
+    writer = CollectionWriter(out, bits=model["bits"], feature_dim=model["feature_dim"],
                               feature_dtype=cfg.feature_dtype, shard_size=cfg.shard_size, meta=meta,
                               overwrite=cfg.overwrite, wait=cfg.wait)
     if writer.complete:
@@ -73,7 +114,8 @@ def encode_collection(model_path, source_spec: str, out, *, log=print, **options
         _copy_model(model_path, Path(out) / MODEL_FILE)
         if start and not cfg.quiet:
             log(f"resuming {out} at item {start} of {len(source)}")
-        _stream(encoder, source, range(len(source)), writer, source.labels(), cfg, start=start)
+        _stream(mapper.batches(source, range(len(source)), start), len(source) - start, writer, source,
+                source.labels(), cfg)
         manifest = writer.finish(len(source))
     except BaseException:
         writer.abort()
@@ -122,7 +164,8 @@ def add_to_collection(root, source_spec: str, *, log=print, encoder: Encoder | N
         position[new] = np.arange(len(new))
         began = time.perf_counter()
         if new:
-            _stream(encoder, source, new, writer, labels, cfg, id_of=lambda idx: first_id + position[idx])
+            _stream(encoded_batches(encoder, source, new, cfg), len(new), writer, source, labels, cfg,
+                    id_of=lambda idx: first_id + position[idx])
         manifest = writer.finish(new[-1] + 1 if new else 0)
     except BaseException:
         writer.abort()
@@ -150,29 +193,34 @@ def _labels_in(manifest: dict, source) -> np.ndarray:
     return np.array([number.get(int(label), -1) for label in labels], np.int64)
 
 
-def _stream(encoder: Encoder, source, indices, writer: CollectionWriter, labels: np.ndarray, cfg: EncodeConfig, *,
-            start: int = 0, id_of=None) -> None:
-    """The pipeline: decode `indices` of SOURCE in loader workers, encode here, append in the writer thread.
+def encoded_batches(encoder: Encoder, source, indices, cfg: EncodeConfig, start: int = 0):
+    """The reader and the model: an EncodedBatch for each batch of `indices` (a range or increasing list
+    of SOURCE positions), batches aligned to cfg.batch_size from indices[0], from the one holding `start`,
+    without the rows before `start` that a resumed run already wrote."""
+    loader = make_loader(source, encoder.input_size, cfg.batch_size, cfg.workers, indices=indices,
+                         start=bisect.bisect_left(indices, start), pin_memory=encoder.device.type == "cuda")
+    for batch_indices, pixels, good, rejects in loader:
+        good = np.asarray(good, np.int64)
+        new = rows_to_write(good, start)          # a resumed first batch repeats rows already written
+        # Encode the whole aligned batch and drop rows afterwards: a batch of another
+        # shape may take other kernels (cuDNN, GEMM blocking) and round differently,
+        # and a resumed run must store exactly what an uninterrupted one would.
+        codes, feats = encoder.encode_batch(pixels)
+        rejects = rejects[rows_to_write([i for i, _ in rejects], start)]
+        yield EncodedBatch(codes[new], feats[new], good[new], rejects, batch_indices[-1] + 1)
 
-    `start` skips the source indices a resumed encode already wrote; id_of maps
-    source indices to the ids stored (by default the source index itself).
-    """
-    loader = make_loader(source, encoder.input_size, cfg.batch_size, cfg.workers, indices=indices, start=start,
-                         pin_memory=encoder.device.type == "cuda")
+
+def _stream(batches, total: int, writer: CollectionWriter, source, labels: np.ndarray, cfg: EncodeConfig, *,
+            id_of=None) -> None:
+    """Hand the mapper's batches to the writer thread; id_of maps source indices to the ids stored
+    (by default the source index itself)."""
     sink = _WriterThread(writer, source, labels, len(source), id_of or (lambda idx: idx))
-    bar = tqdm(total=len(indices) - start, unit="img", disable=cfg.quiet, smoothing=0.1, desc="encoding")
+    bar = tqdm(total=total, unit="img", disable=cfg.quiet, smoothing=0.1, desc="encoding")
     try:
-        for batch_indices, pixels, good, rejects in loader:
+        for batch in batches:
             sink.check()
-            good = np.asarray(good, np.int64)
-            new = rows_to_write(good, start)          # a resumed first batch repeats rows already written
-            # Encode the whole aligned batch and drop rows afterwards: a batch of another
-            # shape may take other kernels (cuDNN, GEMM blocking) and round differently,
-            # and a resumed run must store exactly what an uninterrupted one would.
-            codes, feats = encoder.encode_batch(pixels)
-            rejects = rejects[rows_to_write([i for i, _ in rejects], start)]
-            sink.put(EncodedBatch(codes[new], feats[new], good[new], rejects, batch_indices[-1] + 1))
-            bar.update(len(batch_indices[rows_to_write(batch_indices, start)]))
+            sink.put(batch)
+            bar.update(batch.items)
         sink.close()
     except BaseException:
         sink.abort()

@@ -59,7 +59,7 @@ def build_coarse(codes: np.ndarray, bits: int, kind: str = "flat", *, hash_bits:
         b = hash_bits or default_hash_bits(bits, len(codes), kind)
         if not 1 <= b <= min(bits, 64):
             raise HashsearchError(f"hash bits must be between 1 and {min(bits, 64)}, got {b}")
-        _check_nflip(nflip, b)
+        check_nflip(nflip, b)
         if kind == "hash":
             index = faiss.IndexBinaryHash(bits, b)
         else:
@@ -87,7 +87,7 @@ def describe(index: faiss.IndexBinary) -> dict:
 MAX_PROBES = 1_000_000
 
 
-def _check_nflip(nflip: int | None, hash_bits: int | None = None) -> None:
+def check_nflip(nflip: int | None, hash_bits: int | None = None) -> None:
     # faiss loops forever on a negative nflip, and on one above the key's bits.
     if nflip is None:
         return
@@ -117,7 +117,7 @@ class Coarse:
         self.hashed = "nflip" in self.params
         self.built_nflip = self.params.get("nflip")
         if self.hashed:         # an index file from elsewhere may carry any depth
-            _check_nflip(self.built_nflip, self.params["hash_bits"])
+            check_nflip(self.built_nflip, self.params["hash_bits"])
         self._setting = threading.Condition()
         self._running = 0           # searches in flight, all with index.nflip == self._nflip
         self._nflip = self.built_nflip
@@ -125,9 +125,6 @@ class Coarse:
     @property
     def ntotal(self) -> int:
         return self.index.ntotal
-
-    def check_nflip(self, nflip: int | None) -> None:
-        _check_nflip(nflip, self.params.get("hash_bits"))
 
     def search(self, codes: np.ndarray, k: int, nflip: int | None = None):
         if not self.hashed:

@@ -483,20 +483,11 @@ class Index:
 
     @staticmethod
     def _check_codes(gen: _Generation, query_codes) -> np.ndarray:
-        query_codes = np.ascontiguousarray(np.atleast_2d(query_codes), dtype=np.uint8)
-        width = code_bytes(gen.collection.bits)
-        if query_codes.ndim != 2 or query_codes.shape[1] != width:
-            raise HashsearchError(f"query codes have shape {query_codes.shape}; this collection's codes have "
-                                  f"{gen.collection.bits} bits in {width} bytes")
-        return query_codes
+        return check_query_codes(query_codes, gen.collection.bits)
 
     @staticmethod
     def _check_probe(gen: _Generation, radius, nflip) -> None:
-        bits = gen.collection.bits
-        if radius is not None and (isinstance(radius, bool) or not isinstance(radius, (int, np.integer))
-                                   or not 0 <= radius <= bits):
-            raise HashsearchError(f"radius must be an integer from 0 to the code length ({bits}), got {radius!r}")
-        gen.base.check_nflip(nflip)
+        check_probe(radius, nflip, gen.collection.bits, gen.meta["coarse"])
 
     def _candidates(self, gen: _Generation, query_codes, pool: int, radius: int | None, nflip: int | None):
         if gen.exact_base:
@@ -636,6 +627,24 @@ class Index:
     def _result(gen: _Generation, rows, dist, hamming) -> SearchResult:
         ids = np.where(rows >= 0, gen.ids[rows], -1)     # row -1 reads the last id, then masked
         return SearchResult(rows=rows, ids=ids, hamming=hamming.astype(np.int32, copy=False), distances=dist)
+
+
+def check_query_codes(query_codes, bits: int) -> np.ndarray:
+    """Query codes as a contiguous uint8 [nq, ceil(bits/8)] array, or the error saying what they are."""
+    query_codes = np.ascontiguousarray(np.atleast_2d(query_codes), dtype=np.uint8)
+    width = code_bytes(bits)
+    if query_codes.ndim != 2 or query_codes.shape[1] != width:
+        raise HashsearchError(f"query codes have shape {query_codes.shape}; this collection's codes have "
+                              f"{bits} bits in {width} bytes")
+    return query_codes
+
+
+def check_probe(radius, nflip, bits: int, coarse: dict) -> None:
+    """A search's radius and nflip against the code length and the coarse index described by `coarse`."""
+    if radius is not None and (isinstance(radius, bool) or not isinstance(radius, (int, np.integer))
+                               or not 0 <= radius <= bits):
+        raise HashsearchError(f"radius must be an integer from 0 to the code length ({bits}), got {radius!r}")
+    coarse_mod.check_nflip(nflip, coarse.get("hash_bits"))
 
 
 def search_count(name: str, value, items: int) -> int:

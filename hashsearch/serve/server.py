@@ -1,7 +1,7 @@
 """`hashsearch serve`: load once, then answer on uvicorn until stopped."""
 from __future__ import annotations
 
-from ..config import ServeConfig
+from ..config import RaySearchConfig, ServeConfig
 from ..errors import HashsearchError
 from ..fileio import read_regular
 
@@ -16,7 +16,7 @@ def read_token(path) -> str:
     return token
 
 
-def build_app(collection, config: ServeConfig):
+def build_app(collection, config: ServeConfig, index=None):
     try:
         from .app import create_app
         from .service import SearchService
@@ -24,15 +24,19 @@ def build_app(collection, config: ServeConfig):
         raise HashsearchError(f"serving needs the serve extra: pip install 'hashsearch[serve]' ({exc.name} is "
                               "missing)") from None
     token = read_token(config.token_file) if config.token_file else None
-    service = SearchService(collection, max_upload_bytes=int(config.max_upload_mb * (1 << 20)))
+    service = SearchService(collection, max_upload_bytes=int(config.max_upload_mb * (1 << 20)), index=index)
     return create_app(service, token=token)
 
 
-def run_server(collection, config: ServeConfig, log=print) -> None:
+def run_server(collection, config: ServeConfig, log=print, ray: RaySearchConfig | None = None) -> None:
+    """`hashsearch serve`: until interrupted.  `ray` searches over partitions on Ray actors."""
     import uvicorn
-    app = build_app(collection, config)
-    log(f"serving {collection} on http://{config.host}:{config.port}/  (API docs at /docs)")
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_keep_alive=5)
+    from ..retrieval import search_index
+    with search_index(collection, ray=ray) as index:
+        app = build_app(collection, config, index=index)
+        where = f", {ray.partitions} partitions on Ray" if ray is not None and ray.ray else ""
+        log(f"serving {collection} on http://{config.host}:{config.port}/{where}  (API docs at /docs)")
+        uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_keep_alive=5)
 
 
 class ServerProcess:

@@ -89,9 +89,10 @@ class MicroBatcher:
 
 
 class SearchService:
-    def __init__(self, root, *, max_upload_bytes: int = 20 << 20):
+    def __init__(self, root, *, max_upload_bytes: int = 20 << 20, index=None):
+        """`index`: one already open on `root` (a distributed ShardedIndex), which the caller closes."""
         self.root = Path(root)
-        self.index = Index.open(self.root)
+        self.index = index if index is not None else Index.open(self.root)
         self.max_upload_bytes = max_upload_bytes
         self.writable = os.access(self.root, os.W_OK)
         self._manifest_stamp = self._stamp()
