@@ -10,7 +10,7 @@ import click
 
 from .config import (ADD_SKIPS, WAIT_HELP, CompactConfig, EncodeBenchConfig, EncodeConfig, EvalConfig,
                      ExhaustiveBenchConfig, IndexConfig, LiveBenchConfig, RayEncodeConfig, RaySearchConfig,
-                     SearchConfig, ServeBenchConfig, ServeConfig, TrainConfig)
+                     SearchConfig, ServeBenchConfig, ServeConfig, ShardedBenchConfig, TrainConfig)
 from .errors import HashsearchError
 from .fileio import atomic_write_bytes, check_output_file
 from .options import click_options
@@ -270,7 +270,8 @@ class _BenchGroup(click.Group):
 @main.group(cls=_BenchGroup)
 def bench():
     """Benchmarks: `exhaustive` (search speed against the paper's baseline), `encode SOURCE` (throughput),
-    `live` (what adds and deletes cost), `serve COLLECTION` (the HTTP service under load)."""
+    `live` (what adds and deletes cost), `serve COLLECTION` (the HTTP service under load), `sharded`
+    (partitioned search on Ray)."""
 
 
 @bench.command("exhaustive")
@@ -326,6 +327,20 @@ def bench_live(json_path, **options):
         check_output_file(json_path, "--json")
     result = run_live_bench(**options)
     click.echo(format_live_report(result))
+    if json_path:
+        _write_json(json_path, result)
+
+
+@bench.command("sharded")
+@click_options(ShardedBenchConfig)
+@click.option("--json", "json_path", help="Write the results to this JSON file.")
+def bench_sharded(json_path, **options):
+    """Partitioned search on a local Ray cluster against one process (pip install 'hashsearch[ray]')."""
+    from .bench.sharded import format_sharded_report, run_sharded_bench
+    if json_path:
+        check_output_file(json_path, "--json")
+    result = run_sharded_bench(**options)
+    click.echo(format_sharded_report(result))
     if json_path:
         _write_json(json_path, result)
 

@@ -220,6 +220,19 @@ class LiveBenchConfig(Options):
 
 
 @dataclass
+class ShardedBenchConfig(Options):
+    n: int = option(1_000_000, "Rows of the synthetic collection (the `bench exhaustive` one, linked, not copied).",
+                    check=positive)
+    partitions: str = option("1,2,4", "Partition counts to time, comma-separated.")
+    queries: int = option(200, "Held-out queries.", check=positive)
+    batch: int = option(256, "Queries per search call for the batched column.", check=positive)
+    # The 1M headline settings of `bench exhaustive` (README).
+    hash_bits: int = option(18, "Bits per slice of the multihash index.", check=positive)
+    pool: int = option(32, "Coarse candidate pool.", check=positive)
+    radius: int = option(12, "Rerank only candidates within this Hamming radius.", check=not_negative)
+
+
+@dataclass
 class ServeConfig(Options):
     # Loopback unless asked: a search service with an upload endpoint is not for the whole network by default.
     host: str = option("127.0.0.1", "Address to listen on.")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -83,6 +84,13 @@ class PartitionSearcher:
 
 class _NotLoaded(HashsearchError):
     pass
+
+
+class PartitionAnswers(NamedTuple):
+    collection: Collection      # the generation they answer for
+    parts: list                 # (hamming, rows, distances) [nq, m_i] per partition
+    k: int                      # k and pool as capped for this generation
+    pool: int
 
 
 class ShardedIndex:
@@ -173,13 +181,25 @@ class ShardedIndex:
     def search(self, query_codes: np.ndarray, query_features: np.ndarray | None = None, k: int = SearchConfig.k, *,
                mode: str = SearchConfig.mode, pool: int = SearchConfig.pool, radius: int | None = SearchConfig.radius,
                nflip: int | None = SearchConfig.nflip) -> SearchResult:
+        answers = self.partition_answers(query_codes, query_features, k, mode=mode, pool=pool, radius=radius,
+                                         nflip=nflip)
+        rows, ham, dist = merge_partitions(answers.parts, answers.k, mode, answers.pool)
+        ids = np.where(rows >= 0, answers.collection.ids()[rows], -1)
+        return SearchResult(rows=rows, ids=ids, hamming=ham, distances=dist)
+
+    def partition_answers(self, query_codes, query_features=None, k: int = SearchConfig.k, *,
+                          mode: str = SearchConfig.mode, pool: int = SearchConfig.pool,
+                          radius: int | None = SearchConfig.radius,
+                          nflip: int | None = SearchConfig.nflip) -> "PartitionAnswers":
+        """Every partition's answer, rows numbered in the whole collection: what search() merges
+        (`bench sharded` times the two apart)."""
         coll, plan, first_rows = self._current()
         if mode not in MODES:
             raise HashsearchError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         k, pool = search_count("k", k, coll.items), search_count("pool", pool, coll.items)
         # Checked here as Index checks them, so that bad input is one error, not one from every partition.
         codes = check_query_codes(query_codes, coll.bits)
-        check_probe(radius, nflip, coll.bits, self.meta["coarse"])
+        check_probe(radius, nflip, coll.bits, coll.manifest["index"]["coarse"])
         feats = None
         if mode != "bcs":
             if query_features is None:
@@ -188,16 +208,13 @@ class ShardedIndex:
             if feats.shape != (len(codes), coll.feature_dim):
                 raise HashsearchError(f"query features have shape {feats.shape}; expected "
                                       f"({len(codes)}, {coll.feature_dim})")
-        ray = self._ray
-        if feats is not None and feats.nbytes > _INLINE_BYTES:
-            feats = ray.put(feats)      # one copy in the object store for every partition, not one per call
+            if feats.nbytes > _INLINE_BYTES:
+                feats = self._ray.put(feats)    # one copy in the object store for every partition, not one per call
         args = (coll.generation, codes, feats, k, mode, pool, radius, nflip)
         answers = self._get([a.search.remote(*args) for a in self.actors],
                             retry=lambda i: self._retry(i, coll, plan, args))
         parts = [(h, np.where(r >= 0, r + first, -1), d) for (h, r, d), first in zip(answers, first_rows)]
-        rows, ham, dist = merge_partitions(parts, k, mode, pool)
-        ids = np.where(rows >= 0, coll.ids()[rows], -1)
-        return SearchResult(rows=rows, ids=ids, hamming=ham, distances=dist)
+        return PartitionAnswers(coll, parts, k, pool)
 
     def _retry(self, i: int, coll: Collection, plan, args):
         """Partition i's answer once more, after loading it into its (restarted) actor again."""
