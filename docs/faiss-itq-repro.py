@@ -3,7 +3,7 @@
 ITQ (Gong & Lazebnik, "Iterative quantization: a Procrustean approach to learning binary
 codes", CVPR 2011) minimises Q(B, R) = ||B - V R||^2_F over B in {-1, +1}^(n x c) and
 orthogonal R by alternation: B = sign(V R), then, with B^T V = U_B S U_A^T (SVD),
-R = U_A U_B^T (the paper's MATLAB: [UB,S,UA] = svd(B'*V); R = UA*UB').  Each step minimises
+R = U_A U_B^T (the authors' MATLAB: [UB,S,UA] = svd(B'*V); R = UA*UB').  Each step minimises
 Q over one variable with the other fixed, so Q can never increase.
 
 faiss's ITQMatrix::train (faiss/VectorTransform.cpp, also used by ITQTransform) computes

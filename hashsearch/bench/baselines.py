@@ -51,8 +51,7 @@ def fit_baseline(method: str, train_feats: np.ndarray, bits: int, seed: int = 0)
     raise HashsearchError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}")
 
 
-# Gong & Lazebnik's setting: they stop after 50 iterations rather than run to convergence, the loss
-# having fallen most of the way by then (their plot of the loss against iterations).
+# Gong & Lazebnik's setting: they run 50 iterations in their experiments rather than to convergence.
 ITQ_ITERATIONS = 50
 
 
@@ -94,8 +93,8 @@ def fit_itq(train_feats: np.ndarray, bits: int, seed: int = 0, iterations: int =
     by alternation from a random orthogonal R (the QR factor of a Gaussian matrix drawn from `seed`):
       fix R, update B:  B = sign(V R)                                           (+1 where V R = 0)
       fix B, update R:  the orthogonal Procrustes solution: with B^T V = U_B S U_A^T (SVD),
-                        R = U_A U_B^T; the paper's MATLAB: [UB,S,UA] = svd(B'*V); R = UA*UB'.
-    Each step minimises Q over its variable with the other fixed, so Q never increases (self.losses).
+                        R = U_A U_B^T (the authors' MATLAB: [UB,S,UA] = svd(B'*V); R = UA*UB').
+    Each step minimises Q over its variable with the other fixed, so Q never increases (ITQ.losses).
 
     Features are centred, not L2-normalised: the paper centres the data before PCA and nothing
     more, and the thresholds at 0 assume zero-mean projections.  faiss's ITQTransform normalises
