@@ -222,7 +222,7 @@ def test_plots_write_png(tmp_path, pair):
 
 def test_evaluate_with_baselines(pair):
     db, q = pair
-    results = evaluate(db, q, modes=("bcs",), topk=50, baselines=("lsh", "itq"), baseline_seed=1)
+    results = evaluate(db, q, modes=("bcs",), topk=50, baselines=("lsh", "itq"), baseline_seed=1, baseline_seeds=1)
     assert [r["mode"] for r in results] == ["bcs", "lsh", "itq"]
     by = {r["mode"]: r for r in results}
     for name in ("lsh", "itq"):
@@ -230,6 +230,7 @@ def test_evaluate_with_baselines(pair):
         assert r["method"] == name and r["bits"] == BITS and r["pool"] is None and r["fit_seconds"] >= 0
         assert set(by["bcs"]) <= set(r) and list(r["precision_at_k"]) == list(by["bcs"]["precision_at_k"])
         assert r["precision_hamming2"] is not None
+        assert r["seeds"] == [1] and r["map_per_seed"] == [r["map"]] and r["map_sd"] == 0
     # Same codes, same numbers as the direct computation with the same fitted encoder.
     enc = fit_baseline("itq", db.features(np.arange(db.n)), BITS, seed=1)
     rows, _ = rank_by_hamming(enc(q.features(np.arange(q.n))), enc(db.features(np.arange(db.n))), 50, db.ids())
@@ -239,6 +240,43 @@ def test_evaluate_with_baselines(pair):
     assert by["itq"]["map"] > 2 * chance
     table = format_table(results)
     assert "lsh" in table.splitlines()[3] and "itq" in table.splitlines()[4]
+    assert "±" not in table and len(table.splitlines()) == 5     # one seed: a plain number, no note
+
+
+def test_baseline_rows_over_seeds(pair):
+    db, q = pair
+    seeds = 4
+    results = evaluate(db, q, modes=("bcs",), topk=50, baselines=("lsh", "itq"), baseline_seeds=seeds)
+    db_f, q_f = db.features(np.arange(db.n)), q.features(np.arange(q.n))
+    for r in results[1:]:
+        assert r["seeds"] == list(range(seeds)) and len(r["map_per_seed"]) == seeds
+        per_seed = np.array(r["map_per_seed"])
+        assert r["map"] == pytest.approx(per_seed.mean())
+        assert r["map_sd"] == pytest.approx(np.std(per_seed, ddof=1))
+        assert (r["map_min"], r["map_max"]) == (per_seed.min(), per_seed.max())
+        # Each seed's number is that seed's fit, ranked like bcs; the other columns are means over the seeds.
+        p_at_50, p_h2 = [], []
+        for seed, expected in zip(r["seeds"], per_seed):
+            enc = fit_baseline(r["method"], db_f, BITS, seed=seed)
+            b_q, b_db = enc(q_f), enc(db_f)
+            rows, _ = rank_by_hamming(b_q, b_db, 50, db.ids())
+            relevant = db.labels()[rows] == q.labels()[:, None]
+            assert expected == pytest.approx(mean_average_precision(relevant))
+            p_at_50.append(relevant.mean())
+            p_h2.append(precision_within_radius(b_q, b_db, q.labels(), db.labels(), 2))
+        assert r["precision_at_k"]["50"] == pytest.approx(np.mean(p_at_50))
+        assert r["precision_hamming2"] == pytest.approx(np.mean(p_h2))
+        # The seeds give different codes.
+        codes = [fit_baseline(r["method"], db_f, BITS, seed=s)(db_f) for s in r["seeds"]]
+        assert all(not np.array_equal(codes[0], c) for c in codes[1:])
+    # LSH's seeds score differently here; ITQ separates these clusters from every start (mAP 1, sd 0).
+    lsh = results[1]
+    assert lsh["map_sd"] > 0 and lsh["map_min"] < lsh["map_max"]
+    table = format_table(results).splitlines()
+    assert f"{lsh['map']:.4f} ± {lsh['map_sd']:.4f}" in table[3] and "±" not in table[2]
+    assert table[-1] == "baselines: mean ± sd of mAP@50 over 4 seeds; their other columns are means"
+    with pytest.raises(HashsearchError, match="baseline-seeds must be positive, got 0"):
+        evaluate(db, q, modes=(), baselines=("lsh",), baseline_seeds=0)
 
 
 def test_baselines_with_features_loaded_and_other_bits(pair):
@@ -265,13 +303,16 @@ def test_cli_eval_with_baselines(tmp_path, pair):
     db, q = pair
     out, png, pr = tmp_path / "out.json", tmp_path / "p.png", tmp_path / "pr.png"
     args = ["eval", str(db.root), "--queries", str(q.root), "--mode", "bcs", "--baselines", "lsh,itq",
-            "--topk", "50", "--json", str(out), "--plot", str(png), "--pr-plot", str(pr)]
+            "--baseline-seeds", "3", "--topk", "50", "--json", str(out), "--plot", str(png), "--pr-plot", str(pr)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, (result.output, result.exception)
     data = json.loads(out.read_text())
     assert isinstance(data, list) and [r["mode"] for r in data] == ["bcs", "lsh", "itq"]
     # the same numbers as the library call with the same settings
-    library = {r["mode"]: r for r in evaluate(db, q, modes=("bcs",), topk=50, baselines=("lsh", "itq"))}
+    library = {r["mode"]: r for r in evaluate(db, q, modes=("bcs",), topk=50, baselines=("lsh", "itq"),
+                                              baseline_seeds=3)}
+    assert [r.get("seeds") for r in data] == [None, [0, 1, 2], [0, 1, 2]]
+    assert [r.get("map_sd") for r in data[1:]] == pytest.approx([library[m]["map_sd"] for m in ("lsh", "itq")])
     for r in data:
         assert {"mode", "map", "precision_at_k", "precision_hamming2", "n_queries", "n_database"} <= set(r)
         assert r["n_queries"] == q.n and r["n_database"] == db.n

@@ -16,7 +16,10 @@ baselines=("lsh", "itq") adds one row per unsupervised baseline
 (hashsearch.bench.baselines): fitted on the database's F7 features, at the
 database's code length unless baseline_bits says otherwise, it encodes both
 sides and is ranked exactly like bcs, so its row is comparable with the
-model's bcs row.  Its `seconds` includes fitting and encoding.
+model's bcs row.  A baseline is fitted once per seed (EvalConfig.baseline_seeds,
+as one seed's mAP is one draw from a spread) and its row gives the mean over the
+seeds, with the sd, range and per-seed values of mAP.  Its `seconds` includes
+fitting and encoding.
 
 Rankings are computed exactly over in-RAM codes and features (numpy, and
 faiss's fvec_L2sqr_by_idx for the pool distances) rather than through the
@@ -46,12 +49,16 @@ from .metrics import (HammingScanner, QUERY_BLOCK, average_precision, pr_curve_h
 
 def evaluate(database: Collection, queries: Collection, modes=MODES, topk: int = EvalConfig.topk,
              pool: int | None = EvalConfig.pool, map_all: bool = EvalConfig.map_all, baselines=(),
-             baseline_bits: int | None = None, baseline_seed: int = 0) -> list[dict]:
+             baseline_bits: int | None = None, baseline_seeds: int = EvalConfig.baseline_seeds,
+             baseline_seed: int = 0) -> list[dict]:
     """One dict per mode, then one per baseline: mode, map, precision_at_k
     {"1": P@1, ..., str(topk): P@topk}, precision_hamming2 (None for es, which
     uses no codes), n_queries, n_database, topk, bits, pool (hds only),
     map_all, seconds.  Baseline dicts have mode = method = "lsh" or "itq",
-    plus seed and fit_seconds.
+    fitted with each of the seeds baseline_seed .. baseline_seed + baseline_seeds - 1:
+    map, precision_at_k and precision_hamming2 are the means over the seeds, plus
+    seeds (the list), map_per_seed, map_sd (sample sd, ddof 1; 0 for one seed),
+    map_min, map_max and fit_seconds (all seeds' fits and encodes).
 
     `map` is mAP@topk (AP normalised by the relevant items within the top
     topk) or, with map_all, mAP over the full ranking.
@@ -62,7 +69,8 @@ def evaluate(database: Collection, queries: Collection, modes=MODES, topk: int =
                                   "before evaluating it")
     modes, baselines = _known(modes, MODES, "mode"), _known(baselines, BASELINES, "baseline")
     # int() as before: numpy integers and whole floats from library callers stay accepted.
-    settings = EvalConfig(topk=int(topk), pool=None if pool is None else int(pool), map_all=bool(map_all))
+    settings = EvalConfig(topk=int(topk), pool=None if pool is None else int(pool), map_all=bool(map_all),
+                          baseline_seeds=int(baseline_seeds))
     baseline_bits = database.bits if baseline_bits is None else check_bits(baseline_bits)
     needs_features = any(m in ("es", "hds") for m in modes)
     _check_comparable(database, queries, needs_features or bool(baselines))
@@ -76,8 +84,9 @@ def evaluate(database: Collection, queries: Collection, modes=MODES, topk: int =
     results = [_result(protocol, mode, rankers[mode], time.perf_counter(), database.bits,
                        None if mode == "es" else p_h2, settings.hds_pool() if mode == "hds" else None)
                for mode in modes]
-    return results + [_baseline_result(protocol, method, database, queries, db_feats, q_feats, baseline_bits,
-                                       baseline_seed) for method in baselines]
+    seeds = range(int(baseline_seed), int(baseline_seed) + settings.baseline_seeds)
+    return results + [_baseline_result(protocol, method, database, queries, db_feats, q_feats, baseline_bits, seeds)
+                      for method in baselines]
 
 
 # -- the rankings: query arrays and database arrays in, database rows [nq, depth] out, nearest first -----------
@@ -172,6 +181,11 @@ def _mean_scores(protocol: _Protocol, rank) -> tuple[float, np.ndarray]:
 def _result(protocol: _Protocol, mode: str, rank, start: float, bits: int, p_h2: float | None,
             pool: int | None, **extra) -> dict:
     map_, p_at_k = _mean_scores(protocol, rank)
+    return _row(protocol, mode, map_, p_at_k, start, bits, p_h2, pool, **extra)
+
+
+def _row(protocol: _Protocol, mode: str, map_: float, p_at_k: np.ndarray, start: float, bits: int,
+         p_h2: float | None, pool: int | None, **extra) -> dict:
     return {
         "mode": mode, "map": map_, "map_all": protocol.map_all,
         "precision_at_k": {str(k + 1): float(v) for k, v in enumerate(p_at_k)},
@@ -182,16 +196,26 @@ def _result(protocol: _Protocol, mode: str, rank, start: float, bits: int, p_h2:
 
 
 def _baseline_result(protocol: _Protocol, method: str, database: Collection, queries: Collection,
-                     db_feats: np.ndarray | None, q_feats: np.ndarray | None, bits: int, seed: int) -> dict:
-    """Fit `method` on the database's F7, encode both sides, rank like bcs; `seconds` includes the fit."""
-    start = time.perf_counter()
-    encoder = fit_baseline(method, training_features(database, seed=seed, feats=db_feats), bits, seed)
-    b_db, b_q = _encode(encoder, database, db_feats), _encode(encoder, queries, q_feats)
-    fit_seconds = round(time.perf_counter() - start, 3)
-    scanner = HammingScanner(b_db, database.ids())
-    p_h2 = precision_within_radius(b_q, b_db, protocol.q_labels, protocol.db_labels, 2)
-    return _result(protocol, method, lambda a, b: rank_bcs(b_q[a:b], scanner, protocol.depth), start, bits, p_h2,
-                   None, method=method, seed=int(seed), fit_seconds=fit_seconds)
+                     db_feats: np.ndarray | None, q_feats: np.ndarray | None, bits: int, seeds) -> dict:
+    """Per seed, fit `method` on the database's F7, encode both sides and rank like bcs; one row of the means
+    over the seeds, with mAP's spread.  `seconds` includes the fits."""
+    start, fit_seconds = time.perf_counter(), 0.0
+    maps, p_at_ks, p_h2s = [], [], []
+    for seed in seeds:
+        fit_start = time.perf_counter()
+        encoder = fit_baseline(method, training_features(database, seed=seed, feats=db_feats), bits, seed)
+        b_db, b_q = _encode(encoder, database, db_feats), _encode(encoder, queries, q_feats)
+        fit_seconds += time.perf_counter() - fit_start
+        scanner = HammingScanner(b_db, database.ids())
+        map_, p_at_k = _mean_scores(protocol, lambda a, b: rank_bcs(b_q[a:b], scanner, protocol.depth))
+        maps.append(map_)
+        p_at_ks.append(p_at_k)
+        p_h2s.append(precision_within_radius(b_q, b_db, protocol.q_labels, protocol.db_labels, 2))
+    per_seed = np.array(maps)
+    return _row(protocol, method, float(per_seed.mean()), np.mean(p_at_ks, axis=0), start, bits,
+                float(np.mean(p_h2s)), None, method=method, seeds=[int(s) for s in seeds],
+                map_per_seed=maps, map_sd=float(per_seed.std(ddof=1)) if len(maps) > 1 else 0.0,
+                map_min=float(per_seed.min()), map_max=float(per_seed.max()), fit_seconds=round(fit_seconds, 3))
 
 
 def _known(names, allowed: tuple, what: str) -> tuple:
@@ -263,23 +287,28 @@ def format_table(results: list[dict]) -> str:
     ks = [k for k in (1, 10, 100) if k < topk] + [topk]
     map_name = "mAP@all" if results[0].get("map_all") else f"mAP@{topk}"
     header = ["mode", "bits", map_name] + [f"P@{k}" for k in ks] + ["P(H<=2)", "seconds"]
-    rows = []
+    rows, seeds = [], 0
     for r in results:
         p = r["precision_at_k"]
         h2 = r["precision_hamming2"]
-        rows.append([r["mode"], "-" if r["mode"] == "es" else r.get("bits", "-"), f"{r['map']:.4f}"] + [f"{p[str(k)]:.4f}" for k in ks]
+        map_ = f"{r['map']:.4f}"
+        if len(r.get("seeds", ())) > 1:
+            map_ += f" ± {r['map_sd']:.4f}"
+            seeds = len(r["seeds"])         # one evaluate() fits every baseline with the same seeds
+        rows.append([r["mode"], "-" if r["mode"] == "es" else r.get("bits", "-"), map_] + [f"{p[str(k)]:.4f}" for k in ks]
                     + ["-" if h2 is None else f"{h2:.4f}", f"{r['seconds']:.1f}"])
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
 
     def line(cells):
         return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    notes = [f"baselines: mean ± sd of {map_name} over {seeds} seeds; their other columns are means"] if seeds else []
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows] + notes)
 
 
 def evaluate_collections(database, queries, config: EvalConfig, *, pr_curve: bool = False):
     """`hashsearch eval`: open both collections, score them as `config` says; (rows, Hamming PR curve or None)."""
     db, q = Collection.open(database), Collection.open(queries)
     results = evaluate(db, q, modes=config.modes(), topk=config.topk, pool=config.pool, map_all=config.map_all,
-                       baselines=config.baseline_methods())
+                       baselines=config.baseline_methods(), baseline_seeds=config.baseline_seeds)
     curve = pr_curve_hamming(q.codes(), db.codes(), q.labels(), db.labels()) if pr_curve else None
     return results, curve
