@@ -103,9 +103,10 @@ def train(source, out, **options):
 @click.option("--out", required=True, help="Collection directory to write (or resume).")
 @click_options(EncodeConfig)
 @click_options(RayEncodeConfig)
-def encode(source, model_path, out, ray, address, actors, gpus_per_actor, **options):
+def encode(source, model_path, out, ray, address, actors, gpus_per_actor, actor_workers, **options):
     """Encode SOURCE into a collection of codes and F7 features (with --ray, on Ray actors)."""
-    distributed = RayEncodeConfig(ray=ray, address=address, actors=actors, gpus_per_actor=gpus_per_actor)
+    distributed = RayEncodeConfig(ray=ray, address=address, actors=actors, gpus_per_actor=gpus_per_actor,
+                                  actor_workers=actor_workers)
     _existing(model_path, "model")
     if distributed.ray:
         from .distributed.encode import encode_on_ray

@@ -27,7 +27,7 @@ from ..shards import Collection
 from .live import linked_copy
 from .speed import K, time_calls
 from .synthetic import SyntheticSpec, default_cache_root, generate_collection, make_queries
-from .sysinfo import machine_info
+from .sysinfo import machine_info, rss_breakdown_mb
 
 
 def parse_partitions(text: str) -> list[int]:
@@ -62,6 +62,8 @@ def run_sharded_bench(**options) -> dict:
                     timed, _ = _time(lambda a, b: sharded.search(codes[a:b], feats[a:b], **params), cfg)
                     run.update(timed)
                     run["merge"] = _merge_cost(sharded, codes, feats, params)
+                    run["actor_rss_mb"] = _actor_memory(sharded)
+                    run["ray_call_ms"] = _ray_call_floor(sharded)
                     found = [sharded.search(codes[a:a + 1], feats[a:a + 1], **params).ids for a in range(cfg.queries)]
                     run["same_results"] = bool(np.array_equal(np.concatenate(found), expected))
                 out["runs"].append(run)
@@ -74,6 +76,23 @@ def _time(search, cfg) -> tuple[dict, np.ndarray]:
     batch1, results = time_calls(search, cfg.queries, 1)
     batched, _ = time_calls(search, cfg.queries, cfg.batch)
     return {"batch1": batch1, "batched": batched}, np.concatenate([r.ids for r in results])
+
+
+def _ray_call_floor(sharded) -> float:
+    """Median ms of a call that does nothing on every partition's actor at once: Ray's own share."""
+    import ray
+    times = []
+    for _ in range(200):
+        t = time.perf_counter()
+        ray.get([a.__ray_call__.remote(lambda _: None) for a in sharded.actors])
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1e3
+
+
+def _actor_memory(sharded) -> list[dict]:
+    """Each partition actor's resident memory now (anonymous: its codes and index; file: mapped shards)."""
+    import ray
+    return ray.get([a.__ray_call__.remote(lambda _: rss_breakdown_mb()) for a in sharded.actors])
 
 
 def _merge_cost(sharded, codes, feats, params) -> dict:
@@ -96,13 +115,16 @@ def format_sharded_report(result: dict) -> str:
     lines = [f"{result['n']:,} rows, multihash {result['hash_bits']}-bit slices, pool {result['pool']}, radius "
              f"{result['radius']}, {result['queries']} queries; ms per query, median (p95)",
              f"{'':>14} {'batch 1':>18} {'batch ' + str(result['batch']):>18} {'merge, batch 1':>15} "
-             f"{'load s':>7} {'same':>5}",
+             f"{'no-op call':>10} {'load s':>7} {'same':>5}",
              f"{'single Index':>14} {single['batch1']['median_ms']:>8.3f} ({single['batch1']['p95_ms']:>7.3f})"
              f" {single['batched']['median_ms']:>8.3f} ({single['batched']['p95_ms']:>7.3f})"]
     for run in result["runs"]:
         lines.append(f"{'P = ' + str(run['partitions']):>14} {run['batch1']['median_ms']:>8.3f} "
                      f"({run['batch1']['p95_ms']:>7.3f}) {run['batched']['median_ms']:>8.3f} "
                      f"({run['batched']['p95_ms']:>7.3f}) {run['merge']['batch1_ms']:>15.3f} "
-                     f"{run['load_seconds']:>7.1f} {str(run['same_results']):>5}")
+                     f"{run['ray_call_ms']:>10.3f} {run['load_seconds']:>7.1f} {str(run['same_results']):>5}")
+    for run in result["runs"]:
+        rss = ", ".join(f"{m['vmrss']:.0f}" for m in run["actor_rss_mb"])
+        lines.append(f"P = {run['partitions']}: partition actors' resident MiB {rss}")
     lines.append(f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores")
     return "\n".join(lines)

@@ -8,10 +8,14 @@ chunks' batches in SOURCE order.  So the collection is the one a
 single-process encode writes, shard for shard, and a killed driver resumes
 with the same command like any encode.
 
-Why plain actors and not Ray Data's map_batches with an actor pool: the
-writer needs the batches in order, whole and aligned, and Ray Data reorders
-and re-blocks them unless told not to, which costs its streaming executor's
-overlap; and Ray Data is a 500 MB extra (measured, see docs/scale.md).
+Why plain actors and not Ray Data's map_batches with an actor pool (both
+measured, docs/scale.md): the writer needs the batches in SOURCE order and
+aligned to --batch-size, as resume does.  Ray Data returned them out of order
+unless told to preserve it, and cut its blocks of 100 rows into model calls
+of 256 + 44, so its output would have to be re-cut; on 2 CPUs its read tasks
+and the actor pool also waited on each other for good with ray.data.range
+as input.  It was no faster end to end, and it is another 254 MB to install
+(pyarrow, pandas).
 
 An actor that dies is restarted by Ray, and the chunk it was encoding is
 retried on it (MAX_RESTARTS times); encoding is deterministic, so the retried
@@ -59,7 +63,8 @@ class EncoderWorker:
 class RayMapper:
     """encode's mapper on Ray: `actors` EncoderWorker actors with `gpus_per_actor` GPUs each."""
 
-    def __init__(self, model_path, source_spec: str, cfg: EncodeConfig, *, actors: int, gpus_per_actor: float = 0):
+    def __init__(self, model_path, source_spec: str, cfg: EncodeConfig, *, actors: int, gpus_per_actor: float = 0,
+                 actor_workers: int = RayEncodeConfig.actor_workers):
         ray = self._ray = import_ray()
         if not ray.is_initialized():
             raise HashsearchError("RayMapper needs a Ray connection: open one with hashsearch.distributed.ray_cluster")
@@ -70,7 +75,8 @@ class RayMapper:
         worker, token = ray.remote(EncoderWorker), uuid.uuid4().hex[:8]
         self.actors = [worker.options(num_cpus=cpus, num_gpus=gpus_per_actor, max_restarts=MAX_RESTARTS,
                                       max_task_retries=MAX_RESTARTS, name=f"hashsearch-encoder-{token}-{i}")
-                       .remote(str(model_path), source_spec, cfg.given(), device, max(1, int(cpus)))
+                       .remote(str(model_path), source_spec, cfg.given() | {"workers": actor_workers}, device,
+                               max(1, int(cpus)))
                        for i in range(actors)]
         self.source_spec = source_spec
 
@@ -83,10 +89,15 @@ class RayMapper:
         if (described["items"], described["source"]) != (len(source), source.fingerprint()):
             raise HashsearchError(f"the encoder actors see another {self.source_spec} than this process "
                                   "(run the driver where the SOURCE is the same on every node)")
-        step = self.cfg.batch_size * CHUNK_BATCHES
+        size = self.cfg.batch_size
         # whole batches, aligned as encoded_batches aligns them, from the one holding `start`
-        first = indices[0] + (max(start, indices[0]) - indices[0]) // self.cfg.batch_size * self.cfg.batch_size
-        chunks = [(a, min(a + step, indices[-1] + 1)) for a in range(first, indices[-1] + 1, step)]
+        first = indices[0] + (max(start, indices[0]) - indices[0]) // size * size
+        end = indices[-1] + 1
+        batches = -(-(end - first) // size)
+        # a multiple of the actors' count of chunks of about equal size, so that none is left working alone
+        count = len(self.actors) * -(-batches // (len(self.actors) * CHUNK_BATCHES))
+        step = size * -(-batches // count)
+        chunks = [(a, min(a + step, end)) for a in range(first, end, step)]
         pending = collections.deque()
         for j, (a, b) in enumerate(chunks):
             pending.append(((a, b), self.actors[j % len(self.actors)].encode.remote(a, b, start)))
@@ -121,5 +132,6 @@ def encode_on_ray(model_path, source_spec: str, out, *, log=print, ray: RayEncod
     ray = ray or RayEncodeConfig(ray=True)
     cfg = EncodeConfig(**options)
     with ray_cluster(ray.address):
-        mapper = RayMapper(model_path, source_spec, cfg, actors=ray.actors, gpus_per_actor=ray.gpus_per_actor)
+        mapper = RayMapper(model_path, source_spec, cfg, actors=ray.actors, gpus_per_actor=ray.gpus_per_actor,
+                           actor_workers=ray.actor_workers)
         return encode_collection(model_path, source_spec, out, log=log, mapper=mapper, **options)

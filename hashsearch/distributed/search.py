@@ -224,6 +224,10 @@ class ShardedIndex:
     def _get(self, futures, retry=None) -> list:
         """Every partition's answer; `retry(i)` gets partition i's once more where its actor died."""
         ray = self._ray
+        try:
+            return ray.get(futures)         # one wait for all: the common case, and the fast one
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            pass                            # sorted out one by one below (results already in are kept)
         out, error = [], None
         for i, future in enumerate(futures):
             try:
