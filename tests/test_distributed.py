@@ -263,3 +263,31 @@ def test_without_ray_installed_ray_options_say_how_to_install_it(collection):
 
 def test_address_without_ray_is_refused(collection):
     cli("query", collection, "--id", 5, "--address", "auto", ok=False)
+
+
+def test_an_address_where_no_ray_cluster_answers_fails_at_once(collection):
+    """In a process of its own: this one is connected to the module's cluster, which a query here would reuse."""
+    import socket
+
+    def refused(address: str) -> str:
+        result = run_process("query", collection, "--id", 5, "--ray", "--address", address, timeout=60)
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        return result.stderr
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))           # bound, never listening: refused
+        assert "no Ray cluster answers" in refused(f"127.0.0.1:{closed.getsockname()[1]}")
+    # something listening that is not Ray, which Ray itself would retry for minutes
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+
+        def answer():
+            conn, _ = other.accept()
+            with conn:
+                conn.recv(64)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        threading.Thread(target=answer, daemon=True).start()
+        began = time.monotonic()
+        assert "is not a Ray cluster's head" in refused(f"127.0.0.1:{other.getsockname()[1]}")
+        assert time.monotonic() - began < 30
+    assert "must be auto or HOST:PORT" in refused("not-an-address")

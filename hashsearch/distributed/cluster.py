@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 
 from ..errors import HashsearchError
@@ -54,6 +55,7 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None):
                 raise HashsearchError(f"the local Ray cluster came up on {node}, not 127.0.0.1; set "
                                       "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray is imported")
         else:
+            _check_reachable(address)
             ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     except HashsearchError:
         raise
@@ -64,6 +66,30 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None):
         yield ray
     finally:
         ray.shutdown()
+
+
+# Ray retries an unreachable head for minutes; a wrong address should fail at once.
+_CONNECT_SECONDS = 5
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _check_reachable(address: str) -> None:
+    """A HOST:PORT that nothing answers on is one error now, not minutes of Ray's retries."""
+    if address == "auto" or address.startswith("ray://"):
+        return                  # Ray finds (or fails to find) a local cluster by itself, quickly
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise HashsearchError(f"--address must be auto or HOST:PORT, got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_SECONDS) as conn:
+            # Ray's head speaks gRPC: to an HTTP/2 preface it answers with a SETTINGS frame (type 4).
+            conn.sendall(_HTTP2_PREFACE + _EMPTY_SETTINGS)
+            head = conn.recv(9)
+    except (OSError, ValueError) as exc:
+        raise HashsearchError(f"no Ray cluster answers at {address}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(head) < 4 or head[3] != 4:
+        raise HashsearchError(f"what answers at {address} is not a Ray cluster's head (no gRPC)")
 
 
 def cluster_cpus(ray) -> float:
