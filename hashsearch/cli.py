@@ -72,6 +72,16 @@ def _parse_ids(values) -> list[int]:
     return ids
 
 
+def _report(json_path, run, format_report):
+    """A benchmark's run: the output file checked before the work, the report printed, the JSON written."""
+    if json_path:
+        check_output_file(json_path, "--json")
+    result = run()
+    click.echo(format_report(result))
+    if json_path:
+        _write_json(json_path, result)
+
+
 def _write_json(path, data):
     atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
     click.echo(f"wrote {path}")
@@ -309,13 +319,8 @@ def bench_exhaustive(scaling, plot_path, json_path, **options):
 def bench_encode(source, model_path, limit, json_path, **options):
     """Encode throughput on SOURCE: the whole pipeline against the model alone."""
     from .bench.encode_speed import format_encode_report, run_encode_bench
-    if json_path:
-        check_output_file(json_path, "--json")
     _existing(model_path, "model")
-    result = run_encode_bench(model_path, source, limit=limit, **options)
-    click.echo(format_encode_report(result))
-    if json_path:
-        _write_json(json_path, result)
+    _report(json_path, lambda: run_encode_bench(model_path, source, limit=limit, **options), format_encode_report)
 
 
 @bench.command("live")
@@ -324,12 +329,7 @@ def bench_encode(source, model_path, limit, json_path, **options):
 def bench_live(json_path, **options):
     """What a live collection costs: an add into N rows, and search with a delta and tombstones."""
     from .bench.live import format_live_report, run_live_bench
-    if json_path:
-        check_output_file(json_path, "--json")
-    result = run_live_bench(**options)
-    click.echo(format_live_report(result))
-    if json_path:
-        _write_json(json_path, result)
+    _report(json_path, lambda: run_live_bench(**options), format_live_report)
 
 
 @bench.command("sharded")
@@ -338,12 +338,7 @@ def bench_live(json_path, **options):
 def bench_sharded(json_path, **options):
     """Partitioned search on a local Ray cluster against one process (pip install 'hashsearch[ray]')."""
     from .bench.sharded import format_sharded_report, run_sharded_bench
-    if json_path:
-        check_output_file(json_path, "--json")
-    result = run_sharded_bench(**options)
-    click.echo(format_sharded_report(result))
-    if json_path:
-        _write_json(json_path, result)
+    _report(json_path, lambda: run_sharded_bench(**options), format_sharded_report)
 
 
 @bench.command("serve")
@@ -353,12 +348,7 @@ def bench_sharded(json_path, **options):
 def bench_serve(collection, json_path, **options):
     """Concurrent clients against `hashsearch serve COLLECTION` on 127.0.0.1 (the collection is not changed)."""
     from .bench.serve_load import format_serve_report, run_serve_bench
-    if json_path:
-        check_output_file(json_path, "--json")
-    result = run_serve_bench(collection, **options)
-    click.echo(format_serve_report(result))
-    if json_path:
-        _write_json(json_path, result)
+    _report(json_path, lambda: run_serve_bench(collection, **options), format_serve_report)
 
 
 if __name__ == "__main__":
