@@ -123,7 +123,7 @@ class RayEncodeConfig(RayConfig):
     gpus_per_actor: float = option(0, "GPUs each encoder actor takes for --ray (0: encode on CPUs).",
                                    check=not_negative)
     # Measured (README): loader processes inside actors fight the other actors for the cores, and
-    # 20,000 CIFAR-10 images took 29.2 s with 2 an actor against 14.2 s with none, on 2 cores.
+    # 20,000 CIFAR-10 images took 28.05 s with 2 an actor against 15.67 s with none, on 2 cores.
     actor_workers: int = option(0, "Loader processes inside each encoder actor for --ray (0: it decodes its "
                                    "images itself; more actors use more cores).", check=check_workers)
 
