@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,efficientnet,serve,ray]'
+	$(PY) -m pip install -q -e '.[test,efficientnet,serve,ray,peers]'
 	touch $@
 
 # Fashion-MNIST from Debian's package when it is missing; elsewhere, say how to get it.

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .config import (ADD_SKIPS, WAIT_HELP, CompactConfig, EncodeBenchConfig, EncodeConfig, EvalConfig,
-                     ExhaustiveBenchConfig, IndexConfig, LiveBenchConfig, RayEncodeConfig, RaySearchConfig,
+                     ExhaustiveBenchConfig, IndexConfig, LiveBenchConfig, PeersBenchConfig, RayEncodeConfig, RaySearchConfig,
                      SearchConfig, ServeBenchConfig, ServeConfig, ShardedBenchConfig, TrainConfig)
 from .errors import HashsearchError
 from .fileio import atomic_write_bytes, check_output_file
@@ -269,8 +269,8 @@ class _BenchGroup(click.Group):
     """`bench exhaustive` and `bench encode SOURCE`; `bench --exhaustive` and `bench --encode SOURCE` still work."""
 
     def parse_args(self, ctx, args):
-        if args and args[0] == "--exhaustive":
-            args = ["exhaustive", *args[1:]]
+        if args and args[0] in ("--exhaustive", "--peers"):
+            args = [args[0][2:], *args[1:]]
         elif args and args[0] == "--encode" and len(args) > 1:
             args = ["encode", args[1], *args[2:]]
         elif args and args[0].startswith("--encode="):
@@ -330,6 +330,25 @@ def bench_live(json_path, **options):
     """What a live collection costs: an add into N rows, and search with a delta and tombstones."""
     from .bench.live import format_live_report, run_live_bench
     _report(json_path, lambda: run_live_bench(**options), format_live_report)
+
+
+@bench.command("peers")
+@click_options(PeersBenchConfig)
+@click.option("--json", "json_path", help="Write one row per method to this JSON file.")
+@click.option("--plot", "plot_path", help="Write recall@10 against batch-1 latency to this PNG.")
+def bench_peers(json_path, plot_path, **options):
+    """hashsearch against faiss, usearch, hnswlib and milvus-lite on the same data (pip install 'hashsearch[peers]')."""
+    from .bench.peers import format_peers_report, plot_peers, run_peers_bench, table_rows
+    for path, what in ((json_path, "--json"), (plot_path, "--plot")):
+        if path:
+            check_output_file(path, what)
+    result = run_peers_bench(**options)
+    click.echo(format_peers_report(result))
+    if json_path:
+        _write_json(json_path, table_rows(result))
+    if plot_path:
+        plot_peers(result, plot_path)
+        click.echo(f"wrote {plot_path}")
 
 
 @bench.command("sharded")

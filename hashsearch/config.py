@@ -241,6 +241,20 @@ class ShardedBenchConfig(Options):
 
 
 @dataclass
+class PeersBenchConfig(Options):
+    n: int = option(1_000_000, "Synthetic collection size.", check=positive)
+    dim: int = option(4096, "Feature dimension (fc7 is 4096-d).", check=positive)
+    bits: int = option(128, "Code length.", check=positive)
+    queries: int = option(200, "Held-out queries.", check=positive)
+    batch: int = option(256, "Queries per search call for the batched column.", check=positive)
+    collection: str | None = option(None, "Benchmark a real encoded collection instead of synthetic data.")
+    methods: str = option("all", "Methods to run, comma-separated: hashsearch, faiss-binary-hnsw, usearch-hamming, "
+                                 "milvus-lite, faiss-ivf-sqfp16, faiss-ivf-pq, hnswlib, or all.")
+    seed: int = option(0, "Seed of the synthetic data and the queries.", check=seed_range)
+    cache_dir: str | None = option(None, "Where synthetic collections are cached.")
+
+
+@dataclass
 class ServeConfig(Options):
     # Loopback unless asked: a search service with an upload endpoint is not for the whole network by default.
     host: str = option("127.0.0.1", "Address to listen on.")
