@@ -453,7 +453,10 @@ def plot_peers(result: dict, path) -> None:
     for m in result["methods"]:
         if m.get("sweep"):
             pts = sorted((s["batch1_ms"], s["recall_at_10"]) for s in m["sweep"])
-            ax.plot(*zip(*pts), marker="o", label=m["method"])
+            # every setting as a dot; the line joins those that no faster setting beats on recall
+            front = [p for i, p in enumerate(pts) if all(p[1] > q[1] for q in pts[:i])]
+            line, = ax.plot(*zip(*front), marker="o", label=m["method"])
+            ax.plot(*zip(*pts), marker="o", linestyle="none", alpha=0.35, color=line.get_color())
     ax.axhline(result["recall_target"], color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("batch-1 latency, median ms (log)")
