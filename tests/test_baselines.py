@@ -1,4 +1,4 @@
-"""ITQ as Gong & Lazebnik define it (hashsearch.bench.baselines.fit_itq).
+"""ITQ as Gong & Lazebnik define it (hashsearch.itq.fit_itq).
 
 Its codes' retrieval quality against LSH, the bits > D error and the writing of
 baseline collections are tested in test_evaluate.py.
@@ -6,7 +6,8 @@ baseline collections are tested in test_evaluate.py.
 import numpy as np
 import pytest
 
-from hashsearch.bench.baselines import ITQ_ITERATIONS, fit_baseline, fit_itq
+from hashsearch.bench.baselines import fit_baseline
+from hashsearch.itq import ITQ_ITERATIONS, fit_itq
 from hashsearch.codes import unpack_codes
 
 
