@@ -96,9 +96,13 @@ _wait = click.option("--wait", is_flag=True, help=WAIT_HELP)
 @click_options(TrainConfig)
 @click.option("--out", required=True, help="Checkpoint to write (rewritten after every epoch).")
 def train(source, out, **options):
-    """Train the hash network on a labelled SOURCE."""
+    """Train the hash network on a labelled SOURCE; --unsupervised fits codes to any SOURCE without labels."""
     from .encoders.train import train as run_train
     result = run_train(TrainConfig(source=source, out=out, **options))
+    how = result["config"].get("training")
+    if how and how.get("labels") is False:
+        click.echo(f"saved {out}: {result['config']['bits']} bits, {result['config']['backbone']}, codes fitted "
+                   f"without labels ({how['method']} on the F7 of {how['images']} images)")
     last = result["history"][-1] if result["history"] else None
     if last:
         val = "n/a" if last["val_acc"] is None else f"{last['val_acc']:.4f}"

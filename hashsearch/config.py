@@ -30,7 +30,11 @@ class TrainConfig(Options):
     out: str = option(None, "Checkpoint to write (rewritten after every epoch).", cli=False)
     bits: int = option(48, "Code length K (the paper uses 12, 32, 48; codes take ceil(K/8) bytes).",
                        check=lambda name, value: check_bits(value))
-    backbone: str = option("small", "small, alexnet, efficientnet-lite0 (or -lite1, -lite2 where installed).")
+    # small learns from scratch, which needs labels; without them the codes come from a pretrained backbone's F7.
+    backbone: str | None = option(None, "small, alexnet, efficientnet-lite0 (or -lite1, -lite2 where installed) "
+                                        "[small; efficientnet-lite0 with --unsupervised].")
+    unsupervised: bool = option(False, "Fit the codes without labels: ITQ on the pretrained backbone's F7 (a "
+                                       "SOURCE's labels, if any, are ignored; no epochs are run).")
     weights: str | None = option(None, "Backbone weights: a local state_dict file, or a hashsearch checkpoint to "
                                        "reuse its backbone.")
     epochs: int = option(10, "Passes over the training set.", check=positive)
@@ -57,6 +61,8 @@ class TrainConfig(Options):
     def __post_init__(self):
         if not self.source or not self.out:
             raise HashsearchError("training needs a SOURCE and --out")
+        if self.backbone is None:
+            self.backbone = "efficientnet-lite0" if self.unsupervised else "small"
         super().__post_init__()
 
 

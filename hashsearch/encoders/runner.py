@@ -57,7 +57,9 @@ def describe_encoder(encoder: Encoder) -> dict:
     return {"model_fingerprint": encoder.fingerprint(), "bits": encoder.bits, "feature_dim": encoder.feature_dim,
             "backbone": encoder.config["backbone"], "input_size": encoder.input_size,
             # fp32, fp16 and bf16 give slightly different codes; one collection holds one kind.
-            "precision": encoder.precision}
+            "precision": encoder.precision,
+            # how its codes were learned: softmax on labels (the paper), or fitted without them
+            "training": encoder.config.get("training", {"labels": True, "method": "softmax"})}
 
 
 class LocalMapper:
@@ -100,7 +102,7 @@ def _encode_with(mapper, model_path, source, out, cfg: EncodeConfig, log) -> dic
     # SOURCE (a folder's subfolders, a list's labels), not from the model's training set.
     meta = {"model_fingerprint": model["model_fingerprint"], "source": source.fingerprint(),
             "source_spec": source.spec, "class_names": source.class_names,
-            **{key: model[key] for key in ("backbone", "input_size", "precision")}}
+            **{key: model[key] for key in ("backbone", "input_size", "precision", "training")}}
     writer = CollectionWriter(out, bits=model["bits"], feature_dim=model["feature_dim"],
                               feature_dtype=cfg.feature_dtype, shard_size=cfg.shard_size, meta=meta,
                               overwrite=cfg.overwrite, wait=cfg.wait)

