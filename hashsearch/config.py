@@ -172,6 +172,7 @@ class EvalConfig(Options):
     # the old default, the lowest), so a baseline is reported as the mean and sd over seeds, not one seed's number.
     baseline_seeds: int = option(10, "Seeds 0..N-1 each baseline is fitted with; its row gives the mean and sd of "
                                       "their mAP.", check=positive)
+    baseline_bits: int | None = option(None, "Code length of the baselines [the database's].", check=positive)
 
     def modes(self) -> tuple:
         return MODES if self.mode == "all" else (self.mode,)

@@ -309,6 +309,7 @@ def evaluate_collections(database, queries, config: EvalConfig, *, pr_curve: boo
     """`hashsearch eval`: open both collections, score them as `config` says; (rows, Hamming PR curve or None)."""
     db, q = Collection.open(database), Collection.open(queries)
     results = evaluate(db, q, modes=config.modes(), topk=config.topk, pool=config.pool, map_all=config.map_all,
-                       baselines=config.baseline_methods(), baseline_seeds=config.baseline_seeds)
+                       baselines=config.baseline_methods(), baseline_seeds=config.baseline_seeds,
+                       baseline_bits=config.baseline_bits)
     curve = pr_curve_hamming(q.codes(), db.codes(), q.labels(), db.labels()) if pr_curve else None
     return results, curve
