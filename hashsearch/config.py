@@ -190,13 +190,21 @@ class EvalConfig(Options):
 
 
 @dataclass
-class ExhaustiveBenchConfig(Options):
+class BenchData(Options):
+    """The data `bench exhaustive` and `bench peers` search: a synthetic collection, or a real one."""
     n: int = option(1_000_000, "Synthetic collection size.", check=positive)
     dim: int = option(4096, "Feature dimension (fc7 is 4096-d).", check=positive)
     bits: int = option(128, "Code length.", check=positive)
     queries: int = option(200, "Held-out queries.", check=positive)
     # Batch 1 (the paper's setting) is always timed; a larger batch adds a batched column.
     batch: int = option(256, "Queries per search call for the batched column.", check=positive)
+    collection: str | None = option(None, "Benchmark a real encoded collection instead of synthetic data.")
+    seed: int = option(0, "Seed of the synthetic data and the queries.", check=seed_range)
+    cache_dir: str | None = option(None, "Where synthetic collections are cached.")
+
+
+@dataclass
+class ExhaustiveBenchConfig(BenchData):
     # Measured at 1M x 128 bits (README): recall@10 0.987 at ~0.13 ms a query, and
     # pools above 32 add reads without adding recall.
     pool: int = option(32, "Coarse candidate pool.", check=positive)
@@ -208,9 +216,6 @@ class ExhaustiveBenchConfig(Options):
     nhash: int | None = option(None, "Tables of a multihash coarse index.", check=positive)
     nflip: int | None = option(None, "Bits flipped when probing a hash or multihash coarse index.",
                                check=not_negative)
-    collection: str | None = option(None, "Benchmark a real encoded collection instead of synthetic data.")
-    seed: int = option(0, "Seed of the synthetic data and the queries.", check=seed_range)
-    cache_dir: str | None = option(None, "Where synthetic collections are cached.")
 
 
 @dataclass
@@ -220,7 +225,15 @@ class EncodeBenchConfig(Options):
 
 
 @dataclass
-class LiveBenchConfig(Options):
+class HeadlineSearch(Options):
+    """The 1M headline settings of `bench exhaustive` (README), which the other benchmarks search with."""
+    hash_bits: int = option(18, "Bits per slice of the multihash index.", check=positive)
+    pool: int = option(32, "Coarse candidate pool.", check=positive)
+    radius: int = option(12, "Rerank only candidates within this Hamming radius.", check=not_negative)
+
+
+@dataclass
+class LiveBenchConfig(HeadlineSearch):
     n: int = option(1_000_000, "Rows of the synthetic collection (the `bench exhaustive` one, linked, not copied).",
                     check=positive)
     # The issue's case: 10,000 new images into a 1M collection.
@@ -228,37 +241,21 @@ class LiveBenchConfig(Options):
     delta: float = option(0.10, "Share of N added after the index was built, for the search timing.", check=fraction)
     deleted: float = option(0.05, "Share of N deleted after the index was built.", check=fraction)
     queries: int = option(200, "Held-out queries timed at batch 1.", check=positive)
-    # The 1M headline settings of `bench exhaustive` (README).
-    hash_bits: int = option(18, "Bits per slice of the multihash index.", check=positive)
-    pool: int = option(32, "Coarse candidate pool.", check=positive)
-    radius: int = option(12, "Rerank only candidates within this Hamming radius.", check=not_negative)
 
 
 @dataclass
-class ShardedBenchConfig(Options):
+class ShardedBenchConfig(HeadlineSearch):
     n: int = option(1_000_000, "Rows of the synthetic collection (the `bench exhaustive` one, linked, not copied).",
                     check=positive)
     partitions: str = option("1,2,4", "Partition counts to time, comma-separated.")
     queries: int = option(200, "Held-out queries.", check=positive)
     batch: int = option(256, "Queries per search call for the batched column.", check=positive)
-    # The 1M headline settings of `bench exhaustive` (README).
-    hash_bits: int = option(18, "Bits per slice of the multihash index.", check=positive)
-    pool: int = option(32, "Coarse candidate pool.", check=positive)
-    radius: int = option(12, "Rerank only candidates within this Hamming radius.", check=not_negative)
 
 
 @dataclass
-class PeersBenchConfig(Options):
-    n: int = option(1_000_000, "Synthetic collection size.", check=positive)
-    dim: int = option(4096, "Feature dimension (fc7 is 4096-d).", check=positive)
-    bits: int = option(128, "Code length.", check=positive)
-    queries: int = option(200, "Held-out queries.", check=positive)
-    batch: int = option(256, "Queries per search call for the batched column.", check=positive)
-    collection: str | None = option(None, "Benchmark a real encoded collection instead of synthetic data.")
+class PeersBenchConfig(BenchData):
     methods: str = option("all", "Methods to run, comma-separated: hashsearch, faiss-binary-hnsw, usearch-hamming, "
                                  "milvus-lite, faiss-ivf-sqfp16, faiss-ivf-pq, hnswlib, or all.")
-    seed: int = option(0, "Seed of the synthetic data and the queries.", check=seed_range)
-    cache_dir: str | None = option(None, "Where synthetic collections are cached.")
 
 
 @dataclass
