@@ -358,7 +358,8 @@ def _in_child(spec: dict, work: Path) -> dict:
     path.write_text(json.dumps(spec))
     proc = subprocess.run([sys.executable, "-m", "hashsearch.bench.peers", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise HashsearchError(f"bench peers: {spec['method']} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise HashsearchError(f"bench peers: {spec['method']} failed: {last}")
     return json.loads(Path(spec["out"]).read_text())
 
 
