@@ -20,6 +20,13 @@ COARSE_KINDS = ("flat", "hash", "multihash")    # the faiss binary indexes of th
 BASELINES = ("lsh", "itq")                     # codes eval can fit on F7 without training
 PRECISIONS = ("auto", "fp32", "bf16")           # auto: float16 on CUDA, float32 on a CPU
 WAIT_HELP = "If another process is writing the collection, wait for it instead of failing."
+def gpu_share(name: str, value) -> None:
+    # Ray places a fraction of one GPU, or whole GPUs: 1.5 is neither.
+    not_negative(name, value)
+    if value > 1 and value != int(value):
+        raise HashsearchError(f"{name} must be a fraction of one GPU or a whole number of them, got {value}")
+
+
 # Each loader worker is a process; past a few per core they only cost memory, and a huge count is a fork bomb.
 check_workers = in_range(0, 64)
 
@@ -127,7 +134,7 @@ class RayEncodeConfig(RayConfig):
     # One per core is this machine's best (README); on a cluster, one per GPU.
     actors: int = option(2, "Encoder actors for --ray, each holding the model once.", check=in_range(1, 4096))
     gpus_per_actor: float = option(0, "GPUs each encoder actor takes for --ray (0: encode on CPUs).",
-                                   check=not_negative)
+                                   check=gpu_share)
     # Measured (README): loader processes inside actors fight the other actors for the cores, and
     # 20,000 CIFAR-10 images took 28.05 s with 2 an actor against 15.67 s with none, on 2 cores.
     actor_workers: int = option(0, "Loader processes inside each encoder actor for --ray (0: it decodes its "

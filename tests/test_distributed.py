@@ -158,7 +158,45 @@ def test_a_killed_partition_actor_is_restarted_and_the_query_retried(cluster, li
         assert_same_result(expected, sharded.search(codes, feats, 10, pool=30), "before the kill")
         for victim in sharded.actors:
             ray.kill(victim, no_restart=False)
+            # the kill is asynchronous: wait until Ray has restarted the actor, empty, so the query must reload it
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if ray.get(victim.__ray_call__.remote(lambda actor: len(actor.indexes)), timeout=10) == 0:
+                        break
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    pass
+                assert time.monotonic() < deadline, "the actor was not restarted"
+                time.sleep(0.1)
             assert_same_result(expected, sharded.search(codes, feats, 10, pool=30), "after a kill")
+
+
+def test_a_partition_reloads_an_old_generation_beside_newer_ones(live_root):
+    """A retry may load a generation older than two already there: it stays, the oldest other goes."""
+    from hashsearch.distributed.search import PartitionSearcher
+    from hashsearch.shards import read_manifest
+    manifest = read_manifest(live_root)
+    searcher = PartitionSearcher(str(live_root))
+    for generation in (10, 11, 12):
+        searcher.load(dict(manifest, generation=generation), 0, 2)
+    assert sorted(searcher.indexes) == [11, 12]
+    assert searcher.load(dict(manifest, generation=10), 0, 2) > 0
+    assert sorted(searcher.indexes) == [10, 12]
+
+
+def test_a_refresh_after_compaction_below_the_partition_count_uses_fewer_actors(cluster, tmp_path):
+    from hashsearch.engine.compact import compact
+    root = tmp_path / "c"
+    lw.create(root, 600)                    # 3 shards
+    Index.build(root, "flat")
+    codes, feats = queries()
+    with ShardedIndex(root, 3) as sharded:
+        delete_items(root, ids=list(range(0, 400)))
+        compact(root, 0.2)                  # the two emptied shards go
+        assert sharded.refresh()
+        with Index.open(root) as single:
+            assert_same_result(single.search(codes, feats, 10, pool=40), sharded.search(codes, feats, 10, pool=40),
+                               "after compaction")
 
 
 def test_bad_partitions_and_queries_are_one_clear_error(cluster, live_root):
@@ -291,3 +329,11 @@ def test_an_address_where_no_ray_cluster_answers_fails_at_once(collection):
         assert "is not a Ray cluster's head" in refused(f"127.0.0.1:{other.getsockname()[1]}")
         assert time.monotonic() - began < 30
     assert "must be auto or HOST:PORT" in refused("not-an-address")
+
+
+def test_actors_the_cluster_cannot_place_are_refused_not_waited_for(cluster, model, tmp_path):
+    with pytest.raises(HashsearchError, match="need 2 GPUs; the Ray cluster has 0"):
+        encode_on_ray(model, "synthetic:50", tmp_path / "c", ray=RayEncodeConfig(ray=True, actors=2, gpus_per_actor=1),
+                      **ENCODE_ARGS)
+    cli("encode", "synthetic:50", "--model", model, "--out", tmp_path / "d", "--ray", "--gpus-per-actor", 1.5, ok=False)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()

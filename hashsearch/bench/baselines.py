@@ -4,9 +4,9 @@
        directions), each bit thresholded at its median on the training set so
        bits are balanced: F7 is post-ReLU and non-negative, and zero thresholds
        on uncentred data would give nearly constant bits.
-  itq  iterative quantisation as Gong & Lazebnik define it (fit_itq): centre,
-       PCA to `bits` dimensions, then the rotation that minimises the
-       quantisation loss; bit = (x - mean) W R >= 0.  Written here in numpy
+  itq  iterative quantisation as Gong & Lazebnik define it (hashsearch.itq):
+       centre, PCA to `bits` dimensions, then the rotation that minimises the
+       quantisation loss; bit = (x - mean) W R >= 0.  Written in numpy
        because faiss's ITQTransform (1.15.1) updates the rotation with one
        SVD factor transposed, so its loss does not fall monotonically
        (docs/faiss-itq-repro.py).

@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,12 +78,15 @@ class _Rerank:
     def __init__(self, coll: Collection):
         self.coll, self.reader, self.ids = coll, RowReader(coll), coll.ids()
         self.pool = ThreadPoolExecutor(MAX_THREADS)
+        self.local = threading.local()      # a Reranker a thread, kept, as Index keeps them
 
     def top(self, feats: np.ndarray, candidates: np.ndarray, k: int = K) -> np.ndarray:
         out = np.full((len(feats), k), -1, np.int64)
 
         def work(a, b):
-            rr = Reranker(self.reader)
+            rr = getattr(self.local, "reranker", None)
+            if rr is None:
+                rr = self.local.reranker = Reranker(self.reader)
             dist, rows = np.empty(k, np.float32), np.empty(k, np.int64)
             for q in range(a, b):
                 cand = candidates[q]

@@ -17,6 +17,9 @@ import sys
 from ..errors import HashsearchError
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# Restarts of an actor that died (a lost node, the OOM killer): enough for a few crashes of a long-lived
+# one, and an actor its work keeps killing (a damaged shard, a hostile image) then fails instead of looping.
+MAX_RESTARTS = 3
 
 
 def import_ray(*, loopback: bool = False):
@@ -97,6 +100,16 @@ def cluster_cpus(ray) -> float:
 
 
 def task_error(exc) -> HashsearchError | None:
-    """The HashsearchError an actor raised, from Ray's wrapper of it (whose text carries the remote traceback)."""
+    """The HashsearchError an actor raised (its own class, GenerationGone included), from Ray's wrapper of it,
+    whose text carries the remote traceback."""
     cause = getattr(exc, "cause", None)
-    return HashsearchError(str(cause)) if isinstance(cause, HashsearchError) else None
+    return cause if isinstance(cause, HashsearchError) else None
+
+
+def check_resources(ray, cpus: float, gpus: float, actors: int) -> None:
+    """Actors the cluster cannot place would wait for ever: say so now instead."""
+    have = ray.cluster_resources()
+    for name, each in (("GPU", gpus), ("CPU", cpus)):
+        if each and each * actors > have.get(name, 0) + 1e-9:
+            raise HashsearchError(f"{actors} actors of {each:g} {name} each need {each * actors:g} {name}s; the Ray "
+                                  f"cluster has {have.get(name, 0):g}")

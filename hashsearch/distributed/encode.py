@@ -27,15 +27,13 @@ import collections
 import uuid
 
 from ..config import EncodeConfig, RayEncodeConfig
+from ..encoders.checkpoint import read_checkpoint
 from ..encoders.encoder import Encoder
 from ..encoders.runner import describe_encoder, encode_collection, encoded_batches
 from ..encoders.sources import open_source
 from ..errors import HashsearchError
-from .cluster import cluster_cpus, import_ray, ray_cluster, task_error
+from .cluster import MAX_RESTARTS, check_resources, cluster_cpus, import_ray, ray_cluster, task_error
 
-# Restarts of an actor killed under a chunk (a lost node, the OOM killer); a chunk that keeps
-# killing its actor then fails the encode, which resumes from its last finished shard.
-MAX_RESTARTS = 3
 # Batches a chunk: enough to amortise starting the actor's loader workers, few enough that
 # every actor gets chunks on a small SOURCE.
 CHUNK_BATCHES = 8
@@ -68,9 +66,12 @@ class RayMapper:
         ray = self._ray = import_ray()
         if not ray.is_initialized():
             raise HashsearchError("RayMapper needs a Ray connection: open one with hashsearch.distributed.ray_cluster")
+        RayEncodeConfig(ray=True, actors=actors, gpus_per_actor=gpus_per_actor, actor_workers=actor_workers)
+        read_checkpoint(model_path)     # a bad checkpoint is its own error here, not an actor that dies loading it
         self.cfg = cfg
         # Fractional CPUs, so that the actors fit on a cluster of fewer CPUs (whole ones would wait forever).
         cpus = min(1.0, cluster_cpus(ray) / actors)
+        check_resources(ray, cpus, gpus_per_actor, actors)
         device = "cuda" if gpus_per_actor else cfg.device
         worker, token = ray.remote(EncoderWorker), uuid.uuid4().hex[:8]
         self.actors = [worker.options(num_cpus=cpus, num_gpus=gpus_per_actor, max_restarts=MAX_RESTARTS,
@@ -79,9 +80,17 @@ class RayMapper:
                                max(1, int(cpus)))
                        for i in range(actors)]
         self.source_spec = source_spec
+        self._described = None
 
     def describe(self) -> dict:
-        return self._get(self.actors[0].describe.remote(), "loading the model")
+        """The model, as every actor loaded it; each must see the same SOURCE."""
+        if self._described is None:
+            described = [self._get(a.describe.remote(), "loading the model") for a in self.actors]
+            if any(d != described[0] for d in described):
+                raise HashsearchError(f"the encoder actors see different models or SOURCEs at {self.source_spec} "
+                                      "(every node must see the same files at the same paths)")
+            self._described = described[0]
+        return self._described
 
     def batches(self, source, indices: range, start: int = 0):
         """The batches of indices[start:], in order, encoded by the actors chunk by chunk."""
@@ -117,11 +126,15 @@ class RayMapper:
         except ray.exceptions.RayTaskError as exc:
             raise task_error(exc) or HashsearchError(f"an encoder actor failed {what}: {exc.cause!r}") from None
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-            raise HashsearchError(f"an encoder actor died {what} more than {MAX_RESTARTS} times "
-                                  f"({type(exc).__name__}); run the same command to resume") from None
+            raise HashsearchError(f"an encoder actor died {what} ({type(exc).__name__}: "
+                                  f"{(str(exc).splitlines() or [''])[0][:300]}); run the same command to resume") from None
+        except ray.exceptions.RayError as exc:
+            raise HashsearchError(f"Ray failed {what}: {type(exc).__name__}: "
+                                  f"{(str(exc).splitlines() or [''])[0][:300]}") from None
 
     def close(self) -> None:
-        for actor in self.actors:
+        actors, self.actors = self.actors, []
+        for actor in actors:
             self._ray.kill(actor, no_restart=True)
 
 
@@ -134,4 +147,7 @@ def encode_on_ray(model_path, source_spec: str, out, *, log=print, ray: RayEncod
     with ray_cluster(ray.address):
         mapper = RayMapper(model_path, source_spec, cfg, actors=ray.actors, gpus_per_actor=ray.gpus_per_actor,
                            actor_workers=ray.actor_workers)
-        return encode_collection(model_path, source_spec, out, log=log, mapper=mapper, **options)
+        try:
+            return encode_collection(model_path, source_spec, out, log=log, mapper=mapper, **options)
+        finally:
+            mapper.close()      # also when encode refused SOURCE before it took the mapper over

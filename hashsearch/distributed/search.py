@@ -6,8 +6,11 @@ collection's own files.  Each actor builds, in memory, a coarse index of the
 kind and settings `build-index` recorded over its live rows, and answers a
 search for them: the coarse pool, its rerank by L2 (hds), Hamming alone (bcs)
 or an exhaustive scan (es).  The driver merges the partitions' answers with
-engine.index.merge_partitions, cutting the merged pool where one index over
-every row would, so the results (ids, Hamming and L2) are those of Index.
+engine.index.merge_partitions, cutting the merged pool by (Hamming, row) where
+one index over every row would.  With a flat coarse index the results (ids,
+Hamming and L2) are those of Index; with hash kinds too when a radius bounds
+the pool, but without one, rows tied at the pool's edge may differ, since
+faiss's hash tables give ties in bucket order, not row order.
 
 >>> with ray_cluster():                       # or ray.init(address="auto") first
 ...     index = ShardedIndex("coll", partitions=4)
@@ -25,15 +28,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..config import MODES, SearchConfig
+from ..config import MODES, RaySearchConfig, SearchConfig
 from ..engine.index import Index, SearchResult, check_probe, check_query_codes, merge_partitions, search_count
 from ..errors import HashsearchError
 from ..shards import Collection, GenerationGone, read_manifest
-from .cluster import cluster_cpus, import_ray, task_error
+from .cluster import MAX_RESTARTS, check_resources, cluster_cpus, import_ray, task_error
 
-# Enough for a few crashes of a long-lived server's actor; a partition that keeps killing its
-# actor (a damaged shard that crashes a reader) then fails its queries instead of looping.
-MAX_RESTARTS = 3
 # An actor keeps the generation searches are starting on and the one before, for searches in flight.
 _KEEP_GENERATIONS = 2
 # Ray sends arguments this small inside the call itself; larger ones are worth one shared put.
@@ -67,7 +67,9 @@ class PartitionSearcher:
         if generation not in self.indexes:
             self.indexes[generation] = Index.partition(Collection.part(self.root, manifest, first, end),
                                                        manifest["index"])
-        for old in sorted(self.indexes)[:-_KEEP_GENERATIONS]:
+        # The one just loaded stays (a retry may load an old generation again), with the newest of the others.
+        others = sorted(g for g in self.indexes if g != generation)
+        for old in others[:max(0, len(others) - (_KEEP_GENERATIONS - 1))]:
             self.indexes.pop(old).close()
         return self.indexes[generation].collection.items
 
@@ -100,16 +102,17 @@ class ShardedIndex:
     it pins a generation; refresh() moves every partition to the newest one.
     """
 
-    def __init__(self, collection, partitions: int = 2, *, cpus_per_actor: float | None = None):
+    def __init__(self, collection, partitions: int = RaySearchConfig.partitions, *,
+                 cpus_per_actor: float | None = None):
         self._ray = ray = import_ray()
         if not ray.is_initialized():
             raise HashsearchError("ShardedIndex needs a Ray connection: open one with hashsearch.distributed.ray_cluster")
-        if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
-            raise HashsearchError(f"partitions must be a positive integer, got {partitions!r}")
+        RaySearchConfig(ray=True, partitions=partitions)       # the same checks as --partitions
         self.root = Path(collection.root if isinstance(collection, Collection) else collection)
         self.partitions = partitions
         # Fractional CPUs, so that P actors fit on a cluster of fewer CPUs (whole ones would wait forever).
         cpus = cpus_per_actor if cpus_per_actor is not None else min(1.0, cluster_cpus(ray) / partitions)
+        check_resources(ray, cpus, 0, partitions)
         actor, token = ray.remote(PartitionSearcher), uuid.uuid4().hex[:8]
         self.actors = [actor.options(num_cpus=cpus, max_restarts=MAX_RESTARTS,
                                      name=f"hashsearch-partition-{token}-{i}").remote(str(self.root))
@@ -124,12 +127,14 @@ class ShardedIndex:
             raise
 
     # -- generations ---------------------------------------------------------------------
-    def _load(self, coll: Collection):
-        """Load `coll`'s generation into every actor; the state searches then use."""
+    def _load(self, coll: Collection, refreshing: bool = False):
+        """Load `coll`'s generation into the actors; the state searches then use.  A refresh after a
+        compaction left fewer shards than partitions uses fewer actors, rather than fail every search."""
         manifest = coll.manifest
         if manifest.get("index") is None:
             raise HashsearchError(f"no index in {self.root}; run `hashsearch build-index {self.root}` first")
-        plan = plan_partitions([s.rows for s in coll.shards], self.partitions, self.root)
+        count = min(self.partitions, max(1, len(coll.shards))) if refreshing else self.partitions
+        plan = plan_partitions([s.rows for s in coll.shards], count, self.root)
         first_rows = [int(coll.offsets[a]) for a, _ in plan]
         self._get([a.load.remote(manifest, s, e) for a, (s, e) in zip(self.actors, plan)])
         return coll, plan, first_rows
@@ -142,7 +147,7 @@ class ShardedIndex:
                 return False
             for _ in range(5):
                 try:
-                    self._state = self._load(Collection.open(self.root, previous=coll))
+                    self._state = self._load(Collection.open(self.root, previous=coll), refreshing=True)
                     return True
                 except GenerationGone:      # a writer published again while the actors opened it
                     continue
@@ -211,7 +216,7 @@ class ShardedIndex:
             if feats.nbytes > _INLINE_BYTES:
                 feats = self._ray.put(feats)    # one copy in the object store for every partition, not one per call
         args = (coll.generation, codes, feats, k, mode, pool, radius, nflip)
-        answers = self._get([a.search.remote(*args) for a in self.actors],
+        answers = self._get([a.search.remote(*args) for a in self.actors[:len(plan)]],
                             retry=lambda i: self._retry(i, coll, plan, args))
         parts = [(h, np.where(r >= 0, r + first, -1), d) for (h, r, d), first in zip(answers, first_rows)]
         return PartitionAnswers(coll, parts, k, pool)
@@ -226,7 +231,7 @@ class ShardedIndex:
         ray = self._ray
         try:
             return ray.get(futures)         # one wait for all: the common case, and the fast one
-        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+        except ray.exceptions.RayError:
             pass                            # sorted out one by one below (results already in are kept)
         out, error = [], None
         for i, future in enumerate(futures):
@@ -239,6 +244,10 @@ class ShardedIndex:
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                 lost = True
                 failure = HashsearchError(f"partition {i} of {self.root}: its actor died ({type(exc).__name__})")
+            except ray.exceptions.RayError as exc:         # the object store, the cluster itself
+                lost = False
+                failure = HashsearchError(f"partition {i} of {self.root}: {type(exc).__name__}: "
+                                          f"{(str(exc).splitlines() or [''])[0]}")
             if lost and retry is not None and error is None:
                 out.append(retry(i))
             else:
