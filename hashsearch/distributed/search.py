@@ -28,8 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..config import MODES, RaySearchConfig, SearchConfig
-from ..engine.index import Index, SearchResult, check_probe, check_query_codes, merge_partitions, search_count
+from ..config import RaySearchConfig, SearchConfig
+from ..engine.index import Index, SearchResult, check_query, merge_partitions
 from ..errors import HashsearchError
 from ..shards import Collection, GenerationGone, read_manifest
 from .cluster import MAX_RESTARTS, check_resources, cluster_cpus, import_ray, task_error
@@ -199,22 +199,11 @@ class ShardedIndex:
         """Every partition's answer, rows numbered in the whole collection: what search() merges
         (`bench sharded` times the two apart)."""
         coll, plan, first_rows = self._current()
-        if mode not in MODES:
-            raise HashsearchError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        k, pool = search_count("k", k, coll.items), search_count("pool", pool, coll.items)
         # Checked here as Index checks them, so that bad input is one error, not one from every partition.
-        codes = check_query_codes(query_codes, coll.bits)
-        check_probe(radius, nflip, coll.bits, coll.manifest["index"]["coarse"])
-        feats = None
-        if mode != "bcs":
-            if query_features is None:
-                raise HashsearchError(f"mode {mode} needs query features")
-            feats = np.ascontiguousarray(np.atleast_2d(query_features), dtype=np.float32)
-            if feats.shape != (len(codes), coll.feature_dim):
-                raise HashsearchError(f"query features have shape {feats.shape}; expected "
-                                      f"({len(codes)}, {coll.feature_dim})")
-            if feats.nbytes > _INLINE_BYTES:
-                feats = self._ray.put(feats)    # one copy in the object store for every partition, not one per call
+        k, pool, codes, feats = check_query(coll, coll.manifest["index"]["coarse"], query_codes, query_features, k,
+                                            mode, pool, radius, nflip)
+        if feats is not None and feats.nbytes > _INLINE_BYTES:
+            feats = self._ray.put(feats)    # one copy in the object store for every partition, not one per call
         args = (coll.generation, codes, feats, k, mode, pool, radius, nflip)
         answers = self._get([a.search.remote(*args) for a in self.actors[:len(plan)]],
                             retry=lambda i: self._retry(i, coll, plan, args))

@@ -430,18 +430,8 @@ class Index:
 
     def _search(self, query_codes, query_features, k, mode, pool, radius, nflip, *, whole_pool: bool) -> SearchResult:
         gen = self._current()
-        if mode not in MODES:
-            raise HashsearchError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        k, pool = search_count("k", k, gen.collection.items), search_count("pool", pool, gen.collection.items)
-        self._check_probe(gen, radius, nflip)
-        query_codes = self._check_codes(gen, query_codes)
-        if mode != "bcs":
-            if query_features is None:
-                raise HashsearchError(f"mode {mode} needs query features")
-            query_features = np.ascontiguousarray(np.atleast_2d(query_features), dtype=np.float32)
-            if query_features.shape != (len(query_codes), gen.collection.feature_dim):
-                raise HashsearchError(f"query features have shape {query_features.shape}; expected "
-                                      f"({len(query_codes)}, {gen.collection.feature_dim})")
+        k, pool, query_codes, query_features = check_query(gen.collection, gen.meta["coarse"], query_codes,
+                                                           query_features, k, mode, pool, radius, nflip)
         nq = len(query_codes)
         if mode == "es":
             return self._exhaustive(gen, query_codes, query_features, k)
@@ -627,6 +617,25 @@ class Index:
     def _result(gen: _Generation, rows, dist, hamming) -> SearchResult:
         ids = np.where(rows >= 0, gen.ids[rows], -1)     # row -1 reads the last id, then masked
         return SearchResult(rows=rows, ids=ids, hamming=hamming.astype(np.int32, copy=False), distances=dist)
+
+
+def check_query(coll: Collection, coarse: dict, query_codes, query_features, k, mode, pool, radius, nflip):
+    """A search's arguments checked against `coll` and its coarse index: (k, pool, codes, features), k and
+    pool capped at the live items, features float32 (None in bcs mode, which needs none)."""
+    if mode not in MODES:
+        raise HashsearchError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    k, pool = search_count("k", k, coll.items), search_count("pool", pool, coll.items)
+    check_probe(radius, nflip, coll.bits, coarse)
+    query_codes = check_query_codes(query_codes, coll.bits)
+    if mode == "bcs":
+        return k, pool, query_codes, None
+    if query_features is None:
+        raise HashsearchError(f"mode {mode} needs query features")
+    query_features = np.ascontiguousarray(np.atleast_2d(query_features), dtype=np.float32)
+    if query_features.shape != (len(query_codes), coll.feature_dim):
+        raise HashsearchError(f"query features have shape {query_features.shape}; expected "
+                              f"({len(query_codes)}, {coll.feature_dim})")
+    return k, pool, query_codes, query_features
 
 
 def check_query_codes(query_codes, bits: int) -> np.ndarray:
