@@ -240,9 +240,14 @@ class HeadlineSearch(Options):
 
 
 @dataclass
-class LiveBenchConfig(HeadlineSearch):
+class LinkedBenchCollection(HeadlineSearch):
+    """Benchmarks that work on a hard-linked copy of `bench exhaustive`'s synthetic collection."""
     n: int = option(1_000_000, "Rows of the synthetic collection (the `bench exhaustive` one, linked, not copied).",
                     check=positive)
+
+
+@dataclass
+class LiveBenchConfig(LinkedBenchCollection):
     # The issue's case: 10,000 new images into a 1M collection.
     add: int = option(10_000, "Rows appended to time an add.", check=positive)
     delta: float = option(0.10, "Share of N added after the index was built, for the search timing.", check=fraction)
@@ -251,9 +256,7 @@ class LiveBenchConfig(HeadlineSearch):
 
 
 @dataclass
-class ShardedBenchConfig(HeadlineSearch):
-    n: int = option(1_000_000, "Rows of the synthetic collection (the `bench exhaustive` one, linked, not copied).",
-                    check=positive)
+class ShardedBenchConfig(LinkedBenchCollection):
     partitions: str = option("1,2,4", "Partition counts to time, comma-separated.")
     queries: int = option(200, "Held-out queries.", check=positive)
     batch: int = option(256, "Queries per search call for the batched column.", check=positive)

@@ -26,6 +26,7 @@ from hashsearch import HashsearchError, Index  # noqa: E402
 from hashsearch.config import RayEncodeConfig  # noqa: E402
 from hashsearch.distributed import ShardedIndex, plan_partitions, ray_cluster  # noqa: E402
 from hashsearch.distributed.encode import encode_on_ray  # noqa: E402
+from hashsearch.bench.sysinfo import descendant_pids  # noqa: E402
 from hashsearch.encoders.runner import encode_collection  # noqa: E402
 from hashsearch.shards import delete_items  # noqa: E402
 
@@ -64,26 +65,9 @@ def assert_same_result(a, b, what):
 
 
 # -- the cluster -----------------------------------------------------------------------------------
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 def test_the_local_cluster_listens_on_loopback_only(cluster):
     listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
-    ours = _descendants(os.getpid()) | {os.getpid()}
+    ours = descendant_pids(os.getpid()) | {os.getpid()}
     addresses = []
     for line in listening:
         pids = {int(p) for p in re.findall(r"pid=(\d+)", line)}

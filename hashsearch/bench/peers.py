@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import PeersBenchConfig
+from ..config import HeadlineSearch, PeersBenchConfig
 from ..engine import Index, scan_knn
 from ..engine.rerank import Reranker
 from ..engine.threads import MAX_THREADS, faiss_threads
@@ -45,8 +45,9 @@ from ..errors import HashsearchError
 from ..shards import SHARD_DIR, Collection, RowReader
 from ..shards.manifest import disk_bytes
 from .live import linked_copy
-from .speed import K, _setup, time_calls
-from .sysinfo import machine_info, peak_rss_mb
+from .speed import K, bench_data, time_calls
+from .synthetic import default_cache_root
+from .sysinfo import descendant_pids, machine_info, peak_rss_mb
 
 # The bar every method is tuned to: recall@10 against the exhaustive top 10.
 RECALL_TARGET = 0.95
@@ -118,8 +119,8 @@ class HashsearchMethod:
 
 
 def _multihash_bits(coll: Collection) -> int:
-    # bench exhaustive's 1M setting (18-bit slices), scaled with N as default_hash_bits scales it
-    return max(8, min(18, int(round(math.log2(max(coll.n, 2) / 4)))))
+    # bench exhaustive's 1M setting, scaled down with N as default_hash_bits scales it
+    return max(8, min(HeadlineSearch.hash_bits, int(round(math.log2(max(coll.n, 2) / 4)))))
 
 
 class _BinaryCandidates:
@@ -341,20 +342,13 @@ def _run_method(spec: dict) -> dict:
 
 def _children_rss_mb() -> float:
     """Resident MiB of this process's descendants now: milvus-lite searches in a server process of its own."""
-    parent: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                parent[int(entry.name)], rss[int(entry.name)] = int(fields[1]), int(fields[21])
-            except (OSError, IndexError, ValueError):
-                continue
-    mine, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - mine
-        mine |= frontier
-    return sum(rss[pid] for pid in mine) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+    pages = 0
+    for pid in descendant_pids(os.getpid()):
+        try:
+            pages += int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[21])
+        except (OSError, IndexError, ValueError):
+            continue        # gone meanwhile
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
 
 def _in_child(spec: dict, work: Path) -> dict:
@@ -382,8 +376,7 @@ def run_peers_bench(progress: bool = True, **options) -> dict:
     if unknown or not methods:
         raise HashsearchError(f"unknown method {unknown[0] if unknown else cfg.methods!r} in --methods; choose from "
                               f"{', '.join(METHODS)} or all")
-    from ..bench.synthetic import default_cache_root
-    setup = _setup(cfg, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_root(), progress)
+    setup = bench_data(cfg, Path(cfg.cache_dir) if cfg.cache_dir else default_cache_root(), progress)
     coll, codes, feats = setup["coll"], setup["codes"], setup["features"]
     t = time.perf_counter()
     truth = ground_truth(coll, feats)

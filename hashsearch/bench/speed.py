@@ -33,7 +33,7 @@ from ..engine.threads import MAX_THREADS, faiss_threads
 from ..errors import HashsearchError
 from ..shards import SHARD_DIR, Collection
 from ..shards.manifest import disk_bytes
-from ..config import ExhaustiveBenchConfig
+from ..config import BenchData, ExhaustiveBenchConfig
 from .synthetic import SyntheticSpec, default_cache_root, generate_collection, make_queries
 from .sysinfo import machine_info, peak_rss_mb, rss_breakdown_mb
 
@@ -140,7 +140,7 @@ def fastest_threads(call, tries: int) -> int:
     return min(best, key=best.get)
 
 
-def _setup(cfg: ExhaustiveBenchConfig, cache_dir: Path, progress: bool) -> dict:
+def bench_data(cfg: BenchData, cache_dir: Path, progress: bool) -> dict:
     """The collection and the queries: held-out synthetic ones, or a seeded sample of a real collection's rows."""
     if cfg.collection is not None:
         coll = Collection.open(cfg.collection)
@@ -185,7 +185,7 @@ def run_exhaustive_bench(n: int = ExhaustiveBenchConfig.n, dim: int = Exhaustive
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_root()
     cache_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    setup = _setup(cfg, cache_dir, progress)
+    setup = bench_data(cfg, cache_dir, progress)
     batches = [1] if cfg.batch == 1 else [1, cfg.batch]
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix="bench-run-") as tmp:
         searched = _time_search(setup, cfg, batches, Path(tmp), progress)
