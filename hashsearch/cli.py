@@ -101,8 +101,10 @@ def train(source, out, **options):
     result = run_train(TrainConfig(source=source, out=out, **options))
     how = result["config"].get("training")
     if how and how.get("labels") is False:
+        views = f" and {how['views']} views of each" if how.get("views") else ""
         click.echo(f"saved {out}: {result['config']['bits']} bits, {result['config']['backbone']}, codes fitted "
-                   f"without labels ({how['method']} on the F7 of {how['images']} images)")
+                   f"without labels ({how['method']} on the F7 of {how['images']} images{views})")
+        return
     last = result["history"][-1] if result["history"] else None
     if last:
         val = "n/a" if last["val_acc"] is None else f"{last['val_acc']:.4f}"

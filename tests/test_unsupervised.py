@@ -104,3 +104,22 @@ def test_weights_of_another_lite_variant_are_refused_in_one_line(photos, tmp_pat
     result = cli("train", photos, *ARGS, "--backbone", "efficientnet-lite2", "--weights", lite0,
                  "--out", tmp_path / "m.pt", ok=False)
     assert "do not fit efficientnet-lite2" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_views_train_h_so_that_an_images_views_share_its_code(photos, tmp_path):
+    out = tmp_path / "m.pt"
+    printed = cli("train", photos, *ARGS, "--views", "2", "--epochs", "4", "--batch-size", "16", "--out", out).stdout
+    assert "itq+contrastive on the F7 of 40 images and 2 views of each" in printed
+    payload = read_checkpoint(out)
+    training = payload["config"]["training"]
+    assert training["labels"] is False and training["views"] == 2 and training["epochs"] == 4
+    start, *_, end = training["view_pair_loss"]          # the same pairs of views, before and after
+    assert end < start - 0.05
+    again = tmp_path / "again.pt"
+    cli("train", photos, *ARGS, "--views", "2", "--epochs", "4", "--batch-size", "16", "--out", again)
+    assert torch.equal(read_checkpoint(again)["state_dict"]["latent.weight"], payload["state_dict"]["latent.weight"])
+
+
+def test_views_without_unsupervised_are_refused(photos, tmp_path):
+    result = cli("train", "synthetic:30", "--views", "2", "--out", tmp_path / "m.pt", ok=False)
+    assert result.stderr.strip() == "hashsearch: error: --views is for --unsupervised training"

@@ -117,3 +117,18 @@ def augment(batch: torch.Tensor, generator: torch.Generator | None = None) -> to
     n_idx = torch.arange(n)[:, None, None, None]
     c_idx = torch.arange(batch.shape[1])[None, :, None, None]
     return padded[n_idx, c_idx, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+@functools.lru_cache(maxsize=None)
+def _view_transform(size: int):
+    from torchvision.transforms import v2
+    # SimCLR's augmentations, without blur: CIFAR-sized images have little detail left to blur
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                       v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(0.2)])
+
+
+def augment_views(batch: torch.Tensor, views: int) -> torch.Tensor:
+    """uint8 [n, 3, H, W] -> [views, n, 3, H, W]: random resized crops (a quarter of the area or more), flips,
+    colour jitter and grayscale, each image's own (torch's global generator: seed it for a repeatable run)."""
+    transform = _view_transform(batch.shape[-1])
+    return torch.stack([torch.stack([transform(image) for image in batch]) for _ in range(views)])

@@ -234,12 +234,17 @@ def _decode_all(cfg, source, labels, indices, size, model, config, device, what)
         if len(good) == 0:
             continue
         if model is not None:
-            x = normalize(pixels.to(device), config["mean"], config["std"])
-            with autocast(device, cfg.precision):
-                xs.append(model.backbone(x.contiguous(memory_format=torch.channels_last)).float().cpu())
+            xs.append(backbone_f7(model, pixels, config, device, cfg.precision))
         else:
             xs.append(pixels)
         ys.append(torch.as_tensor(labels[good], dtype=torch.long))
     if not xs:
         raise HashsearchError(f"none of the {what} images could be decoded")
     return torch.cat(xs), torch.cat(ys), rejected
+
+
+def backbone_f7(model, pixels: torch.Tensor, config: dict, device, precision: str) -> torch.Tensor:
+    """F7 float32 [n, D] on the CPU of uint8 images [n, 3, S, S], through the model's backbone alone."""
+    x = normalize(pixels.to(device), config["mean"], config["std"])
+    with autocast(device, precision):
+        return model.backbone(x.contiguous(memory_format=torch.channels_last)).float().cpu()

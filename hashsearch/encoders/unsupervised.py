@@ -7,7 +7,9 @@ layer: with W the PCA basis, R the rotation and m the mean,
     H = sigmoid(F7 (W R) - m (W R)),   so  H > 0.5  <=>  (F7 - m) W R > 0,
 
 which is ITQ's own bit (>= 0 there; the two differ only where a projection is
-exactly 0).  F8 has a single class and nothing to say.  encode, add, query,
+exactly 0).  With --views, H is then trained further without labels so that
+augmented views of an image share its code (encoders.contrastive).  F8 has a
+single class and nothing to say.  encode, add, query,
 serve and eval take the checkpoint as any other, and F7 still drives the
 rerank.  The checkpoint's config records how it was made ("training"), and
 so does every collection it encodes.
@@ -16,8 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from ..config import TrainConfig
+from ..config import EncodeConfig, TrainConfig
 from ..errors import HashsearchError
 from ..fileio import check_output_file
 from ..itq import ITQ_ITERATIONS, fit_itq
@@ -25,7 +28,10 @@ from .backbones import get_backbone
 from .checkpoint import build_model, make_config, read_weights, save_checkpoint
 from .encoder import resolve_device, to_device
 from .sources import open_source
-from .train import _decode_all
+from .contrastive import TEMPERATURE, refine_latent
+from .dataset import make_loader
+from .preprocess import augment_views
+from .train import backbone_f7
 
 # F8 needs a class; there is one, and it is never scored.
 UNLABELLED = "unlabelled"
@@ -44,8 +50,7 @@ def train_unsupervised(cfg: TrainConfig) -> dict:
                               "(use --backbone efficientnet-lite0, or pass --weights)")
     config = make_config(cfg.backbone, cfg.bits, [UNLABELLED], cfg.input_size)
     model = to_device(build_model(config, read_weights(cfg.weights or installed)), device)
-    f7, _, rejected = _decode_all(cfg, source, np.zeros(len(source), np.int64), np.arange(len(source)),
-                                  config["input_size"], model, config, device, "training")
+    f7, views, rejected = _f7_and_views(cfg, source, model, config, device)
     if len(f7) < 2:
         raise HashsearchError(f"--unsupervised needs at least 2 readable images in {cfg.source}, got {len(f7)}")
     itq = fit_itq(f7.numpy(), cfg.bits, cfg.seed)
@@ -57,5 +62,32 @@ def train_unsupervised(cfg: TrainConfig) -> dict:
         model.classifier.bias.zero_()
     config["training"] = {"labels": False, "method": "itq", "images": int(len(f7)), "seed": cfg.seed,
                           "iterations": ITQ_ITERATIONS, "quantisation_loss": float(itq.losses[-1] / len(f7))}
-    save_checkpoint(cfg.out, model.cpu(), config, train_state={"history": [], "rejected": rejected})
-    return {"config": config, "history": [], "rejected": rejected, "itq": itq}
+    history = []
+    if cfg.views:
+        history = refine_latent(model.latent.cpu(), torch.cat([f7[:, None].half(), views], 1), epochs=cfg.epochs,
+                                batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+        config["training"].update(method="itq+contrastive", views=cfg.views, epochs=cfg.epochs,
+                                  temperature=TEMPERATURE, view_pair_loss=[r["pair_loss"] for r in history])
+    save_checkpoint(cfg.out, model.cpu(), config, train_state={"history": history, "rejected": rejected})
+    return {"config": config, "history": history, "rejected": rejected, "itq": itq}
+
+
+@torch.no_grad()
+def _f7_and_views(cfg: TrainConfig, source, model, config: dict, device):
+    """F7 float32 [n, D] of SOURCE's readable images, F7 float16 [n, views, D] of their augmented views
+    (None without --views), and the count of rejected images."""
+    model.eval()
+    loader = make_loader(source, config["input_size"], EncodeConfig.batch_size, cfg.workers)
+    plain, augmented, rejected = [], [], 0
+    what = "F7 of the images" + (f" and {cfg.views} views of each" if cfg.views else "")
+    for _, pixels, good, rejects in tqdm(loader, desc=what, disable=cfg.quiet, leave=False):
+        rejected += len(rejects)
+        if len(good) == 0:
+            continue
+        plain.append(backbone_f7(model, pixels, config, device, cfg.precision))
+        if cfg.views:
+            augmented.append(torch.stack([backbone_f7(model, view, config, device, cfg.precision).half()
+                                          for view in augment_views(pixels, cfg.views)], 1))
+    if not plain:
+        raise HashsearchError(f"none of the images in {cfg.source} could be decoded")
+    return torch.cat(plain), (torch.cat(augmented) if cfg.views else None), rejected
