@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-# Measured on CIFAR-10 (docs/results.md): 0.3 trained the 64-bit codes further than 0.1 or 1.0.
+# SimCLR works at 0.1-0.5; 0.3 is what the CIFAR-10 trial used (docs/results.md), not tuned.
 TEMPERATURE = 0.3
 
 
 def refine_latent(latent: nn.Linear, views: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
-                  seed: int, quiet: bool = True) -> list[dict]:
+                  seed: int) -> list[dict]:
     """Train `latent` in place on F7 views [n, V + 1, D] (view 0 the image itself); one record per epoch.
 
     Each record holds the epoch's mean loss and `pair_loss`, the loss of a fixed pairing (view 0
