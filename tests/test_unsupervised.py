@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import cli
+from hashsearch.config import UNSUPERVISED_VIEWS
 from hashsearch.encoders.backbones import get_backbone
 from hashsearch.encoders.checkpoint import read_checkpoint
 from hashsearch.encoders.encoder import Encoder
@@ -33,8 +34,9 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unsupervised_model(photos, tmp_path_factory):
+    """ITQ alone (--views 0): its H is exactly the ITQ fit."""
     out = tmp_path_factory.mktemp("model") / "m.pt"
-    printed = cli("train", photos, *ARGS, "--out", out).stdout
+    printed = cli("train", photos, *ARGS, "--views", "0", "--out", out).stdout
     assert "codes fitted without labels (itq on the F7 of 40 images)" in printed
     return out
 
@@ -123,3 +125,9 @@ def test_views_train_h_so_that_an_images_views_share_its_code(photos, tmp_path):
 def test_views_without_unsupervised_are_refused(photos, tmp_path):
     result = cli("train", "synthetic:30", "--views", "2", "--out", tmp_path / "m.pt", ok=False)
     assert result.stderr.strip() == "hashsearch: error: --views is for --unsupervised training"
+
+
+def test_unsupervised_refines_with_views_by_default(photos, tmp_path):
+    cli("train", "synthetic:30", *ARGS, "--epochs", "1", "--out", tmp_path / "m.pt")
+    training = read_checkpoint(tmp_path / "m.pt")["config"]["training"]
+    assert training["method"] == "itq+contrastive" and training["views"] == UNSUPERVISED_VIEWS
