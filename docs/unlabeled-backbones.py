@@ -21,8 +21,8 @@ from hashsearch.bench.metrics import HammingScanner
 from hashsearch.encoders.backbones import get_backbone
 from hashsearch.encoders.checkpoint import build_model, make_config, read_weights
 from hashsearch.encoders.dataset import make_loader
-from hashsearch.encoders.preprocess import normalize
 from hashsearch.encoders.sources import open_source
+from hashsearch.encoders.train import backbone_f7
 from hashsearch.itq import fit_itq
 
 SUBSET = {"train": 10_000, "test": 1_000}
@@ -39,9 +39,7 @@ def f7_of_subset(root: str, backbone: str, size: int) -> dict:
         feats, started = [], time.time()
         with torch.no_grad():
             for _, pixels, _, _ in loader:
-                x = normalize(pixels, config["mean"], config["std"]).contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cpu", torch.bfloat16):
-                    feats.append(model.backbone(x).float().numpy())
+                feats.append(backbone_f7(model, pixels, config, torch.device("cpu"), "bf16").numpy())
         out[split], out[split + "_labels"] = np.concatenate(feats), source.labels()[idx]
         print(f"{backbone} {size} px: F7 of {n} {split} images in {time.time() - started:.1f} s", flush=True)
     return out
