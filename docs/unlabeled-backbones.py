@@ -36,11 +36,13 @@ def f7_of_subset(root: str, backbone: str, size: int) -> dict:
         source = open_source(f"{root}/{split}")
         idx = np.sort(np.random.default_rng(0).choice(len(source), n, replace=False))
         loader = make_loader(source, size, 128, 1, indices=[int(i) for i in idx])
-        feats, started = [], time.time()
-        with torch.no_grad():
-            for _, pixels, _, _ in loader:
-                feats.append(backbone_f7(model, pixels, config, torch.device("cpu"), "bf16").numpy())
-        out[split], out[split + "_labels"] = np.concatenate(feats), source.labels()[idx]
+        all_labels, feats, labels, started = source.labels(), [], [], time.time()
+        for _, pixels, good, _ in loader:          # an image that fails to decode drops out with its label
+            if not good:
+                continue
+            feats.append(backbone_f7(model, pixels, config, torch.device("cpu"), "bf16").numpy())
+            labels.append(all_labels[good])
+        out[split], out[split + "_labels"] = np.concatenate(feats), np.concatenate(labels)
         print(f"{backbone} {size} px: F7 of {n} {split} images in {time.time() - started:.1f} s", flush=True)
     return out
 

@@ -34,7 +34,7 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             hint = {"encode": "; finished shards are kept, run the same command to resume",
                     "add": "; finished shards are kept, run the same command to add the rest",
-                    "train": "; the last finished epoch is saved, add --resume to continue"}
+                    "train": "; a labelled run keeps its last finished epoch, add --resume to continue"}
             click.echo(f"hashsearch: interrupted{hint.get(ctx.invoked_subcommand, '')}", err=True)
             sys.exit(130)
 

@@ -9,11 +9,11 @@ Nothing heavy is imported here, so `hashsearch --help` stays fast.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .codes import check_bits
 from .errors import HashsearchError
-from .options import Options, fraction, in_range, not_negative, option, positive, seed_range
+from .options import Options, cli_name, fraction, in_range, not_negative, option, positive, seed_range
 
 MODES = ("bcs", "es", "hds")                   # Hamming only, exhaustive L2, hierarchical: eval reports them so
 COARSE_KINDS = ("flat", "hash", "multihash")    # the faiss binary indexes of the coarse level
@@ -84,6 +84,22 @@ class TrainConfig(Options):
         if self.views and not self.unsupervised:
             raise HashsearchError("--views is for --unsupervised training")
         super().__post_init__()
+        if self.unsupervised:
+            self._refuse_what_unsupervised_would_ignore()
+
+    def _refuse_what_unsupervised_would_ignore(self):
+        # --unsupervised fits ITQ once and trains only H on views, with no held-out split and no schedule,
+        # and writes its checkpoint once: an option it cannot honour is refused rather than dropped.
+        refused = {name: "is for labelled training, not --unsupervised" for name in
+                   ("backbone_lr_mult", "weight_decay", "warmup_epochs", "val_fraction", "resume")}
+        if not self.views:
+            refused.update(dict.fromkeys(("epochs", "batch_size", "lr"), "trains H on views, and --views 0 has none"))
+        for f in fields(self):
+            if f.name in refused and getattr(self, f.name) != f.default:
+                raise HashsearchError(f"{cli_name(f)} {refused[f.name]}")
+        if self.views and self.batch_size < 2:
+            raise HashsearchError("--batch-size must be at least 2 with --views: each image's views are told apart "
+                                  "from the other images in its batch")
 
 
 @dataclass

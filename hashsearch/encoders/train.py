@@ -41,9 +41,7 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     source, labels, class_names = _labelled_source(cfg)
-    if cfg.precision not in ("fp32", "bf16"):
-        raise HashsearchError(f"training precision must be fp32 or bf16, got {cfg.precision!r}")
-    config, model, pretrained = _initial_model(cfg, class_names, device)
+    config, model, pretrained = initial_model(cfg, class_names, device)
     # read now, to fail before the slow decoding if there is nothing to resume
     resumed = read_checkpoint(cfg.out) if cfg.resume else None
     train_idx, val_idx = split_holdout(len(source), cfg.val_fraction, cfg.seed)
@@ -75,7 +73,7 @@ def _labelled_source(cfg: TrainConfig):
     return source, labels, source.class_names or [str(c) for c in range(int(labels.max()) + 1)]
 
 
-def _initial_model(cfg: TrainConfig, class_names: list, device):
+def initial_model(cfg: TrainConfig, class_names: list, device):
     """(config, model on `device`, whether it starts from pretrained weights): --weights, else the backbone's own."""
     weights = read_weights(cfg.weights) if cfg.weights else None
     reused = weights if is_checkpoint(weights) else None
@@ -243,8 +241,9 @@ def _decode_all(cfg, source, labels, indices, size, model, config, device, what)
     return torch.cat(xs), torch.cat(ys), rejected
 
 
+@torch.no_grad()
 def backbone_f7(model, pixels: torch.Tensor, config: dict, device, precision: str) -> torch.Tensor:
-    """F7 float32 [n, D] on the CPU of uint8 images [n, 3, S, S], through the model's backbone alone."""
+    """F7 float32 [n, D] on the CPU of uint8 images [n, 3, S, S], through the model's backbone alone (no gradient)."""
     x = normalize(pixels.to(device), config["mean"], config["std"])
     with autocast(device, precision):
         return model.backbone(x.contiguous(memory_format=torch.channels_last)).float().cpu()

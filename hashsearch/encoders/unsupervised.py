@@ -24,14 +24,13 @@ from ..config import EncodeConfig, TrainConfig
 from ..errors import HashsearchError
 from ..fileio import check_output_file
 from ..itq import ITQ_ITERATIONS, fit_itq
-from .backbones import get_backbone
-from .checkpoint import build_model, make_config, read_weights, save_checkpoint
-from .encoder import resolve_device, to_device
+from .checkpoint import save_checkpoint
+from .encoder import resolve_device
 from .sources import open_source
 from .contrastive import TEMPERATURE, refine_latent
 from .dataset import make_loader
 from .preprocess import augment_views
-from .train import backbone_f7
+from .train import backbone_f7, initial_model
 
 # F8 needs a class; there is one, and it is never scored.
 UNLABELLED = "unlabelled"
@@ -44,12 +43,10 @@ def train_unsupervised(cfg: TrainConfig) -> dict:
     source = open_source(cfg.source, data_dir=cfg.data_dir, limit=cfg.limit)
     if len(source) == 0:
         raise HashsearchError(f"no images in {cfg.source}")
-    installed = get_backbone(cfg.backbone).default_weights()
-    if not cfg.weights and not installed:
+    config, model, pretrained = initial_model(cfg, [UNLABELLED], device)
+    if not pretrained:
         raise HashsearchError(f"--unsupervised needs a pretrained backbone: {cfg.backbone} has no installed weights "
                               "(use --backbone efficientnet-lite0, or pass --weights)")
-    config = make_config(cfg.backbone, cfg.bits, [UNLABELLED], cfg.input_size)
-    model = to_device(build_model(config, read_weights(cfg.weights or installed)), device)
     f7, views, rejected = _f7_and_views(cfg, source, model, config, device)
     if len(f7) < 2:
         raise HashsearchError(f"--unsupervised needs at least 2 readable images in {cfg.source}, got {len(f7)}")
