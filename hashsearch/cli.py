@@ -102,8 +102,10 @@ def train(source, out, **options):
     how = result["config"].get("training")
     if how and how.get("labels") is False:
         views = f" and {how['views']} views of each" if how.get("views") else ""
+        backbone = (f"; its backbone comes from {how['backbone_weights']}, a model trained with labels"
+                    if how.get("backbone_from_labelled_model") else "")
         click.echo(f"saved {out}: {result['config']['bits']} bits, {result['config']['backbone']}, codes fitted "
-                   f"without labels ({how['method']} on the F7 of {how['images']} images{views})")
+                   f"without labels ({how['method']} on the F7 of {how['images']} images{views}){backbone}")
         return
     last = result["history"][-1] if result["history"] else None
     if last:

@@ -36,6 +36,18 @@ check_workers = in_range(0, 64)
 UNSUPERVISED_VIEWS = 4
 
 
+def saw_labels(training: dict | None) -> bool:
+    """Whether a model whose config records `training` has learned from class labels anywhere.
+
+    A checkpoint of the labelled path records no `training`.  --unsupervised
+    fits codes without labels, but its --weights may be the backbone of a
+    model trained with them, and then the model as a whole has seen labels.
+    """
+    if not training or training.get("labels") is not False:
+        return True
+    return bool(training.get("backbone_from_labelled_model"))
+
+
 @dataclass
 class TrainConfig(Options):
     source: str = option(None, "Labelled SOURCE.", cli=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RaySearchConfig
+from .config import RaySearchConfig, saw_labels
 from .engine import Index, SearchConfig
 from .engine.index import check_index_meta
 from .errors import HashsearchError
@@ -114,7 +114,7 @@ def collection_info(root, verify: bool = False) -> dict:
         "items": coll.items, "deleted": len(coll.deleted_rows), "shards": len(coll.shards), "bits": coll.bits,
         "feature_dim": coll.feature_dim, "feature_dtype": str(coll.feature_dtype),
         "rejected": coll.rejected, "backbone": m.get("backbone"), "precision": m.get("precision"),
-        "trained_without_labels": (m.get("training") or {}).get("labels") is False,
+        "trained_without_labels": not saw_labels(m.get("training")),
         "source": m.get("source_spec"),
         "classes": len(m.get("class_names") or []), "bytes_on_disk": disk_bytes(root),
     }

@@ -164,7 +164,11 @@ def test_a_reused_checkpoint_keeps_its_input_size(photos, tmp_path):
     base = ["--unsupervised", "--bits", "16", "--views", "0", "--workers", "0", "--device", "cpu", "--quiet"]
     cli("train", photos, *base, "--input-size", "40", "--out", first)
     cli("train", photos, *base, "--weights", first, "--out", tmp_path / "second.pt")
-    assert read_checkpoint(tmp_path / "second.pt")["config"]["input_size"] == 40
+    config = read_checkpoint(tmp_path / "second.pt")["config"]
+    assert config["input_size"] == 40
+    # its backbone is still ImageNet's, never trained with labels
+    assert config["training"]["backbone_weights"] == str(first)
+    assert config["training"]["backbone_from_labelled_model"] is False
 
 
 def test_weights_given_need_no_weights_wheel(photos, tmp_path, monkeypatch):
@@ -197,3 +201,19 @@ def test_augment_views_gives_each_image_its_own_views():
     views = augment_views(batch, 3)
     assert views.shape == (3, 4, 3, 32, 32) and views.dtype == torch.uint8
     assert not torch.equal(views[0], views[1])
+
+
+def test_codes_fitted_to_a_backbone_trained_with_labels_do_not_claim_a_model_without_labels(photos, tmp_path):
+    labelled = tmp_path / "labelled.pt"
+    cli("train", "synthetic:30", "--backbone", "efficientnet-lite0", "--input-size", "32", "--bits", "16",
+        "--epochs", "1", "--freeze-backbone", "--workers", "0", "--device", "cpu", "--quiet", "--out", labelled)
+    base = ["--unsupervised", "--bits", "16", "--views", "0", "--workers", "0", "--device", "cpu", "--quiet"]
+    printed = cli("train", photos, *base, "--weights", labelled, "--out", tmp_path / "itq.pt").stdout
+    assert f"its backbone comes from {labelled}, a model trained with labels" in printed
+    # and so is a model that reuses that one in turn
+    cli("train", photos, *base, "--weights", tmp_path / "itq.pt", "--out", tmp_path / "again.pt")
+    assert read_checkpoint(tmp_path / "again.pt")["config"]["training"]["backbone_from_labelled_model"] is True
+    coll = tmp_path / "coll"
+    cli("encode", photos, "--model", tmp_path / "again.pt", "--out", coll, "--workers", "0", "--device", "cpu",
+        "--quiet")
+    assert json.loads(cli("info", coll, "--json").stdout)["trained_without_labels"] is False

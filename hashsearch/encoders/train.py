@@ -41,7 +41,7 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     source, labels, class_names = _labelled_source(cfg)
-    config, model, pretrained = initial_model(cfg, class_names, device)
+    config, model, pretrained, _ = initial_model(cfg, class_names, device)
     # read now, to fail before the slow decoding if there is nothing to resume
     resumed = read_checkpoint(cfg.out) if cfg.resume else None
     train_idx, val_idx = split_holdout(len(source), cfg.val_fraction, cfg.seed)
@@ -74,7 +74,8 @@ def _labelled_source(cfg: TrainConfig):
 
 
 def initial_model(cfg: TrainConfig, class_names: list, device):
-    """(config, model on `device`, whether it starts from pretrained weights): --weights, else the backbone's own."""
+    """(config, model on `device`, whether it starts from pretrained weights, the config of the hashsearch
+    checkpoint whose backbone it reuses or None): --weights, else the backbone's own weights."""
     weights = read_weights(cfg.weights) if cfg.weights else None
     reused = weights if is_checkpoint(weights) else None
     # a reused backbone keeps the input size it learned at (one of another backbone is refused by build_model)
@@ -84,7 +85,8 @@ def initial_model(cfg: TrainConfig, class_names: list, device):
     if weights is None:
         installed = get_backbone(cfg.backbone).default_weights()
         weights = read_weights(installed) if installed else None
-    return config, to_device(build_model(config, weights), device), weights is not None
+    return (config, to_device(build_model(config, weights), device), weights is not None,
+            reused["config"] if reused is not None else None)
 
 
 def _optimizer(cfg: TrainConfig, model, pretrained: bool, steps_per_epoch: int):

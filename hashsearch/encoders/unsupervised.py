@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import EncodeConfig, TrainConfig
+from ..config import EncodeConfig, TrainConfig, saw_labels
 from ..errors import HashsearchError
 from ..fileio import check_output_file
 from ..itq import ITQ_ITERATIONS, fit_itq
@@ -43,7 +43,7 @@ def train_unsupervised(cfg: TrainConfig) -> dict:
     source = open_source(cfg.source, data_dir=cfg.data_dir, limit=cfg.limit)
     if len(source) == 0:
         raise HashsearchError(f"no images in {cfg.source}")
-    config, model, pretrained = initial_model(cfg, [UNLABELLED], device)
+    config, model, pretrained, reused = initial_model(cfg, [UNLABELLED], device)
     if not pretrained:
         raise HashsearchError(f"--unsupervised needs a pretrained backbone: {cfg.backbone} has no installed weights "
                               "(use --backbone efficientnet-lite0, or pass --weights)")
@@ -58,7 +58,10 @@ def train_unsupervised(cfg: TrainConfig) -> dict:
         model.classifier.weight.zero_()
         model.classifier.bias.zero_()
     config["training"] = {"labels": False, "method": "itq", "images": int(len(f7)), "seed": cfg.seed,
-                          "iterations": ITQ_ITERATIONS, "quantisation_loss": float(itq.losses[-1] / len(f7))}
+                          "iterations": ITQ_ITERATIONS, "quantisation_loss": float(itq.losses[-1] / len(f7)),
+                          "backbone_weights": str(cfg.weights) if cfg.weights else "installed ImageNet weights",
+                          # --weights ft48b.pt fits ITQ to a backbone that labels trained: not a model without labels
+                          "backbone_from_labelled_model": reused is not None and saw_labels(reused.get("training"))}
     history = []
     if cfg.views:
         history = refine_latent(model.latent.cpu(), torch.cat([f7[:, None].half(), views], 1), epochs=cfg.epochs,
