@@ -104,8 +104,10 @@ def train(source, out, **options):
         views = f" and {how['views']} views of each" if how.get("views") else ""
         backbone = (f"; its backbone comes from {how['backbone_weights']}, a model trained with labels"
                     if how.get("backbone_from_labelled_model") else "")
+        cache = {"read": f"; F7 read from {options['features_cache']}",
+                 "written": f"; F7 kept in {options['features_cache']}"}.get(result["features_cache"], "")
         click.echo(f"saved {out}: {result['config']['bits']} bits, {result['config']['backbone']}, codes fitted "
-                   f"without labels ({how['method']} on the F7 of {how['images']} images{views}){backbone}")
+                   f"without labels ({how['method']} on the F7 of {how['images']} images{views}){backbone}{cache}")
         return
     last = result["history"][-1] if result["history"] else None
     if last:

@@ -63,6 +63,11 @@ class TrainConfig(Options):
     views: int | None = option(None, "With --unsupervised: augmented views of each image whose F7 trains H for "
                                      f"--epochs, so that an image's views share its code [{UNSUPERVISED_VIEWS} with "
                                      "--unsupervised; 0: ITQ alone].", check=in_range(0, 64))
+    features_cache: str | None = option(None, "With --unsupervised: a file keeping the backbone's F7 of SOURCE and "
+                                              "of its views.  A later run on the same images, backbone, input "
+                                              "size, precision, views and seed reads it instead of recomputing "
+                                              "(another --bits then takes seconds); one made otherwise is "
+                                              "refused.")
     weights: str | None = option(None, "Backbone weights: a local state_dict file, or a hashsearch checkpoint to "
                                        "reuse its backbone.")
     epochs: int = option(10, "Passes over the training set.", check=positive)
@@ -95,6 +100,8 @@ class TrainConfig(Options):
             self.views = UNSUPERVISED_VIEWS if self.unsupervised else 0
         if self.views and not self.unsupervised:
             raise HashsearchError("--views is for --unsupervised training")
+        if self.features_cache and not self.unsupervised:
+            raise HashsearchError("--features-cache is for --unsupervised training")
         super().__post_init__()
         if self.unsupervised:
             self._refuse_what_unsupervised_would_ignore()

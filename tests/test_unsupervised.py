@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from conftest import cli
 from hashsearch.config import UNSUPERVISED_VIEWS, TrainConfig
-from hashsearch.encoders import backbones
+from hashsearch.encoders import backbones, unsupervised
 from hashsearch.encoders.contrastive import _two_views, nt_xent
 from hashsearch.encoders.preprocess import augment_views
 from hashsearch.errors import HashsearchError
@@ -217,3 +218,66 @@ def test_codes_fitted_to_a_backbone_trained_with_labels_do_not_claim_a_model_wit
     cli("encode", photos, "--model", tmp_path / "again.pt", "--out", coll, "--workers", "0", "--device", "cpu",
         "--quiet")
     assert json.loads(cli("info", coll, "--json").stdout)["trained_without_labels"] is False
+
+
+# the views' run: a cache holds F7 of 2 views of each of the 40 photos
+VIEWS_RUN = [*ARGS, "--views", "2", "--epochs", "2", "--batch-size", "16"]
+
+
+def _latent(path):
+    return read_checkpoint(path)["state_dict"]["latent.weight"]
+
+
+def test_a_features_cache_gives_what_the_backbone_passes_give_at_any_bits(photos, tmp_path, monkeypatch):
+    cache = tmp_path / "f7.npz"
+    kept = cli("train", photos, *VIEWS_RUN, "--features-cache", cache, "--out", tmp_path / "a16.pt").stdout
+    assert f"F7 kept in {cache}" in kept
+    cli("train", photos, *VIEWS_RUN, "--out", tmp_path / "b16.pt")
+    assert torch.equal(_latent(tmp_path / "a16.pt"), _latent(tmp_path / "b16.pt"))
+    # another --bits draws another initialisation first; the views it computes are the cached ones still
+    cli("train", photos, *VIEWS_RUN, "--bits", "8", "--out", tmp_path / "b8.pt")
+
+    def no_backbone(*args):
+        raise AssertionError("the backbone ran although the cache holds its F7")
+
+    monkeypatch.setattr(unsupervised, "_f7_and_views", no_backbone)
+    read = cli("train", photos, *VIEWS_RUN, "--bits", "8", "--features-cache", cache, "--out", tmp_path / "a8.pt")
+    assert f"F7 read from {cache}" in read.stdout
+    assert torch.equal(_latent(tmp_path / "a8.pt"), _latent(tmp_path / "b8.pt"))
+
+
+@pytest.mark.parametrize("other, why", [
+    (["--views", "3"], "views 2, not 3"),
+    (["--seed", "1"], "seed 0, not 1"),
+    (["--input-size", "40"], "input_size 32, not 40"),
+    (["--limit", "30"], "another source; images 40, not 30"),
+])
+def test_a_features_cache_made_from_other_inputs_is_refused_and_kept(photos, tmp_path, other, why):
+    cache = tmp_path / "f7.npz"
+    cli("train", photos, *VIEWS_RUN, "--features-cache", cache, "--out", tmp_path / "a.pt")
+    before = cache.read_bytes()
+    result = cli("train", photos, *VIEWS_RUN, *other, "--features-cache", cache, "--out", tmp_path / "b.pt",
+                 ok=False)
+    assert f"--features-cache {cache} was made from other inputs ({why})" in result.stderr
+    assert cache.read_bytes() == before and not (tmp_path / "b.pt").exists()
+
+
+@pytest.mark.parametrize("make", [
+    lambda path: path.write_bytes(b"my notes, not a cache"),
+    lambda path: np.savez(path, key=np.array('{"format": "something else"}')),
+    lambda path: np.savez(path, f7=np.zeros((2, 3))),
+    lambda path: os.mkfifo(path),
+], ids=["text", "other npz", "npz without key", "fifo"])
+def test_a_file_that_is_not_a_features_cache_is_refused_and_kept(photos, tmp_path, make):
+    cache = tmp_path / "f7.npz"
+    make(cache)
+    before = cache.read_bytes() if cache.is_file() else None
+    result = cli("train", photos, *VIEWS_RUN, "--features-cache", cache, "--out", tmp_path / "m.pt", ok=False)
+    assert f"--features-cache {cache} is not a hashsearch features cache" in result.stderr
+    assert (cache.read_bytes() if cache.is_file() else None) == before and not (tmp_path / "m.pt").exists()
+
+
+def test_a_features_cache_without_unsupervised_is_refused(tmp_path):
+    result = cli("train", "synthetic:30", "--features-cache", tmp_path / "f7.npz", "--out", tmp_path / "m.pt",
+                 ok=False)
+    assert result.stderr.strip() == "hashsearch: error: --features-cache is for --unsupervised training"

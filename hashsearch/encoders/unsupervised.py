@@ -12,9 +12,14 @@ augmented views of an image share its code (encoders.contrastive).  F8 has a
 single class and nothing to say.  encode, add, query,
 serve and eval take the checkpoint as any other, and F7 still drives the
 rerank.  The checkpoint's config records how it was made ("training"), and
-so does every collection it encodes.
+so does every collection it encodes.  With --features-cache the backbone's
+F7 is kept (encoders.feature_cache), so that another --bits on the same images
+skips the backbone passes.
 """
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +34,7 @@ from .encoder import resolve_device
 from .sources import open_source
 from .contrastive import TEMPERATURE, refine_latent
 from .dataset import make_loader
+from .feature_cache import read_features, write_features
 from .preprocess import augment_views
 from .train import backbone_f7, initial_model
 
@@ -47,7 +53,7 @@ def train_unsupervised(cfg: TrainConfig) -> dict:
     if not pretrained:
         raise HashsearchError(f"--unsupervised needs a pretrained backbone: {cfg.backbone} has no installed weights "
                               "(use --backbone efficientnet-lite0, or pass --weights)")
-    f7, views, rejected = _f7_and_views(cfg, source, model, config, device)
+    f7, views, rejected, cache_use = _cached_f7_and_views(cfg, source, model, config, device)
     if len(f7) < 2:
         raise HashsearchError(f"--unsupervised needs at least 2 readable images in {cfg.source}, got {len(f7)}")
     itq = fit_itq(f7.numpy(), cfg.bits, cfg.seed)
@@ -69,7 +75,32 @@ def train_unsupervised(cfg: TrainConfig) -> dict:
         config["training"].update(method="itq+contrastive", views=cfg.views, epochs=cfg.epochs,
                                   temperature=TEMPERATURE, view_pair_loss=[r["pair_loss"] for r in history])
     save_checkpoint(cfg.out, model.cpu(), config, train_state={"history": history, "rejected": rejected})
-    return {"config": config, "history": history, "rejected": rejected, "itq": itq}
+    return {"config": config, "history": history, "rejected": rejected, "itq": itq, "features_cache": cache_use}
+
+
+def _cached_f7_and_views(cfg: TrainConfig, source, model, config: dict, device):
+    """_f7_and_views, read from --features-cache when it holds this run's, else computed (and kept there);
+    and what the cache did: "read", "written" or None."""
+    if not cfg.features_cache:
+        return (*_f7_and_views(cfg, source, model, config, device), None)
+    key = {"source": source.fingerprint(), "images": len(source), "backbone": config["backbone"],
+           "backbone_weights": _weights_fingerprint(model.backbone), "input_size": config["input_size"],
+           "precision": cfg.precision, "device": device.type, "views": cfg.views, "seed": cfg.seed}
+    if Path(cfg.features_cache).exists():
+        f7, views, rejected = read_features(cfg.features_cache, key)
+        return torch.from_numpy(f7), None if views is None else torch.from_numpy(views), rejected, "read"
+    check_output_file(cfg.features_cache, "--features-cache")
+    f7, views, rejected = _f7_and_views(cfg, source, model, config, device)
+    write_features(cfg.features_cache, key, f7.numpy(), None if views is None else views.numpy(), rejected)
+    return f7, views, rejected, "written"
+
+
+def _weights_fingerprint(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(f"{name}\t{tuple(tensor.shape)}\t{tensor.dtype}\n".encode())
+        h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -80,14 +111,18 @@ def _f7_and_views(cfg: TrainConfig, source, model, config: dict, device):
     loader = make_loader(source, config["input_size"], EncodeConfig.batch_size, cfg.workers)
     plain, augmented, rejected = [], [], 0
     what = "F7 of the images" + (f" and {cfg.views} views of each" if cfg.views else "")
-    for _, pixels, good, rejects in tqdm(loader, desc=what, disable=cfg.quiet, leave=False):
-        rejected += len(rejects)
-        if len(good) == 0:
-            continue
-        plain.append(backbone_f7(model, pixels, config, device, cfg.precision))
-        if cfg.views:
-            augmented.append(torch.stack([backbone_f7(model, view, config, device, cfg.precision).half()
-                                          for view in augment_views(pixels, cfg.views)], 1))
+    with torch.random.fork_rng(devices=[]):
+        # the views draw from a generator of their own, so they are the same whatever --bits (whose
+        # initialisation draws first) and a --features-cache holds what any such run would compute
+        torch.manual_seed(cfg.seed)
+        for _, pixels, good, rejects in tqdm(loader, desc=what, disable=cfg.quiet, leave=False):
+            rejected += len(rejects)
+            if len(good) == 0:
+                continue
+            plain.append(backbone_f7(model, pixels, config, device, cfg.precision))
+            if cfg.views:
+                augmented.append(torch.stack([backbone_f7(model, view, config, device, cfg.precision).half()
+                                              for view in augment_views(pixels, cfg.views)], 1))
     if not plain:
         raise HashsearchError(f"none of the images in {cfg.source} could be decoded")
     return torch.cat(plain), (torch.cat(augmented) if cfg.views else None), rejected
