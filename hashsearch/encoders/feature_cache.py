@@ -37,7 +37,7 @@ def read_features(path, key: dict):
             rejected = int(arrays["rejected"][()])
     except HashsearchError:
         raise
-    except (OSError, NotRegularFile, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, NotRegularFile, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise HashsearchError(f"--features-cache {path} is not a hashsearch features cache ({exc}); "
                               "give another file name") from None
     n = len(f7)
