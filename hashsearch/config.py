@@ -10,6 +10,7 @@ Nothing heavy is imported here, so `hashsearch --help` stays fast.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from .codes import check_bits
 from .errors import HashsearchError
@@ -64,10 +65,9 @@ class TrainConfig(Options):
                                      f"--epochs, so that an image's views share its code [{UNSUPERVISED_VIEWS} with "
                                      "--unsupervised; 0: ITQ alone].", check=in_range(0, 64))
     features_cache: str | None = option(None, "With --unsupervised: a file keeping the backbone's F7 of SOURCE and "
-                                              "of its views.  A later run on the same images, backbone, input "
-                                              "size, precision, views and seed reads it instead of recomputing "
-                                              "(another --bits then takes seconds); one made otherwise is "
-                                              "refused.")
+                                              "of its views, read back by a later run made from the same inputs "
+                                              "(another --bits then skips the backbone passes); one made from "
+                                              "other inputs is refused.")
     weights: str | None = option(None, "Backbone weights: a local state_dict file, or a hashsearch checkpoint to "
                                        "reuse its backbone.")
     epochs: int = option(10, "Passes over the training set.", check=positive)
@@ -100,11 +100,19 @@ class TrainConfig(Options):
             self.views = UNSUPERVISED_VIEWS if self.unsupervised else 0
         if self.views and not self.unsupervised:
             raise HashsearchError("--views is for --unsupervised training")
-        if self.features_cache and not self.unsupervised:
-            raise HashsearchError("--features-cache is for --unsupervised training")
+        if self.features_cache is not None:
+            self._check_features_cache()
         super().__post_init__()
         if self.unsupervised:
             self._refuse_what_unsupervised_would_ignore()
+
+    def _check_features_cache(self):
+        if not self.unsupervised:
+            raise HashsearchError("--features-cache is for --unsupervised training")
+        if not str(self.features_cache).strip():
+            raise HashsearchError("--features-cache needs a file name")
+        if Path(self.features_cache).resolve() == Path(self.out).resolve():
+            raise HashsearchError("--features-cache and --out name the same file")
 
     def _refuse_what_unsupervised_would_ignore(self):
         # --unsupervised fits ITQ once and trains only H on views, with no held-out split and no schedule,

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import cli
 from hashsearch.config import UNSUPERVISED_VIEWS, TrainConfig
@@ -16,7 +19,7 @@ from hashsearch.encoders.contrastive import _two_views, nt_xent
 from hashsearch.encoders.preprocess import augment_views
 from hashsearch.errors import HashsearchError
 from hashsearch.encoders.backbones import get_backbone
-from hashsearch.encoders.checkpoint import read_checkpoint
+from hashsearch.encoders.checkpoint import read_checkpoint, read_weights
 from hashsearch.encoders.encoder import Encoder
 from hashsearch.encoders.sources import SyntheticSource
 from hashsearch.itq import fit_itq
@@ -232,8 +235,7 @@ def test_a_features_cache_gives_what_the_backbone_passes_give_at_any_bits(photos
     cache = tmp_path / "f7.npz"
     kept = cli("train", photos, *VIEWS_RUN, "--features-cache", cache, "--out", tmp_path / "a16.pt").stdout
     assert f"F7 kept in {cache}" in kept
-    cli("train", photos, *VIEWS_RUN, "--out", tmp_path / "b16.pt")
-    assert torch.equal(_latent(tmp_path / "a16.pt"), _latent(tmp_path / "b16.pt"))
+    written = cache.read_bytes()
     # another --bits draws another initialisation first; the views it computes are the cached ones still
     cli("train", photos, *VIEWS_RUN, "--bits", "8", "--out", tmp_path / "b8.pt")
 
@@ -244,40 +246,93 @@ def test_a_features_cache_gives_what_the_backbone_passes_give_at_any_bits(photos
     read = cli("train", photos, *VIEWS_RUN, "--bits", "8", "--features-cache", cache, "--out", tmp_path / "a8.pt")
     assert f"F7 read from {cache}" in read.stdout
     assert torch.equal(_latent(tmp_path / "a8.pt"), _latent(tmp_path / "b8.pt"))
+    assert cache.read_bytes() == written
+
+
+def _perturbed_weights(path):
+    weights = read_weights(get_backbone("efficientnet-lite0").default_weights())
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = weights[name] + 1e-3
+    torch.save(weights, path)
+    return path
 
 
 @pytest.mark.parametrize("other, why", [
-    (["--views", "3"], "views 2, not 3"),
-    (["--seed", "1"], "seed 0, not 1"),
-    (["--input-size", "40"], "input_size 32, not 40"),
-    (["--limit", "30"], "another source; images 40, not 30"),
-])
+    (lambda tmp: ["--views", "3"], "views 2, not 3"),
+    (lambda tmp: ["--seed", "1"], "seed 0, not 1"),
+    (lambda tmp: ["--input-size", "40"], "input_size 32, not 40"),
+    (lambda tmp: ["--precision", "bf16"], "precision 'fp32', not 'bf16'"),
+    (lambda tmp: ["--limit", "30"], "the list of images differs"),
+    (lambda tmp: ["--weights", _perturbed_weights(tmp / "w.pt")], "the backbone's weights differ"),
+], ids=["views", "seed", "input size", "precision", "limit", "weights"])
 def test_a_features_cache_made_from_other_inputs_is_refused_and_kept(photos, tmp_path, other, why):
     cache = tmp_path / "f7.npz"
     cli("train", photos, *VIEWS_RUN, "--features-cache", cache, "--out", tmp_path / "a.pt")
     before = cache.read_bytes()
-    result = cli("train", photos, *VIEWS_RUN, *other, "--features-cache", cache, "--out", tmp_path / "b.pt",
-                 ok=False)
-    assert f"--features-cache {cache} was made from other inputs ({why})" in result.stderr
+    result = cli("train", photos, *VIEWS_RUN, *other(tmp_path), "--features-cache", cache,
+                 "--out", tmp_path / "b.pt", ok=False)
+    assert f"--features-cache {cache} was made from other inputs (" in result.stderr and why in result.stderr
     assert cache.read_bytes() == before and not (tmp_path / "b.pt").exists()
 
 
-@pytest.mark.parametrize("make", [
-    lambda path: path.write_bytes(b"my notes, not a cache"),
-    lambda path: np.savez(path, key=np.array('{"format": "something else"}')),
-    lambda path: np.savez(path, f7=np.zeros((2, 3))),
-    lambda path: os.mkfifo(path),
-], ids=["text", "other npz", "npz without key", "fifo"])
-def test_a_file_that_is_not_a_features_cache_is_refused_and_kept(photos, tmp_path, make):
+def test_a_features_cache_is_refused_once_an_image_is_replaced_under_its_name(photos, tmp_path):
+    mine = tmp_path / "photos"
+    shutil.copytree(photos, mine)
+    cache = tmp_path / "f7.npz"
+    cli("train", mine, *VIEWS_RUN, "--features-cache", cache, "--out", tmp_path / "a.pt")
+    replaced = next(mine.rglob("*.png"))
+    Image.new("RGB", (48, 48), "red").save(replaced)
+    result = cli("train", mine, *VIEWS_RUN, "--features-cache", cache, "--out", tmp_path / "b.pt", ok=False)
+    assert "image files changed (size or modification time)" in result.stderr
+
+
+def _npy_bytes(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda path: path.write_bytes(b"my notes, not a cache"), "is not a hashsearch features cache"),
+    (lambda path: path.write_bytes(_npy_bytes(np.ones(3))), "is not a hashsearch features cache"),
+    (lambda path: np.savez(path, key=np.array('{"format": "something else"}')), "is not a hashsearch features cache"),
+    (lambda path: np.savez(path, f7=np.zeros((2, 3))), "is not a hashsearch features cache"),
+    (lambda path: os.mkfifo(path), "is a FIFO"),
+    (lambda path: path.mkdir(), "is a directory"),
+], ids=["text", "npy", "other npz", "npz without key", "fifo", "directory"])
+def test_a_file_that_is_not_a_features_cache_is_refused_and_kept(photos, tmp_path, make, why):
     cache = tmp_path / "f7.npz"
     make(cache)
     before = cache.read_bytes() if cache.is_file() else None
     result = cli("train", photos, *VIEWS_RUN, "--features-cache", cache, "--out", tmp_path / "m.pt", ok=False)
-    assert f"--features-cache {cache} is not a hashsearch features cache" in result.stderr
+    assert f"--features-cache {cache}" in result.stderr and why in result.stderr
     assert (cache.read_bytes() if cache.is_file() else None) == before and not (tmp_path / "m.pt").exists()
 
 
-def test_a_features_cache_without_unsupervised_is_refused(tmp_path):
-    result = cli("train", "synthetic:30", "--features-cache", tmp_path / "f7.npz", "--out", tmp_path / "m.pt",
-                 ok=False)
-    assert result.stderr.strip() == "hashsearch: error: --features-cache is for --unsupervised training"
+@pytest.mark.parametrize("damage, why", [
+    (lambda a: a.update(f7=a["f7"][:, :-1]), "F7 is float32"),
+    (lambda a: a.update(views=a["views"][:, :1]), "the views are float16"),
+    (lambda a: a.pop("views"), "it holds f7, rejected"),
+    (lambda a: a.update(rejected=np.array(-1)), "rejected is -1"),
+    (lambda a: a["f7"].__setitem__((0, 0), np.nan), "it holds values that are not finite"),
+])
+def test_a_cache_whose_arrays_do_not_fit_its_key_is_refused(photos, tmp_path, damage, why):
+    cache = tmp_path / "f7.npz"
+    cli("train", photos, *VIEWS_RUN, "--features-cache", cache, "--out", tmp_path / "a.pt")
+    with np.load(cache) as kept:
+        arrays = {name: kept[name] for name in kept.files}
+    damage(arrays)
+    np.savez(cache, **arrays)
+    result = cli("train", photos, *VIEWS_RUN, "--features-cache", cache, "--out", tmp_path / "b.pt", ok=False)
+    assert f"--features-cache {cache} is damaged: {why}" in result.stderr
+
+
+@pytest.mark.parametrize("given, why", [
+    (["synthetic:30", "--features-cache", "f7.npz"], "--features-cache is for --unsupervised training"),
+    (["synthetic:30", *ARGS, "--features-cache", ""], "--features-cache needs a file name"),
+    (["synthetic:30", *ARGS, "--features-cache", "m.pt"], "--features-cache and --out name the same file"),
+])
+def test_a_features_cache_option_that_cannot_work_is_refused(given, why, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("train", *given, "--out", "m.pt", ok=False)
+    assert result.stderr.strip() == f"hashsearch: error: {why}"

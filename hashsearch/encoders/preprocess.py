@@ -127,6 +127,11 @@ def _view_transform(size: int):
                        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(0.2)])
 
 
+def view_recipe(size: int) -> str:
+    """The views' transforms with every parameter, as torchvision prints them."""
+    return repr(_view_transform(size))
+
+
 def augment_views(batch: torch.Tensor, views: int) -> torch.Tensor:
     """uint8 [n, 3, H, W] -> [views, n, 3, H, W]: random resized crops (a quarter of the area or more), flips,
     colour jitter and grayscale, each image's own (torch's global generator: seed it for a repeatable run)."""

@@ -79,6 +79,21 @@ class Source:
         self._hash_items(h)
         return h.hexdigest()
 
+    def files_stamp(self) -> str:
+        """Identifies the files behind the items by size and modification time: an image replaced under
+        the same name changes it, which the item list (fingerprint) does not see."""
+        h = hashlib.sha256()
+        for f in self._files():
+            try:
+                st = os.stat(f)
+                h.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            except OSError:         # unreadable now: the pass rejects it, and a later stat that works differs
+                h.update(f"{f}\t-\n".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
+
+    def _files(self):
+        return (f for f in map(self.file, range(len(self))) if f is not None)
+
     def _hash_items(self, h) -> None:
         labels = self.labels()
         for i in range(len(self)):
@@ -148,6 +163,9 @@ class IdxSource(Source):
 
     def labels(self) -> np.ndarray:
         return self._labels
+
+    def _files(self):
+        return [self._images_file]
 
     def _hash_items(self, h) -> None:
         # Paths are the file plus the index, so the labels are all that varies;

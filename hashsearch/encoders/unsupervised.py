@@ -18,7 +18,6 @@ skips the backbone passes.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from .encoder import resolve_device
 from .sources import open_source
 from .contrastive import TEMPERATURE, refine_latent
 from .dataset import make_loader
-from .feature_cache import read_features, write_features
+from .feature_cache import features_key, read_features, write_features
 from .preprocess import augment_views
 from .train import backbone_f7, initial_model
 
@@ -83,9 +82,8 @@ def _cached_f7_and_views(cfg: TrainConfig, source, model, config: dict, device):
     and what the cache did: "read", "written" or None."""
     if not cfg.features_cache:
         return (*_f7_and_views(cfg, source, model, config, device), None)
-    key = {"source": source.fingerprint(), "images": len(source), "backbone": config["backbone"],
-           "backbone_weights": _weights_fingerprint(model.backbone), "input_size": config["input_size"],
-           "precision": cfg.precision, "device": device.type, "views": cfg.views, "seed": cfg.seed}
+    key = features_key(source, model.backbone, config, precision=cfg.precision, device=device, views=cfg.views,
+                       seed=cfg.seed, batch_size=EncodeConfig.batch_size)
     if Path(cfg.features_cache).exists():
         f7, views, rejected = read_features(cfg.features_cache, key)
         return torch.from_numpy(f7), None if views is None else torch.from_numpy(views), rejected, "read"
@@ -93,14 +91,6 @@ def _cached_f7_and_views(cfg: TrainConfig, source, model, config: dict, device):
     f7, views, rejected = _f7_and_views(cfg, source, model, config, device)
     write_features(cfg.features_cache, key, f7.numpy(), None if views is None else views.numpy(), rejected)
     return f7, views, rejected, "written"
-
-
-def _weights_fingerprint(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(f"{name}\t{tuple(tensor.shape)}\t{tensor.dtype}\n".encode())
-        h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -114,7 +104,7 @@ def _f7_and_views(cfg: TrainConfig, source, model, config: dict, device):
     with torch.random.fork_rng(devices=[]):
         # the views draw from a generator of their own, so they are the same whatever --bits (whose
         # initialisation draws first) and a --features-cache holds what any such run would compute
-        torch.manual_seed(cfg.seed)
+        torch.random.default_generator.manual_seed(cfg.seed)
         for _, pixels, good, rejects in tqdm(loader, desc=what, disable=cfg.quiet, leave=False):
             rejected += len(rejects)
             if len(good) == 0:
