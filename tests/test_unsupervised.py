@@ -120,7 +120,9 @@ def test_weights_of_another_lite_variant_are_refused_in_one_line(photos, tmp_pat
 
 def test_views_train_h_so_that_an_images_views_share_its_code(photos, tmp_path):
     out = tmp_path / "m.pt"
-    printed = cli("train", photos, *ARGS, "--views", "2", "--epochs", "4", "--batch-size", "16", "--out", out).stdout
+    # at 1e-2 the view-pair loss fell by 0.14-0.49 over seeds 0-3 (at the default 1e-3, by 0.03-0.11: too close)
+    views_run = ["--views", "2", "--epochs", "4", "--batch-size", "16", "--lr", "1e-2"]
+    printed = cli("train", photos, *ARGS, *views_run, "--out", out).stdout
     assert "itq+contrastive on the F7 of 40 images and 2 views of each" in printed
     payload = read_checkpoint(out)
     training = payload["config"]["training"]
@@ -128,7 +130,7 @@ def test_views_train_h_so_that_an_images_views_share_its_code(photos, tmp_path):
     start, *_, end = training["view_pair_loss"]          # the same pairs of views, before and after
     assert end < start - 0.05
     again = tmp_path / "again.pt"
-    cli("train", photos, *ARGS, "--views", "2", "--epochs", "4", "--batch-size", "16", "--out", again)
+    cli("train", photos, *ARGS, *views_run, "--out", again)
     assert torch.equal(read_checkpoint(again)["state_dict"]["latent.weight"], payload["state_dict"]["latent.weight"])
 
 
