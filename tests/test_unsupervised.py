@@ -317,7 +317,7 @@ def test_a_file_that_is_not_a_features_cache_is_refused_and_kept(photos, tmp_pat
     (lambda a: a.pop("views"), "it holds f7, rejected"),
     (lambda a: a.update(rejected=np.array(-1)), "rejected is -1"),
     (lambda a: a["f7"].__setitem__((0, 0), np.nan), "it holds values that are not finite"),
-])
+], ids=["narrow F7", "one view of two", "no views", "negative rejected", "NaN"])
 def test_a_cache_whose_arrays_do_not_fit_its_key_is_refused(photos, tmp_path, damage, why):
     cache = tmp_path / "f7.npz"
     cli("train", photos, *VIEWS_RUN, "--features-cache", cache, "--out", tmp_path / "a.pt")
