@@ -1,6 +1,6 @@
 """`train --unsupervised --features-cache FILE`: the backbone's F7 of a SOURCE and of its augmented views, kept.
 
-Nearly all of an unsupervised run is backbone passes: about 29 minutes for
+Nearly all of an unsupervised run is backbone passes: about 31 minutes for
 50,000 CIFAR-10 images and 4 views of each, where H trains in about 10 s.  The backbone
 is frozen there, so another --bits, --epochs or --lr on the same images needs
 the very same F7: the cache hands it back instead of recomputing it.
