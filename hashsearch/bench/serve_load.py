@@ -64,76 +64,90 @@ def _upload_images(coll: Collection, count: int = 16) -> list[bytes]:
     return images
 
 
+class _LoadRun:
+    """Clients (and with `writes`, a writer) against the server through one httpx client, until the deadline;
+    what they measured."""
+
+    def __init__(self, server: ServerProcess, client, ids: list[int], images: list[bytes], cfg: ServeBenchConfig,
+                 token: str):
+        self.server, self.client, self.images, self.cfg = server, client, images, cfg
+        self.auth = {"Authorization": f"Bearer {token}"}
+        self.latencies = {"id": [], "image": []}
+        self.errors, self.leaks = [], []
+        self.rss = [_rss_mb(server.proc.pid)]
+        self.deleted: dict[int, float] = {}          # id -> when its delete returned
+        self.live = list(ids)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.sent = 0
+        self.deadline = time.monotonic() + cfg.seconds
+
+    async def run(self) -> dict:
+        began = time.monotonic()
+        tasks = [self.one_client(c) for c in range(self.cfg.clients)] + [self.sample_rss()]
+        await asyncio.gather(*tasks, *([self.writer()] if self.cfg.writes else []))
+        return {"latencies": self.latencies, "errors": self.errors, "leaks": self.leaks, "rss_mb": self.rss,
+                "seconds": time.monotonic() - began, "deletes": len(self.deleted)}
+
+    async def one_client(self, c: int):
+        import httpx
+        local = np.random.default_rng([self.cfg.seed, c])
+        while time.monotonic() < self.deadline and self.sent < MAX_REQUESTS:
+            self.sent += 1
+            began = time.monotonic()
+            try:
+                r, kind, item = await self.one_request(local)
+            except httpx.TransportError as exc:         # counted, never a crash of the benchmark
+                self.errors.append(f"connection: {type(exc).__name__} {exc}")
+                continue
+            if r.status_code == 404 and kind == "id" and item in self.deleted:
+                continue        # deleted while this request was on its way: the right answer
+            if r.status_code != 200:
+                self.errors.append(f"{r.status_code} {r.text[:200]}")
+                continue
+            self.latencies[kind].append(time.monotonic() - began)
+            gone = {i for i, t in self.deleted.items() if t < began}
+            self.leaks.extend(h["id"] for h in r.json()["results"] if h["id"] in gone)
+
+    async def one_request(self, local):
+        """A search by image (an upload_share of them) or by a live id: (response, kind, the id or None)."""
+        url = self.server.url + "/search"
+        if local.random() < self.cfg.upload_share:
+            image = self.images[local.integers(len(self.images))]
+            return await self.client.post(url, params={"k": 10}, files={"image": ("q.png", image)}), "image", None
+        item = int(self.live[local.integers(len(self.live))])
+        return await self.client.post(url, params={"k": 10}, json={"id": item}), "id", item
+
+    async def writer(self):
+        """Each second, delete a live item and add an image, until 2 s before the deadline."""
+        import httpx
+        while time.monotonic() < self.deadline - 2:
+            await asyncio.sleep(1.0)
+            victim = int(self.live.pop(int(self.rng.integers(len(self.live)))))
+            try:
+                r = await self.client.delete(f"{self.server.url}/items/{victim}", headers=self.auth)
+                if r.status_code != 200:
+                    self.errors.append(f"delete {r.status_code} {r.text[:200]}")
+                self.deleted[victim] = time.monotonic()
+                image = self.images[int(self.rng.integers(len(self.images)))]
+                r = await self.client.post(self.server.url + "/items", headers=self.auth,
+                                           files=[("image", (f"w{len(self.deleted)}.png", image))])
+                if r.status_code != 200:
+                    self.errors.append(f"add {r.status_code} {r.text[:200]}")
+            except httpx.TransportError as exc:
+                self.errors.append(f"writer connection: {type(exc).__name__} {exc}")
+
+    async def sample_rss(self):
+        while time.monotonic() < self.deadline:
+            await asyncio.sleep(1.0)
+            self.rss.append(_rss_mb(self.server.proc.pid))
+
+
 async def _load(server: ServerProcess, ids: list[int], images: list[bytes], cfg: ServeBenchConfig, token: str) -> dict:
     import httpx
-    latencies = {"id": [], "image": []}
-    errors, leaks, rss = [], [], []
-    deleted: dict[int, float] = {}          # id -> when its delete returned
-    live = list(ids)
-    rng = np.random.default_rng(cfg.seed)
-    sent = 0
     # Idle connections are dropped before the server's keep-alive (5 s) would close them under a request.
     limits = httpx.Limits(max_connections=cfg.clients + 4, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        rss.append(_rss_mb(server.proc.pid))
-        deadline = time.monotonic() + cfg.seconds
-
-        async def one_client(c: int):
-            nonlocal sent
-            local = np.random.default_rng([cfg.seed, c])
-            while time.monotonic() < deadline and sent < MAX_REQUESTS:
-                sent += 1
-                began = time.monotonic()
-                try:
-                    r, kind, item = await one_request(local)
-                except httpx.TransportError as exc:         # counted, never a crash of the benchmark
-                    errors.append(f"connection: {type(exc).__name__} {exc}")
-                    continue
-                if r.status_code == 404 and kind == "id" and item in deleted:
-                    continue        # deleted while this request was on its way: the right answer
-                if r.status_code != 200:
-                    errors.append(f"{r.status_code} {r.text[:200]}")
-                    continue
-                latencies[kind].append(time.monotonic() - began)
-                gone = {i for i, t in deleted.items() if t < began}
-                leaks.extend(h["id"] for h in r.json()["results"] if h["id"] in gone)
-
-        async def one_request(local):
-            if local.random() < cfg.upload_share:
-                r = await client.post(server.url + "/search", params={"k": 10},
-                                      files={"image": ("q.png", images[local.integers(len(images))])})
-                return r, "image", None
-            item = int(live[local.integers(len(live))])
-            return await client.post(server.url + "/search", params={"k": 10}, json={"id": item}), "id", item
-
-        async def writer():
-            auth = {"Authorization": f"Bearer {token}"}
-            while time.monotonic() < deadline - 2:
-                await asyncio.sleep(1.0)
-                victim = int(live.pop(int(rng.integers(len(live)))))
-                try:
-                    r = await client.delete(f"{server.url}/items/{victim}", headers=auth)
-                    if r.status_code != 200:
-                        errors.append(f"delete {r.status_code} {r.text[:200]}")
-                    deleted[victim] = time.monotonic()
-                    r = await client.post(server.url + "/items", headers=auth, files=[
-                        ("image", (f"w{len(deleted)}.png", images[int(rng.integers(len(images)))]))])
-                    if r.status_code != 200:
-                        errors.append(f"add {r.status_code} {r.text[:200]}")
-                except httpx.TransportError as exc:
-                    errors.append(f"writer connection: {type(exc).__name__} {exc}")
-
-        async def sample_rss():
-            while time.monotonic() < deadline:
-                await asyncio.sleep(1.0)
-                rss.append(_rss_mb(server.proc.pid))
-
-        began = time.monotonic()
-        tasks = [one_client(c) for c in range(cfg.clients)] + [sample_rss()] + ([writer()] if cfg.writes else [])
-        await asyncio.gather(*tasks)
-        seconds = time.monotonic() - began
-    return {"latencies": latencies, "errors": errors, "leaks": leaks, "rss_mb": rss, "seconds": seconds,
-            "deletes": len(deleted)}
+        return await _LoadRun(server, client, ids, images, cfg, token).run()
 
 
 def _percentiles(seconds: list[float]) -> dict:
