@@ -19,13 +19,15 @@ from tqdm import tqdm
 
 from ..errors import HashsearchError
 from ..fileio import check_output_file
-from .backbones import get_backbone, load_weights
-from .checkpoint import build_model, is_checkpoint, make_config, read_checkpoint, read_weights, save_checkpoint
+from .backbones import load_weights
+from .checkpoint import read_checkpoint, save_checkpoint
 from ..config import TrainConfig
 from .dataset import make_loader
 from .encoder import autocast, resolve_device, to_device
+from .initial_model import backbone_f7, initial_model
 from .preprocess import augment, normalize
 from .sources import open_source
+from .unsupervised import train_unsupervised
 
 # Decoded training images are kept in RAM, up to this size; beyond it, training
 # needs --freeze-backbone (which keeps only F7) or a smaller --input-size.
@@ -34,7 +36,6 @@ PRELOAD_LIMIT_BYTES = 3 << 30
 
 def train(cfg: TrainConfig) -> dict:
     if cfg.unsupervised:
-        from .unsupervised import train_unsupervised
         return train_unsupervised(cfg)
     # the checkpoint is first written after a whole epoch: a bad --out must fail now, not then
     check_output_file(cfg.out, "--out")
@@ -71,22 +72,6 @@ def _labelled_source(cfg: TrainConfig):
         raise HashsearchError("training needs class labels: use a folder with one subfolder per class, or a list file "
                               "with labels; or add --unsupervised")
     return source, labels, source.class_names or [str(c) for c in range(int(labels.max()) + 1)]
-
-
-def initial_model(cfg: TrainConfig, class_names: list, device):
-    """(config, model on `device`, whether it starts from pretrained weights, the config of the hashsearch
-    checkpoint whose backbone it reuses or None): --weights, else the backbone's own weights."""
-    weights = read_weights(cfg.weights) if cfg.weights else None
-    reused = weights if is_checkpoint(weights) else None
-    # a reused backbone keeps the input size it learned at (one of another backbone is refused by build_model)
-    same = reused is not None and reused["config"]["backbone"] == cfg.backbone
-    input_size = cfg.input_size or (reused["config"]["input_size"] if same else None)
-    config = make_config(cfg.backbone, cfg.bits, class_names, input_size)
-    if weights is None:
-        installed = get_backbone(cfg.backbone).default_weights()
-        weights = read_weights(installed) if installed else None
-    return (config, to_device(build_model(config, weights), device), weights is not None,
-            reused["config"] if reused is not None else None)
 
 
 def _optimizer(cfg: TrainConfig, model, pretrained: bool, steps_per_epoch: int):
@@ -241,11 +226,3 @@ def _decode_all(cfg, source, labels, indices, size, model, config, device, what)
     if not xs:
         raise HashsearchError(f"none of the {what} images could be decoded")
     return torch.cat(xs), torch.cat(ys), rejected
-
-
-@torch.no_grad()
-def backbone_f7(model, pixels: torch.Tensor, config: dict, device, precision: str) -> torch.Tensor:
-    """F7 float32 [n, D] on the CPU of uint8 images [n, 3, S, S], through the model's backbone alone (no gradient)."""
-    x = normalize(pixels.to(device), config["mean"], config["std"])
-    with autocast(device, precision):
-        return model.backbone(x.contiguous(memory_format=torch.channels_last)).float().cpu()

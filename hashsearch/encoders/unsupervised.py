@@ -34,8 +34,8 @@ from .sources import open_source
 from .contrastive import TEMPERATURE, refine_latent
 from .dataset import make_loader
 from .feature_cache import features_key, read_features, write_features
+from .initial_model import backbone_f7, initial_model
 from .preprocess import augment_views
-from .train import backbone_f7, initial_model
 
 # F8 needs a class; there is one, and it is never scored.
 UNLABELLED = "unlabelled"
