@@ -3,7 +3,7 @@ import pytest
 
 from hashsearch.bench.metrics import (average_precision, mean_average_precision,
                                       precision_at_k, precision_within_radius, pr_curve_hamming,
-                                      rank_by_hamming)
+                                      rank_by_hamming, recall_at_k)
 from hashsearch.codes import code_words, hamming_distances, pack_codes, unpack_codes
 from hashsearch.errors import HashsearchError
 
@@ -37,6 +37,20 @@ def test_precision_at_k():
     rel = np.array([[1, 0, 1, 1], [0, 0, 1, 0]], bool)
     expected = np.mean([[1, 1 / 2, 2 / 3, 3 / 4], [0, 0, 1 / 3, 1 / 4]], axis=0)
     assert precision_at_k(rel) == pytest.approx(expected)
+
+
+def test_recall_at_k_counts_the_true_neighbours_found():
+    truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    found = np.array([[4, 3, 9, -1], [5, 6, 7, 8]])
+    assert recall_at_k(found, truth) == (2 / 4 + 4 / 4) / 2
+    assert recall_at_k(truth, truth) == 1.0
+
+
+def test_recall_at_k_reads_only_the_top_k_and_never_counts_padding():
+    assert recall_at_k([[1, 2, -1]], [[2, 3, 4]]) == pytest.approx(1 / 3)
+    assert recall_at_k([[9, 8, 2, 3]], [[2, 3]]) == 0.0           # 2 and 3 are past the top 2
+    assert recall_at_k([[-1, 5]], [[-1, 5]]) == 0.5                # -1 pads a short truth: it never matches
+    assert np.isnan(recall_at_k(np.zeros((0, 10), int), np.zeros((0, 10), int)))
 
 
 def test_rank_by_hamming_matches_brute_force():

@@ -7,18 +7,12 @@ import numpy as np
 
 from conftest import cli
 from hashsearch import Collection, Index
-from hashsearch.bench.peers import ground_truth, recall_at_k
+from hashsearch.bench.metrics import recall_at_k
+from hashsearch.bench.peers import ground_truth
 from hashsearch.bench.synthetic import SyntheticSpec, generate_collection, make_queries
 
 N, DIM, BITS, NQ = 3000, 64, 32, 20
 FIELDS = {"method", "params", "recall_at_10", "batch1_ms", "batched_qps", "build_s", "rss_mb", "disk_bytes"}
-
-
-def test_recall_at_k_counts_the_true_neighbours_found():
-    truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
-    found = np.array([[4, 3, 9, -1], [5, 6, 7, 8]])
-    assert recall_at_k(found, truth) == (2 / 4 + 4 / 4) / 2
-    assert recall_at_k(truth, truth) == 1.0
 
 
 def test_ground_truth_is_the_exact_top_10_by_l2(tmp_path):

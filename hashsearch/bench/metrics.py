@@ -2,13 +2,16 @@
 
 Every query is ranked against the whole database and a database item is
 relevant when it has the query's label.  All functions take and return
-numpy arrays; nothing here touches a collection on disk.
+numpy arrays; nothing here touches a collection on disk.  The benchmarks'
+recall_at_k scores a search against the exact nearest neighbours instead.
 
 Hamming distances are computed a block of queries at a time (HammingScanner),
 so the memory held is a few [block, n_database] matrices whatever the query
 count, and every ranking is exact and deterministic.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -101,6 +104,15 @@ def mean_average_precision(relevant: np.ndarray, n_relevant_total=None) -> float
     """
     ap = average_precision(relevant, n_relevant_total)
     return float(ap.mean()) if len(ap) else 0.0
+
+
+def recall_at_k(found, truth) -> float:
+    """Mean over queries of |found top k ∩ truth| / k, where truth [nq, k] holds each query's exact top k ids
+    (-1 never counts); NaN for no queries."""
+    found, truth = np.asarray(found), np.asarray(truth)
+    k = truth.shape[1]
+    hits = [len(set(f[:k][f[:k] >= 0].tolist()) & set(t[t >= 0].tolist())) for f, t in zip(found, truth)]
+    return float(np.mean(hits) / k) if hits else math.nan
 
 
 def precision_at_k(relevant: np.ndarray) -> np.ndarray:

@@ -45,6 +45,7 @@ from ..errors import HashsearchError
 from ..shards import SHARD_DIR, Collection, RowReader
 from ..shards.manifest import disk_bytes
 from .live import linked_copy
+from .metrics import recall_at_k
 from .speed import K, bench_data, time_calls
 from .synthetic import default_cache_root
 from .sysinfo import descendant_pids, machine_info, peak_rss_mb
@@ -291,13 +292,6 @@ class Hnswlib:
 METHODS = {m.name: m for m in (HashsearchMethod, FaissBinaryHNSW, UsearchHamming, MilvusLite, FaissIVFSQ,
                                FaissIVFPQ, Hnswlib)}
 _PACKAGES = {"usearch-hamming": "usearch", "milvus-lite": "pymilvus", "hnswlib": "hnswlib"}
-
-
-# -- scoring ----------------------------------------------------------------------------------------
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean over queries of |found ∩ truth| / k, where truth holds the exact top k ids of each query."""
-    hits = [len(set(f[f >= 0].tolist()) & set(t.tolist())) for f, t in zip(found, truth)]
-    return float(np.mean(hits)) / truth.shape[1]
 
 
 # -- one method, in its own process -------------------------------------------------------------------

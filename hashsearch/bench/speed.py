@@ -34,6 +34,7 @@ from ..errors import HashsearchError
 from ..shards import SHARD_DIR, Collection
 from ..shards.manifest import disk_bytes
 from ..config import BenchData, ExhaustiveBenchConfig
+from .metrics import recall_at_k
 from .synthetic import SyntheticSpec, default_cache_root, generate_collection, make_queries
 from .sysinfo import machine_info, peak_rss_mb, rss_breakdown_mb
 
@@ -282,7 +283,7 @@ def _summary(cfg: ExhaustiveBenchConfig, setup: dict, searched: dict, exhaustive
     result["timings"] = _timings(searched["timings"], exhaustive["timings"], batches)
     result.update(_headline(result["timings"], cfg.batch))
     truth, hds, bcs = exhaustive["truth"], searched["hds_rows"], searched["bcs_rows"]
-    result.update(recall_at_10=recall_at(hds, truth), recall_at_10_binary=recall_at(bcs, truth),
+    result.update(recall_at_10=recall_at_k(hds, truth), recall_at_10_binary=recall_at_k(bcs, truth),
                   top10={"exhaustive": truth.tolist(), "hierarchical": hds, "binary": bcs})
     result.update({key: searched[key] for key in ("open_seconds", "rss_mb", "rss_end_mb", "mean_candidates")})
     return result
@@ -305,14 +306,6 @@ def _headline(timings: dict, batch: int) -> dict:
         out.update({f"{method}_ms": main[method]["median_ms"], f"{method}_p95_ms": main[method]["p95_ms"],
                     f"{method}_qps": main[method]["qps"]})
     return {**out, "speedup": main["speedup"], "speedup_batch1": timings["1"]["speedup"]}
-
-
-def recall_at(found, truth) -> float:
-    """Mean over queries of |found top-k ∩ truth top-k| / k (k = truth's width; -1 never counts)."""
-    found, truth = np.asarray(found), np.asarray(truth)
-    k = truth.shape[1]
-    hits = [len(set(f[:k][f[:k] >= 0].tolist()) & set(t[t >= 0].tolist())) for f, t in zip(found, truth)]
-    return float(np.mean(hits) / k) if hits else math.nan
 
 
 # -- reporting --------------------------------------------------------------------
