@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import LiveServer, cli
 
 TOKEN = "a-token-of-at-least-16-characters"
+WRITABLE_UPLOAD_LIMIT_MB = 1      # small, so that an upload over it is cheap to send
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def writable(photo_collection, tmp_path):
     root = tmp_path / "coll"
     shutil.copytree(photo_collection, root)
     (tmp_path / "token").write_text(TOKEN + "\n")
-    with LiveServer(root, "--token-file", tmp_path / "token", "--max-upload-mb", 1) as s:
+    with LiveServer(root, "--token-file", tmp_path / "token", "--max-upload-mb", WRITABLE_UPLOAD_LIMIT_MB) as s:
         s.root = root
         yield s
 
@@ -135,7 +136,8 @@ def test_add_and_delete_through_the_api(writable, paths, tmp_path):
     assert httpx.delete(f"{writable.url}/items/{ids[1]}", headers=auth).status_code == 404
     not_image = httpx.post(writable.url + "/items", files={"image": ("x.png", b"nope")}, headers=auth)
     assert not_image.status_code == 415
-    too_big = httpx.post(writable.url + "/items", files={"image": ("big.png", b"0" * (2 << 20))}, headers=auth)
+    big = b"0" * (2 * WRITABLE_UPLOAD_LIMIT_MB << 20)
+    too_big = httpx.post(writable.url + "/items", files={"image": ("big.png", big)}, headers=auth)
     assert too_big.status_code == 413 and "limit" in too_big.json()["error"]
 
 
