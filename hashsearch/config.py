@@ -19,7 +19,10 @@ from .options import Options, cli_name, fraction, in_range, not_negative, option
 MODES = ("bcs", "es", "hds")                   # Hamming only, exhaustive L2, hierarchical: eval reports them so
 COARSE_KINDS = ("flat", "hash", "multihash")    # the faiss binary indexes of the coarse level
 BASELINES = ("lsh", "itq")                     # codes eval can fit on F7 without training
-PRECISIONS = ("auto", "fp32", "bf16")           # auto: float16 on CUDA, float32 on a CPU
+# The model's arithmetic (encoders.encoder.autocast).  fp16 is a GPU's, reached through auto; the other two
+# run on any device, which is what training needs: float16 training would need loss scaling, which it lacks.
+ANY_DEVICE_PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", *ANY_DEVICE_PRECISIONS)  # auto: float16 on CUDA, float32 on a CPU
 WAIT_HELP = "If another process is writing the collection, wait for it instead of failing."
 def gpu_share(name: str, value) -> None:
     # Ray places a fraction of one GPU, or whole GPUs: 1.5 is neither.
@@ -81,7 +84,7 @@ class TrainConfig(Options):
     warmup_epochs: float = option(0.5, "Linear warm-up, then cosine decay.", check=not_negative)
     freeze_backbone: bool = option(False, "Train only the latent and classifier layers on cached F7.")
     precision: str = option("fp32", "Autocast to bfloat16: about 2x faster on CPUs with AVX512-BF16/AMX.",
-                            choices=("fp32", "bf16"))
+                            choices=ANY_DEVICE_PRECISIONS)
     input_size: int | None = option(None, "Input side in pixels [the backbone's default].", check=positive)
     val_fraction: float = option(0.05, "Held out to report accuracy each epoch.", check=fraction)
     device: str = option("auto", "auto, cpu or cuda.")

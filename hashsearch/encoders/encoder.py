@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from ..codes import code_bytes, pack_codes
+from ..config import PRECISIONS
 from ..errors import HashsearchError
 from ..shards.manifest import file_sha256
 from .checkpoint import load_model
@@ -25,7 +26,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")     # fp16: what auto resolves to on CUDA
+# The library may also name fp16, what auto resolves to on CUDA, which the command line leaves to auto.
+ENCODER_PRECISIONS = (*PRECISIONS, "fp16")
 
 
 def autocast(device: torch.device, precision: str = "auto"):
@@ -43,8 +45,8 @@ def autocast(device: torch.device, precision: str = "auto"):
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     """The arithmetic `precision` means on `device`: fp16, fp32 or bf16."""
-    if precision not in PRECISIONS:
-        raise HashsearchError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision not in ENCODER_PRECISIONS:
+        raise HashsearchError(f"unknown precision {precision!r}; choose one of {', '.join(ENCODER_PRECISIONS)}")
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     return precision
