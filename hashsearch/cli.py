@@ -2,6 +2,7 @@
 live in the package, and every option here is generated from a config of hashsearch.config."""
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -288,6 +289,9 @@ class _BenchGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
+_json_results = click.option("--json", "json_path", help="Write the results to this JSON file.")
+
+
 @main.group(cls=_BenchGroup)
 def bench():
     """Benchmarks: `exhaustive` (search speed against the paper's baseline), `encode SOURCE` (throughput),
@@ -295,11 +299,24 @@ def bench():
     (partitioned search on Ray)."""
 
 
+def _config_bench(name: str, config: type, summary: str):
+    """`bench NAME` with CONFIG's options and --json: it runs run_NAME_bench of hashsearch.bench.NAME and prints
+    its format_NAME_report.  The module is imported when the command runs, so that --help stays fast."""
+    @bench.command(name, help=summary)
+    @click_options(config)
+    @_json_results
+    def command(json_path, **options):
+        module = importlib.import_module(f"{__package__}.bench.{name}")
+        run, format_report = getattr(module, f"run_{name}_bench"), getattr(module, f"format_{name}_report")
+        _report(json_path, lambda: run(**options), format_report)
+    return command
+
+
 @bench.command("exhaustive")
 @click_options(ExhaustiveBenchConfig)
 @click.option("--scaling", is_flag=True, help="Run N = 10k, 100k and 1M and plot latency against N.")
 @click.option("--plot", "plot_path", default="bench-scaling.png", show_default=True, help="PNG for --scaling.")
-@click.option("--json", "json_path", help="Write the results to this JSON file.")
+@_json_results
 def bench_exhaustive(scaling, plot_path, json_path, **options):
     """Hierarchical vs binary-only vs exhaustive search speed."""
     from .bench import speed
@@ -325,7 +342,7 @@ def bench_exhaustive(scaling, plot_path, json_path, **options):
 @click.option("--model", "model_path", required=True, help="Checkpoint to encode with.")
 @click_options(EncodeBenchConfig)
 @click_options(EncodeConfig, skip=("limit", "shard_size", "float32", "overwrite", "quiet", "wait"))
-@click.option("--json", "json_path", help="Write the results to this JSON file.")
+@_json_results
 def bench_encode(source, model_path, limit, json_path, **options):
     """Encode throughput on SOURCE: the whole pipeline against the model alone."""
     from .bench.encode_speed import format_encode_report, run_encode_bench
@@ -333,13 +350,8 @@ def bench_encode(source, model_path, limit, json_path, **options):
     _report(json_path, lambda: run_encode_bench(model_path, source, limit=limit, **options), format_encode_report)
 
 
-@bench.command("live")
-@click_options(LiveBenchConfig)
-@click.option("--json", "json_path", help="Write the results to this JSON file.")
-def bench_live(json_path, **options):
-    """What a live collection costs: an add into N rows, and search with a delta and tombstones."""
-    from .bench.live import format_live_report, run_live_bench
-    _report(json_path, lambda: run_live_bench(**options), format_live_report)
+bench_live = _config_bench("live", LiveBenchConfig, "What a live collection costs: an add into N rows, and search "
+                                                    "with a delta and tombstones.")
 
 
 @bench.command("peers")
@@ -361,19 +373,14 @@ def bench_peers(json_path, plot_path, **options):
         click.echo(f"wrote {plot_path}")
 
 
-@bench.command("sharded")
-@click_options(ShardedBenchConfig)
-@click.option("--json", "json_path", help="Write the results to this JSON file.")
-def bench_sharded(json_path, **options):
-    """Partitioned search on a local Ray cluster against one process (pip install 'hashsearch[ray]')."""
-    from .bench.sharded import format_sharded_report, run_sharded_bench
-    _report(json_path, lambda: run_sharded_bench(**options), format_sharded_report)
+bench_sharded = _config_bench("sharded", ShardedBenchConfig, "Partitioned search on a local Ray cluster against one "
+                                                             "process (pip install 'hashsearch[ray]').")
 
 
 @bench.command("serve")
 @click.argument("collection")
 @click_options(ServeBenchConfig)
-@click.option("--json", "json_path", help="Write the results to this JSON file.")
+@_json_results
 def bench_serve(collection, json_path, **options):
     """Concurrent clients against `hashsearch serve COLLECTION` on 127.0.0.1 (the collection is not changed)."""
     from .bench.serve_load import format_serve_report, run_serve_bench

@@ -257,24 +257,37 @@ class EvalConfig(Options):
 
 
 @dataclass
-class BenchData(Options):
+class TimedQueries(Options):
+    """The queries a search benchmark times."""
+    queries: int = option(200, "Held-out queries.", check=positive)
+    # Batch 1 (the paper's setting) is always timed; a larger batch adds a batched column.
+    batch: int = option(256, "Queries per search call for the batched column.", check=positive)
+
+
+@dataclass
+class BenchData(TimedQueries):
     """The data `bench exhaustive` and `bench peers` search: a synthetic collection, or a real one."""
     n: int = option(1_000_000, "Synthetic collection size.", check=positive)
     dim: int = option(4096, "Feature dimension (fc7 is 4096-d).", check=positive)
     bits: int = option(128, "Code length.", check=positive)
-    queries: int = option(200, "Held-out queries.", check=positive)
-    # Batch 1 (the paper's setting) is always timed; a larger batch adds a batched column.
-    batch: int = option(256, "Queries per search call for the batched column.", check=positive)
     collection: str | None = option(None, "Benchmark a real encoded collection instead of synthetic data.")
     seed: int = option(0, "Seed of the synthetic data and the queries.", check=seed_range)
     cache_dir: str | None = option(None, "Where synthetic collections are cached.")
 
 
 @dataclass
-class ExhaustiveBenchConfig(BenchData):
+class HeadlineSearch(Options):
+    """The 1M headline settings of `bench exhaustive` (README), which the other benchmarks search with."""
+    hash_bits: int = option(18, "Bits per slice of the multihash index.", check=positive)
     # Measured at 1M x 128 bits (README): recall@10 0.987 at ~0.13 ms a query, and
     # pools above 32 add reads without adding recall.
     pool: int = option(32, "Coarse candidate pool.", check=positive)
+    radius: int = option(12, "Rerank only candidates within this Hamming radius.", check=not_negative)
+
+
+@dataclass
+class ExhaustiveBenchConfig(BenchData):
+    pool: int = option(HeadlineSearch.pool, "Coarse candidate pool.", check=positive)
     radius: int | None = option(None, "Rerank only the candidates within this Hamming radius (at most --pool).",
                                 check=not_negative)
     # multihash with 16-bit slices is the fastest coarse level that keeps recall at 1M (README).
@@ -292,17 +305,9 @@ class EncodeBenchConfig(Options):
 
 
 @dataclass
-class HeadlineSearch(Options):
-    """The 1M headline settings of `bench exhaustive` (README), which the other benchmarks search with."""
-    hash_bits: int = option(18, "Bits per slice of the multihash index.", check=positive)
-    pool: int = option(32, "Coarse candidate pool.", check=positive)
-    radius: int = option(12, "Rerank only candidates within this Hamming radius.", check=not_negative)
-
-
-@dataclass
 class LinkedBenchCollection(HeadlineSearch):
     """Benchmarks that work on a hard-linked copy of `bench exhaustive`'s synthetic collection."""
-    n: int = option(1_000_000, "Rows of the synthetic collection (the `bench exhaustive` one, linked, not copied).",
+    n: int = option(BenchData.n, "Rows of the synthetic collection (`bench exhaustive`'s, linked, not copied).",
                     check=positive)
 
 
@@ -312,14 +317,12 @@ class LiveBenchConfig(LinkedBenchCollection):
     add: int = option(10_000, "Rows appended to time an add.", check=positive)
     delta: float = option(0.10, "Share of N added after the index was built, for the search timing.", check=fraction)
     deleted: float = option(0.05, "Share of N deleted after the index was built.", check=fraction)
-    queries: int = option(200, "Held-out queries timed at batch 1.", check=positive)
+    queries: int = option(TimedQueries.queries, "Held-out queries timed at batch 1.", check=positive)
 
 
 @dataclass
-class ShardedBenchConfig(LinkedBenchCollection):
+class ShardedBenchConfig(LinkedBenchCollection, TimedQueries):
     partitions: str = option("1,2,4", "Partition counts to time, comma-separated.")
-    queries: int = option(200, "Held-out queries.", check=positive)
-    batch: int = option(256, "Queries per search call for the batched column.", check=positive)
 
 
 @dataclass
