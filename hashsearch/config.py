@@ -35,9 +35,10 @@ def gpu_share(name: str, value) -> None:
 check_workers = in_range(0, 64)
 
 
-# CIFAR-10 (docs/results.md): 4 views took mAP@1000 from 0.5236 (ITQ alone) to 0.5605 at 64 bits, and
-# raised it by 0.020-0.029 at 16 and 32, for 5 passes of the backbone over SOURCE instead of 1
-# (1,849 s against 330 s for 50,000 images on 2 cores).
+# Views lift the codes above ITQ alone at every code length measured, on CIFAR-10 and Fashion-MNIST alike, and
+# each view costs one more backbone pass over SOURCE: with 4, training and encoding CIFAR-10 on 2 CPU cores stays
+# within the project's goal of 2 hours (docs/results.md, "CIFAR-10 without labels" and "Fashion-MNIST without
+# labels").
 UNSUPERVISED_VIEWS = 4
 
 
@@ -195,16 +196,16 @@ class RayEncodeConfig(RayConfig):
     actors: int = option(2, "Encoder actors for --ray, each holding the model once.", check=in_range(1, 4096))
     gpus_per_actor: float = option(0, "GPUs each encoder actor takes for --ray (0: encode on CPUs).",
                                    check=gpu_share)
-    # Measured (README): loader processes inside actors fight the other actors for the cores, and
-    # 20,000 CIFAR-10 images took 28.05 s with 2 an actor against 15.67 s with none, on 2 cores.
+    # Loader processes inside actors fight the other actors for the cores: on a small machine they slow
+    # encoding down (README, "Scale-out"), so an actor decodes its own images unless asked.
     actor_workers: int = option(0, "Loader processes inside each encoder actor for --ray (0: it decodes its "
                                    "images itself; more actors use more cores).", check=check_workers)
 
 
 @dataclass
 class RaySearchConfig(RayConfig):
-    # Each partition costs one actor call a query (~1 ms, README); more pay off once one machine's
-    # memory or cores no longer hold the collection.
+    # Each partition costs one actor call a query, far more than a search on one machine (README,
+    # "Scale-out"); more pay off once one machine's memory or cores no longer hold the collection.
     partitions: int = option(2, "Partitions of the collection for --ray, one actor each (at most its shards).",
                              check=in_range(1, 4096))
 
@@ -235,8 +236,8 @@ class EvalConfig(Options):
     map_all: bool = option(False, "mAP over the full ranking instead of the top k.")
     baselines: str = option("", "Also rank with baseline codes fitted on DATABASE's F7 features, comma-separated: "
                                 "lsh,itq.")
-    # One fit is one draw: over ten seeds of LSH on the same F7 features, mAP ranged 0.7942-0.8077 (seed 0,
-    # the old default, the lowest), so a baseline is reported as the mean and sd over seeds, not one seed's number.
+    # One fit is one draw: a baseline's mAP moves with its seed by as much as the gaps it is compared with
+    # (docs/results.md, the baselines' seed ranges), so it is reported as the mean and sd over seeds.
     baseline_seeds: int = option(10, "Seeds 0..N-1 each baseline is fitted with; its row gives the mean and sd of "
                                       "their mAP.", check=positive)
     baseline_bits: int | None = option(None, "Code length of the baselines [the database's].", check=positive)
@@ -279,8 +280,8 @@ class BenchData(TimedQueries):
 class HeadlineSearch(Options):
     """The 1M headline settings of `bench exhaustive` (README), which the other benchmarks search with."""
     hash_bits: int = option(18, "Bits per slice of the multihash index.", check=positive)
-    # Measured at 1M x 128 bits (README): recall@10 0.987 at ~0.13 ms a query, and
-    # pools above 32 add reads without adding recall.
+    # At 1M rows a smaller pool loses true neighbours and a larger one adds reads without adding recall
+    # (README, "Hierarchical vs exhaustive search at 1M images").
     pool: int = option(32, "Coarse candidate pool.", check=positive)
     radius: int = option(12, "Rerank only candidates within this Hamming radius.", check=not_negative)
 
@@ -290,7 +291,8 @@ class ExhaustiveBenchConfig(BenchData):
     pool: int = option(HeadlineSearch.pool, "Coarse candidate pool.", check=positive)
     radius: int | None = option(None, "Rerank only the candidates within this Hamming radius (at most --pool).",
                                 check=not_negative)
-    # multihash with 16-bit slices is the fastest coarse level that keeps recall at 1M (README).
+    # multihash with 16-bit slices is the fastest coarse level that keeps recall at 1M (README, "What the engine
+    # does, and why"); the headline's wider slices trade a little recall for speed once a radius cuts the reads.
     coarse: str = option("multihash", "Coarse index kind.", choices=COARSE_KINDS)
     hash_bits: int | None = option(None, "Bits per hash key of a hash or multihash coarse index.", check=positive)
     nhash: int | None = option(None, "Tables of a multihash coarse index.", check=positive)

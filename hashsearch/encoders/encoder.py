@@ -33,9 +33,8 @@ ENCODER_PRECISIONS = (*PRECISIONS, "fp16")
 def autocast(device: torch.device, precision: str = "auto"):
     """The model's arithmetic: auto is float16 autocast on CUDA and float32 on the CPU.
 
-    bf16 runs convolutions in bfloat16 on CPUs with native support (AVX512-BF16,
-    AMX), where efficientnet-lite0 ran 2.3x faster than float32 (87 against 38
-    images/s at 224 px, 2 cores); elsewhere it is emulated and slower.
+    bf16 runs convolutions in bfloat16, which pays on CPUs with native support
+    (AVX512-BF16, AMX; README, "bf16 on the CPU"); elsewhere it is emulated and slower.
     """
     arithmetic = resolve_precision(device, precision)
     if arithmetic == "fp32":
@@ -53,7 +52,7 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
 
 
 def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    # channels_last lets oneDNN/cuDNN pick their fast NHWC convolutions (1.5x for lite0 on this CPU).
+    # channels_last lets oneDNN/cuDNN pick their fast NHWC convolutions (README, "Encoding").
     return model.to(device, memory_format=torch.channels_last)
 
 
