@@ -1,18 +1,36 @@
 """One writer at a time: an exclusive flock on a file inside the collection.
 
-The kernel drops a flock when its process dies, so a writer killed with
-kill -9 never leaves a stale lock behind.  Readers never take it: they pin a
+The kernel drops a flock when the last descriptor of its open file is
+closed, so a writer killed with kill -9 leaves no stale lock behind, provided
+no other process holds a copy of the descriptor.  A forked child (encode's
+DataLoader workers) inherits one, and would keep the collection locked after
+its parent's kill -9 until it noticed it was orphaned: so every child drops its
+copies the moment it is forked.  Readers never take the lock: they pin a
 generation (see manifest.py) and are never blocked by a writer.
 """
 from __future__ import annotations
 
 import fcntl
 import os
+import weakref
 from pathlib import Path
 
 from ..errors import HashsearchError
+from .layout import LOCK_FILE
 
-LOCK_FILE = ".lock"
+_held: "weakref.WeakSet[WriteLock]" = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    """In a freshly forked child: close its copies of the parent's lock descriptors (the parent's stay locked)."""
+    for lock in list(_held):
+        fd, lock.fd = lock.fd, None
+        if fd is not None:
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 class WriteLock:
@@ -32,11 +50,13 @@ class WriteLock:
             raise HashsearchError(f"collection {self.root} is being written by another process; "
                                   "try again when it has finished (or pass --wait)") from None
         self.fd = fd
+        _held.add(self)
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)       # closing the only descriptor drops the flock
-            self.fd = None
+            fd, self.fd = self.fd, None
+            _held.discard(self)
+            os.close(fd)            # closing the only descriptor drops the flock
 
     def __enter__(self):
         return self
