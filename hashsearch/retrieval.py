@@ -13,21 +13,21 @@ import numpy as np
 
 from .config import RaySearchConfig, saw_labels
 from .engine import Index, SearchConfig
-from .engine.index import check_index_meta
+from .engine.index import check_index_meta, search_params
 from .errors import HashsearchError
 from .shards import Collection
 from .shards.manifest import disk_bytes
 
 
-def run_query(collection, *, images=(), ids=(), k: int = SearchConfig.k, pool: int = SearchConfig.pool,
-              radius: int | None = SearchConfig.radius, nflip: int | None = SearchConfig.nflip,
-              mode: str = SearchConfig.mode, model_path=None, index_dir=None,
-              ray: RaySearchConfig | None = None) -> dict:
-    """`hashsearch query`: the k nearest items to each image and stored id; `ray` searches on Ray."""
+def run_query(collection, *, images=(), ids=(), params: SearchConfig | None = None, model_path=None,
+              index_dir=None, ray: RaySearchConfig | None = None, **options) -> dict:
+    """`hashsearch query`: the k nearest items to each image and stored id; `ray` searches on Ray.
+    `params` and `options` as Index.search takes them."""
     if not len(images) and not len(ids):
         raise HashsearchError("give at least one image or id to query")
+    params = search_params(params, **options)
     with search_index(collection, index_dir, ray) as index:
-        return _query(index, images, ids, k, pool, radius, nflip, mode, model_path)
+        return _query(index, images, ids, params, model_path)
 
 
 @contextlib.contextmanager
@@ -45,7 +45,7 @@ def search_index(collection, index_dir=None, ray: RaySearchConfig | None = None)
         yield index
 
 
-def _query(index, images, ids, k, pool, radius, nflip, mode, model_path) -> dict:
+def _query(index, images, ids, params: SearchConfig, model_path) -> dict:
     coll = index.collection
     names, codes, feats = [], [], []
     if images:
@@ -61,9 +61,8 @@ def _query(index, images, ids, k, pool, radius, nflip, mode, model_path) -> dict
         names += [f"id:{i}" for i in ids]
         codes.append(c)
         feats.append(f)
-    result = index.search(np.concatenate(codes), np.concatenate(feats), k, mode=mode,
-                          pool=pool, radius=radius, nflip=nflip)
-    return {"mode": mode, "k": k, "queries": describe_results(index, names, result)}
+    result = index.search(np.concatenate(codes), np.concatenate(feats), params)
+    return {"mode": params.mode, "k": params.k, "queries": describe_results(index, names, result)}
 
 
 def query_encoder(coll: Collection, model_path=None):

@@ -13,7 +13,6 @@ is safe and costs no space.  It reports:
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -23,20 +22,10 @@ import numpy as np
 
 from ..config import LiveBenchConfig
 from ..engine import Index
-from ..shards import Collection, CollectionWriter, delete_items
-from ..shards.manifest import MANIFEST
+from ..shards import Collection, CollectionWriter, delete_items, linked_copy
 from .speed import K, time_calls
 from .synthetic import BLOCK_ROWS, SyntheticModel, SyntheticSpec, default_cache_root, generate_collection, make_queries
 from .sysinfo import machine_info
-
-
-def linked_copy(src: Path, dst: Path) -> Path:
-    """A collection at `dst` sharing `src`'s shard files by hard link."""
-    (dst / "shards").mkdir(parents=True)
-    for shard in (src / "shards").glob("*.h5"):
-        os.link(shard, dst / "shards" / shard.name)
-    shutil.copy(src / MANIFEST, dst / MANIFEST)
-    return dst
 
 
 def append_synthetic(root: Path, model: SyntheticModel, rows: int, first_block: int) -> float:
@@ -95,13 +84,7 @@ def run_live_bench(n: int = LiveBenchConfig.n, add: int = LiveBenchConfig.add, d
         delete_items(live_root, ids=np.sort(doomed))
         codes, feats, _ = make_queries(Collection.open(base), queries, seed=0)
         followed = Index.open(live_root)
-        fresh_root = tmp / "fresh"
-        fresh_root.mkdir()
-        for part in ("shards", "tombstones"):
-            (fresh_root / part).mkdir()
-            for f in (live_root / part).iterdir():
-                os.link(f, fresh_root / part / f.name)
-        shutil.copy(live_root / MANIFEST, fresh_root / MANIFEST)
+        fresh_root = linked_copy(live_root, tmp / "fresh")
         fresh = Index.build(fresh_root, "multihash", hash_bits=hash_bits)
         out["live_items"] = followed.collection.items
         for name, index in (("followed", followed), ("fresh", fresh)):

@@ -13,7 +13,6 @@ import asyncio
 import io
 import os
 import secrets
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,24 +21,11 @@ import numpy as np
 
 from ..config import ServeBenchConfig
 from ..serve.server import ServerProcess
-from ..shards import Collection
+from ..shards import Collection, linked_copy
 from .sysinfo import machine_info
 
 # The most requests one run may send, whatever --seconds says.
 MAX_REQUESTS = 1_000_000
-
-
-def _linked_copy(src: Path, dst: Path) -> Path:
-    """A copy of the collection sharing its immutable files by hard link; the rest is copied."""
-    def link(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-    shutil.copytree(src, dst, copy_function=link, ignore=shutil.ignore_patterns(".lock"))
-    os.unlink(dst / "manifest.json")
-    shutil.copy2(src / "manifest.json", dst / "manifest.json")      # rewritten by writers: never shared
-    return dst
 
 
 def _rss_mb(pid: int) -> float:
@@ -165,7 +151,7 @@ def run_serve_bench(collection, **options) -> dict:
     images = _upload_images(src)
     ids = src.ids()[src.live_rows()].tolist()
     with tempfile.TemporaryDirectory(prefix="hashsearch-serve-bench-", dir=Path(collection).parent) as tmp:
-        root = _linked_copy(Path(collection), Path(tmp) / "coll")
+        root = linked_copy(Path(collection), Path(tmp) / "coll")
         token = secrets.token_hex(16)
         (Path(tmp) / "token").write_text(token)
         with ServerProcess(root, "--token-file", Path(tmp) / "token") as server:

@@ -21,10 +21,10 @@ import numpy as np
 
 from ..config import ShardedBenchConfig
 from ..engine import Index
-from ..engine.index import merge_partitions
+from ..engine.index import search_params
+from ..engine.kernels import merge_partitions
 from ..errors import HashsearchError
-from ..shards import Collection
-from .live import linked_copy
+from ..shards import Collection, linked_copy
 from .speed import K, time_calls
 from .synthetic import SyntheticSpec, default_cache_root, generate_collection, make_queries
 from .sysinfo import machine_info, rss_breakdown_mb
@@ -99,12 +99,11 @@ def _merge_cost(sharded, codes, feats, params) -> dict:
     """Median ms of the driver's merge alone, for one query and for the whole batch of queries."""
     cost = {}
     for name, q in (("batch1_ms", slice(0, 1)), ("batched_ms_per_query", slice(None))):
-        answers = sharded.partition_answers(codes[q], feats[q], params["k"], pool=params["pool"],
-                                            radius=params["radius"])
+        answers = sharded.partition_answers(codes[q], feats[q], search_params(**params))
         times = []
         for _ in range(200 if name == "batch1_ms" else 20):
             t = time.perf_counter()
-            merge_partitions(answers.parts, answers.k, "hds", answers.pool)
+            merge_partitions(answers.parts, answers.params.k, "hds", answers.params.pool)
             times.append(time.perf_counter() - t)
         cost[name] = float(np.median(times)) * 1e3 / len(codes[q])
     return cost

@@ -21,6 +21,7 @@ the driver loads its partition into it again and retries the query once.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..config import RaySearchConfig, SearchConfig
-from ..engine.index import Index, SearchResult, check_query, merge_partitions
+from ..engine.index import Index, SearchResult, SearchTarget, check_query, merge_partitions, search_params
 from ..errors import HashsearchError
 from ..shards import Collection, GenerationGone, read_manifest
 from .cluster import MAX_RESTARTS, check_resources, cluster_cpus, import_ray, task_error
@@ -73,14 +74,14 @@ class PartitionSearcher:
             self.indexes.pop(old).close()
         return self.indexes[generation].collection.items
 
-    def search(self, generation: int, codes, feats, k: int, mode: str, pool: int, radius, nflip):
+    def search(self, generation: int, codes, feats, params: SearchConfig):
         index = self.indexes.get(generation)
         if index is None:       # a restarted actor: the driver loads the partition again
             raise _NotLoaded(f"generation {generation} is not loaded")
         if index.collection.items == 0:
             empty = np.zeros((len(codes), 0))
             return empty.astype(np.int32), empty.astype(np.int64), empty.astype(np.float32)
-        res = index.search_pool(codes, feats, k, mode=mode, pool=pool, radius=radius, nflip=nflip)
+        res = index.search_pool(codes, feats, params)
         return res.hamming, res.rows, res.distances
 
 
@@ -91,11 +92,10 @@ class _NotLoaded(HashsearchError):
 class PartitionAnswers(NamedTuple):
     collection: Collection      # the generation they answer for
     parts: list                 # (hamming, rows, distances) [nq, m_i] per partition
-    k: int                      # k and pool as capped for this generation
-    pool: int
+    params: SearchConfig        # k and pool as capped for this generation
 
 
-class ShardedIndex:
+class ShardedIndex(SearchTarget):
     """Index's search over a collection split into `partitions` partitions on Ray actors.
 
     It needs a connection to Ray (distributed.ray_cluster, or the caller's ray.init).  Like Index,
@@ -162,53 +162,31 @@ class ShardedIndex:
     def collection(self) -> Collection:
         return self._current()[0]
 
-    @property
-    def codes(self) -> np.ndarray:
-        return self.collection.codes()
-
-    @property
-    def ids(self) -> np.ndarray:
-        return self.collection.ids()
-
-    @property
-    def meta(self) -> dict:
-        return self.collection.manifest["index"]
-
-    @property
-    def kind(self) -> str:
-        return self.meta["coarse"]["kind"]
-
-    @property
-    def generation(self) -> int:
-        return self.collection.generation
-
     # -- searching -------------------------------------------------------------------------
-    def search(self, query_codes: np.ndarray, query_features: np.ndarray | None = None, k: int = SearchConfig.k, *,
-               mode: str = SearchConfig.mode, pool: int = SearchConfig.pool, radius: int | None = SearchConfig.radius,
-               nflip: int | None = SearchConfig.nflip) -> SearchResult:
-        answers = self.partition_answers(query_codes, query_features, k, mode=mode, pool=pool, radius=radius,
-                                         nflip=nflip)
-        rows, ham, dist = merge_partitions(answers.parts, answers.k, mode, answers.pool)
+    def search(self, query_codes: np.ndarray, query_features: np.ndarray | None = None,
+               params: SearchConfig | int | None = None, **options) -> SearchResult:
+        answers = self.partition_answers(query_codes, query_features, search_params(params, **options))
+        rows, ham, dist = merge_partitions(answers.parts, answers.params.k, answers.params.mode, answers.params.pool)
         ids = np.where(rows >= 0, answers.collection.ids()[rows], -1)
         return SearchResult(rows=rows, ids=ids, hamming=ham, distances=dist)
 
-    def partition_answers(self, query_codes, query_features=None, k: int = SearchConfig.k, *,
-                          mode: str = SearchConfig.mode, pool: int = SearchConfig.pool,
-                          radius: int | None = SearchConfig.radius,
-                          nflip: int | None = SearchConfig.nflip) -> "PartitionAnswers":
+    def partition_answers(self, query_codes, query_features=None, params: SearchConfig | None = None
+                          ) -> "PartitionAnswers":
         """Every partition's answer, rows numbered in the whole collection: what search() merges
         (`bench sharded` times the two apart)."""
         coll, plan, first_rows = self._current()
+        params = search_params(params)
         # Checked here as Index checks them, so that bad input is one error, not one from every partition.
-        k, pool, codes, feats = check_query(coll, coll.manifest["index"]["coarse"], query_codes, query_features, k,
-                                            mode, pool, radius, nflip)
+        k, pool, codes, feats = check_query(coll, coll.manifest["index"]["coarse"], query_codes, query_features,
+                                            params)
+        params = dataclasses.replace(params, k=k, pool=pool)
         if feats is not None and feats.nbytes > _INLINE_BYTES:
             feats = self._ray.put(feats)    # one copy in the object store for every partition, not one per call
-        args = (coll.generation, codes, feats, k, mode, pool, radius, nflip)
+        args = (coll.generation, codes, feats, params)
         answers = self._get([a.search.remote(*args) for a in self.actors[:len(plan)]],
                             retry=lambda i: self._retry(i, coll, plan, args))
         parts = [(h, np.where(r >= 0, r + first, -1), d) for (h, r, d), first in zip(answers, first_rows)]
-        return PartitionAnswers(coll, parts, k, pool)
+        return PartitionAnswers(coll, parts, params)
 
     def _retry(self, i: int, coll: Collection, plan, args):
         """Partition i's answer once more, after loading it into its (restarted) actor again."""
@@ -255,8 +233,4 @@ class ShardedIndex:
         if self._state is not None:
             self._state[0].close()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()

@@ -13,9 +13,7 @@ batches are the same whichever mapper makes them, so is the collection.
 from __future__ import annotations
 
 import bisect
-import os
 import queue
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -26,10 +24,8 @@ from tqdm import tqdm
 
 from ..config import ADD_SKIPS, EncodeConfig
 from ..errors import HashsearchError
-from ..fileio import atomic_write
-from ..shards import Collection, CollectionWriter
+from ..shards import MODEL_FILE, REJECTS, Collection, CollectionWriter
 from ..shards.writer import rows_to_write
-from ..shards.collection import MODEL_FILE
 from .dataset import make_loader
 from .encoder import Encoder
 from .sources import open_source
@@ -113,7 +109,7 @@ def _encode_with(mapper, model_path, source, out, cfg: EncodeConfig, log) -> dic
     start = writer.resume_from
     began = time.perf_counter()
     try:
-        _copy_model(model_path, Path(out) / MODEL_FILE)
+        writer.keep_model(model_path)
         if start and not cfg.quiet:
             log(f"resuming {out} at item {start} of {len(source)}")
         _stream(mapper.batches(source, range(len(source)), start), len(source) - start, writer, source,
@@ -126,7 +122,7 @@ def _encode_with(mapper, model_path, source, out, cfg: EncodeConfig, log) -> dic
     done = len(source) - start
     if not cfg.quiet:
         log(f"encoded {manifest['items']} items into {out} ({done / max(seconds, 1e-9):.0f} img/s); "
-            f"{manifest['rejected']} rejected" + (f", see {Path(out) / 'rejects.jsonl'}" if manifest["rejected"] else ""))
+            f"{manifest['rejected']} rejected" + (f", see {Path(out) / REJECTS}" if manifest["rejected"] else ""))
     return manifest
 
 
@@ -284,10 +280,3 @@ class _WriterThread:
             self.queue.put(_DONE)
             self.thread.join()
         self.writer.abort()
-
-
-def _copy_model(model_path, target: Path) -> None:
-    if target.exists() and os.path.samefile(model_path, target):
-        return
-    with open(model_path, "rb") as model:
-        atomic_write(target, lambda f: shutil.copyfileobj(model, f))

@@ -24,7 +24,7 @@ def build_app(collection, config: ServeConfig, index=None):
         raise HashsearchError(f"serving needs the serve extra: pip install 'hashsearch[serve]' ({exc.name} is "
                               "missing)") from None
     token = read_token(config.token_file) if config.token_file else None
-    service = SearchService(collection, max_upload_bytes=int(config.max_upload_mb * (1 << 20)), index=index)
+    service = SearchService(collection, max_upload_mb=config.max_upload_mb, index=index)
     return create_app(service, token=token)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -20,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import SearchConfig
+from ..config import SearchConfig, ServeConfig
 from ..engine import Index
 from ..errors import HashsearchError
-from ..fileio import atomic_write_bytes
 from ..retrieval import collection_info, describe_results, query_encoder, stored_query
-from ..shards.manifest import MANIFEST
+from ..shards import UPLOAD_DIR, store_file
+from ..shards.manifest import manifest_stamp
 
-UPLOAD_DIR = "uploads"
 # Thumbnails kept in memory: 256 of ~5 KB each.
 THUMBNAIL_CACHE = 256
 THUMBNAIL_SIDE = 160
@@ -89,13 +89,13 @@ class MicroBatcher:
 
 
 class SearchService:
-    def __init__(self, root, *, max_upload_bytes: int = 20 << 20, index=None):
+    def __init__(self, root, *, max_upload_mb: float = ServeConfig.max_upload_mb, index=None):
         """`index`: one already open on `root` (a distributed ShardedIndex), which the caller closes."""
         self.root = Path(root)
         self.index = index if index is not None else Index.open(self.root)
-        self.max_upload_bytes = max_upload_bytes
+        self.max_upload_bytes = int(max_upload_mb * (1 << 20))
         self.writable = os.access(self.root, os.W_OK)
-        self._manifest_stamp = self._stamp()
+        self._manifest_stamp = manifest_stamp(self.root)
         self._refresh_lock = threading.Lock()
         # Loaded now, not at the first upload: the model is the bulk of the server's memory, and a
         # server's footprint should be known when it starts answering.
@@ -103,13 +103,9 @@ class SearchService:
         self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
 
     # -- generations ------------------------------------------------------------------
-    def _stamp(self) -> tuple:
-        st = os.stat(self.root / MANIFEST)
-        return st.st_mtime_ns, st.st_ino, st.st_size
-
     def current(self) -> Index:
         """The index on the newest generation; a stat when nothing changed."""
-        stamp = self._stamp()
+        stamp = manifest_stamp(self.root)
         if stamp != self._manifest_stamp:
             with self._refresh_lock:
                 if stamp != self._manifest_stamp:
@@ -138,8 +134,7 @@ class SearchService:
         return self._search(index, name or "upload", codes, feats, params)
 
     def _search(self, index: Index, name: str, codes, feats, params: SearchConfig) -> dict:
-        result = index.search(codes, feats, params.k, mode=params.mode, pool=params.pool, radius=params.radius,
-                              nflip=params.nflip)
+        result = index.search(codes, feats, params)
         return describe_results(index, [name], result)[0] | {"generation": index.generation}
 
     # -- items ----------------------------------------------------------------------------
@@ -189,8 +184,6 @@ class SearchService:
         self._check_writable()
         if not uploads:
             raise HashsearchError("no image uploaded")
-        folder = self.root / UPLOAD_DIR
-        folder.mkdir(exist_ok=True)
         paths = []
         for name, data in uploads:
             self._check_size(name, data)
@@ -198,17 +191,14 @@ class SearchService:
                 decode_image(data)
             except ImageRejected as exc:
                 raise NotAnImage(f"{name or 'an upload'} is not a usable image: {exc}") from None
-            target = folder / f"{hashlib.sha256(data).hexdigest()[:32]}{Path(name or 'x.jpg').suffix.lower()[:6]}"
-            if not target.exists():
-                atomic_write_bytes(target, data)
-            paths.append(str(target.resolve()))
-        listing = folder / f".add-{os.getpid()}-{threading.get_ident()}.txt"
-        atomic_write_bytes(listing, "".join(f"{p}\n" for p in paths).encode())
-        try:
-            add_to_collection(self.root, str(listing), encoder=_Locked(self._batcher), workers=0, quiet=True,
+            stored = f"{hashlib.sha256(data).hexdigest()[:32]}{Path(name or 'x.jpg').suffix.lower()[:6]}"
+            paths.append(str(store_file(self.root, UPLOAD_DIR, stored, data).resolve()))
+        # The SOURCE `add` reads: a list of the stored files, which lives outside the collection.
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as listing:
+            listing.write("".join(f"{p}\n" for p in paths))
+            listing.flush()
+            add_to_collection(self.root, listing.name, encoder=_Locked(self._batcher), workers=0, quiet=True,
                               wait=True, log=lambda *_: None)
-        finally:
-            listing.unlink(missing_ok=True)
         index = self.current()
         rows = index.collection.rows_for_paths(paths)
         return {"ids": index.ids[rows].tolist(), "generation": index.generation}

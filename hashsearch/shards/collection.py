@@ -29,10 +29,9 @@ import numpy as np
 from ..codes import code_bytes
 from ..errors import HashsearchError
 from ..fileio import NotRegularFile, open_regular
+from .layout import MODEL_FILE, REJECTS
 from .manifest import file_sha256, inside, read_manifest
-from .writer import REJECTS
 
-MODEL_FILE = "model.pt"
 _COLUMNS = {"codes": np.uint8, "ids": np.int64, "labels": np.int64}
 
 

@@ -8,49 +8,27 @@ and retires the old files.  Ids never change.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
 
 import numpy as np
 
 from ..config import CompactConfig
 from ..errors import HashsearchError
-from ..fileio import atomic_write_bytes, read_regular
+from ..fileio import read_regular
 from .collection import Collection
-from .lock import WriteLock
-from .manifest import publish, read_manifest, remove_unreferenced
+from .layout import TOMBSTONE_DIR
+from .transaction import Transaction, transaction
 from .writer import copy_shard, next_shard_number
 
-TOMBSTONE_DIR = "tombstones"
 
-
-@contextlib.contextmanager
-def editing(root, *, wait: bool = False):
-    """Hold the write lock of the finished collection at `root`; yields its manifest, old files cleared."""
-    read_manifest(root)         # a missing or foreign directory is named as such, before any lock file is made
-    lock = WriteLock(root, wait=wait)
-    try:
-        manifest = read_manifest(root)
-        if not manifest.get("complete"):
-            raise HashsearchError(f"collection {root} is unfinished; run the same encode command again to finish it")
-        remove_unreferenced(root, manifest)
-        yield manifest
-    finally:
-        lock.release()
-
-
-def _with_tombstones(root, manifest: dict, ids: np.ndarray, rows_stored: int) -> dict:
+def _with_tombstones(txn: Transaction, manifest: dict, ids: np.ndarray, rows_stored: int) -> dict:
     """`manifest` with its tombstones set to `ids` (sorted, unique), written as a new immutable file."""
     manifest = dict(manifest)
     if len(ids):
-        name = f"{TOMBSTONE_DIR}/deleted-{manifest.get('generation', 0) + 1:06d}.npy"
+        name = txn.file_name(TOMBSTONE_DIR, "deleted", ".npy")
         buffer = io.BytesIO()
         np.save(buffer, np.asarray(ids, np.int64), allow_pickle=False)
-        (root / TOMBSTONE_DIR).mkdir(exist_ok=True)
-        atomic_write_bytes(root / name, buffer.getvalue())
-        manifest["tombstones"] = {"file": name, "count": int(len(ids)),
-                                  "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
+        manifest["tombstones"] = {"file": name, "count": int(len(ids)), "sha256": txn.write(name, buffer.getvalue())}
     else:
         manifest["tombstones"] = None
     manifest["deleted"] = int(len(ids))
@@ -65,18 +43,18 @@ def delete_items(root, *, ids=(), paths=(), wait: bool = False) -> dict:
     """
     if not len(ids) and not len(paths):
         raise HashsearchError("give at least one id or path to delete")
-    with editing(root, wait=wait) as manifest:
-        coll = Collection.open(root, allow_empty=True)
+    with transaction(root, wait=wait) as txn:
+        coll = Collection.from_manifest(root, txn.manifest)
         try:
             rows = [coll.rows_for_ids(ids, live=True)] if len(ids) else []
             if len(paths):
                 rows.append(coll.rows_for_paths(paths))
             doomed = coll.ids()[np.concatenate(rows)]
             old = coll.ids()[coll.deleted_rows]
-            manifest = _with_tombstones(coll.root, manifest, np.union1d(old, doomed), coll.n)
+            manifest = _with_tombstones(txn, txn.manifest, np.union1d(old, doomed), coll.n)
         finally:
             coll.close()
-        return publish(root, manifest)
+        return txn.publish(manifest)
 
 
 # An ids file holds at most this much: 64 MiB is ~5 million ids, far past any one delete.
@@ -94,14 +72,15 @@ def read_ids_file(path) -> list[str]:
     return data.decode("utf-8", "replace").split()
 
 
-def rewrite_shards(root, manifest: dict, threshold: float = CompactConfig.threshold) -> tuple[dict, int]:
+def rewrite_shards(txn: Transaction, threshold: float = CompactConfig.threshold) -> tuple[dict, int]:
     """The manifest of a compacted generation (not yet published) and the number of shards rewritten.
 
     Every shard whose deleted share is above `threshold` is copied without its
     deleted rows (or dropped when none is left); the others are kept as they are.
     """
     CompactConfig(threshold=threshold)
-    coll = Collection.open(root, allow_empty=True)
+    manifest = txn.manifest
+    coll = Collection.from_manifest(txn.root, manifest)
     try:
         deleted = coll.deleted_mask()
         shards, kept_dead, number, rewritten = [], [], next_shard_number(manifest), 0
@@ -117,7 +96,7 @@ def rewrite_shards(root, manifest: dict, threshold: float = CompactConfig.thresh
                 shards.append(copy_shard(shard, keep, coll.root, number, entry.get("source_end", 0)))
                 number += 1
         stored = sum(e["rows"] for e in shards)
-        new = _with_tombstones(coll.root, {**manifest, "shards": shards, "next_shard": number},
+        new = _with_tombstones(txn, {**manifest, "shards": shards, "next_shard": number},
                                np.concatenate(kept_dead) if kept_dead else np.zeros(0, np.int64), stored)
     finally:
         coll.close()

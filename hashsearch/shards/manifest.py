@@ -21,8 +21,8 @@ from pathlib import Path
 from ..codes import MAX_BITS
 from ..errors import HashsearchError
 from ..fileio import atomic_write_bytes, fsync_dir, open_regular
+from .layout import GENERATION_DIRS, MANIFEST
 
-MANIFEST = "manifest.json"
 FORMAT = "hashsearch-collection"
 # 2: generations, tombstones, next_id and the index named by the manifest.  Version 1 manifests read as generation 0.
 VERSION = 2
@@ -32,7 +32,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _INT64_MAX = (1 << 63) - 1
 
 __all__ = ["MANIFEST", "FORMAT", "VERSION", "FEATURE_DTYPES", "read_manifest", "write_manifest", "publish",
-           "file_sha256", "disk_bytes", "inside", "check_file_entry", "referenced_files", "remove_unreferenced"]
+           "file_sha256", "disk_bytes", "inside", "check_file_entry", "referenced_files", "remove_unreferenced",
+           "named_files", "read_named_file", "manifest_stamp"]
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -50,6 +51,13 @@ def disk_bytes(path: str | os.PathLike) -> int:
 
 def write_manifest(root: str | os.PathLike, manifest: dict) -> None:
     atomic_write_bytes(Path(root) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def manifest_stamp(root: str | os.PathLike) -> tuple:
+    """A fingerprint of the published manifest that changes with every generation, for the price of a stat
+    (publish replaces the file, so its inode changes even within one mtime tick)."""
+    st = os.stat(Path(root) / MANIFEST)
+    return st.st_mtime_ns, st.st_ino, st.st_size
 
 
 def publish(root: str | os.PathLike, manifest: dict) -> dict:
@@ -157,16 +165,31 @@ def _check_manifest(m: dict) -> None:
 
 
 # Folders whose files belong to generations; anything in them no generation names is garbage.
-GENERATION_DIRS = ("shards", "tombstones", "index")
+def named_files(entry: dict) -> set[str]:
+    """The files a manifest entry names: its "file" and every "*_file" key (the index's rows, ...)."""
+    return {value for key, value in entry.items()
+            if (key == "file" or key.endswith("_file")) and isinstance(value, str)}
 
 
 def referenced_files(manifest: dict) -> set[str]:
     names = {entry["file"] for entry in manifest["shards"]}
-    if manifest.get("tombstones"):
-        names.add(manifest["tombstones"]["file"])
-    index = manifest.get("index") or {}
-    names.update(index[key] for key in ("file", "rows_file") if isinstance(index.get(key), str))
+    for key in ("tombstones", "index"):
+        if isinstance(manifest.get(key), dict):
+            names |= named_files(manifest[key])
     return {os.path.normpath(n) for n in names}
+
+
+def read_named_file(root: Path, entry: dict, what: str, remedy: str) -> bytes:
+    """The bytes of the file `entry` names inside `root`, checked against its sha256; `remedy` ends any error."""
+    path = inside(root, entry["file"], what)
+    try:
+        with os.fdopen(open_regular(path), "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise HashsearchError(f"cannot read {what} {path}: {exc.strerror or exc}; {remedy}") from None
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise HashsearchError(f"{what} {path} does not match its checksum (altered or from elsewhere); {remedy}")
+    return data
 
 
 def remove_unreferenced(root: str | os.PathLike, manifest: dict) -> int:

@@ -23,18 +23,17 @@ import numpy as np
 from ..codes import code_bytes
 from ..config import EncodeConfig
 from ..errors import HashsearchError
-from ..fileio import atomic_write_bytes, fsync_dir, open_regular
-from .lock import LOCK_FILE, WriteLock
-from .manifest import (FEATURE_DTYPES, FORMAT, GENERATION_DIRS, MANIFEST, VERSION, file_sha256, inside, publish,
+from ..fileio import atomic_write, atomic_write_bytes, fsync_dir, open_regular
+from .layout import GENERATION_DIRS, LOCK_FILE, MANIFEST, MODEL_FILE, REJECTS, SHARD_DIR, shard_name
+from .lock import WriteLock
+from .manifest import (FEATURE_DTYPES, FORMAT, VERSION, file_sha256, inside, publish,
                        read_manifest, remove_unreferenced)
 
-SHARD_DIR = "shards"
 # Manifest keys that describe the collection's files and generations, which writers own;
 # the others (model, source, class names, ...) describe its items.
 WRITER_KEYS = frozenset({"format", "version", "complete", "generation", "bits", "feature_dim", "feature_dtype",
                          "shard_size", "items", "deleted", "rejected", "next_id", "next_shard", "shards",
                          "tombstones", "index"})
-REJECTS = "rejects.jsonl"
 # Keys that must match for a run to continue an existing collection.
 IDENTITY_KEYS = ("bits", "feature_dim", "feature_dtype", "model_fingerprint", "source", "shard_size", "precision")
 _COPY_BLOCK = 16384
@@ -58,10 +57,6 @@ def _reject_field(line: str, key: str, missing=float("inf")):
 
 def _reject_lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8", errors="surrogateescape").splitlines() if path.exists() else []
-
-
-def shard_name(number: int) -> str:
-    return f"{SHARD_DIR}/shard-{number:05d}.h5"
 
 
 def next_shard_number(manifest: dict) -> int:
@@ -239,6 +234,17 @@ class CollectionWriter:
             shutil.rmtree(self.root / folder, ignore_errors=True)
         for name in (MANIFEST, REJECTS):
             (self.root / name).unlink(missing_ok=True)
+
+    def keep_model(self, model_path) -> None:
+        """Store the checkpoint that encodes this collection as its MODEL_FILE, for `add` and image queries."""
+        target = self.root / MODEL_FILE
+        if target.exists() and os.path.samefile(model_path, target):
+            return
+        try:
+            with os.fdopen(open_regular(model_path), "rb") as model:
+                atomic_write(target, lambda f: shutil.copyfileobj(model, f))
+        except OSError as exc:
+            raise HashsearchError(f"cannot copy model {model_path} into {self.root}: {exc.strerror or exc}") from None
 
     @property
     def complete(self) -> bool:

@@ -1,0 +1,177 @@
+"""One generation of a collection's index, as a search reads it: the coarse index's files and metadata,
+checked before use, and the base, delta and tombstones of engine/index.py's design."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from ..codes import code_bytes
+from ..errors import HashsearchError
+from ..fileio import open_regular
+from ..shards import Collection, RowReader
+from ..shards.layout import INDEX_DIR, INDEX_META
+from ..shards.manifest import check_file_entry, read_named_file
+from . import coarse as coarse_mod
+
+_REBUILD = "rebuild it with `hashsearch build-index`"
+
+
+class _Bad(Exception):
+    pass
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise _Bad(what)
+
+
+def check_index_meta(meta, where, shards: int | None = None) -> dict:
+    """An index's metadata, every field checked before use; `shards`: how many the collection has."""
+    try:
+        check_file_entry(meta, "the coarse index")
+        _need(isinstance(meta["coarse"], dict) and meta["coarse"].get("kind") in coarse_mod.KINDS, "coarse kind")
+        _need(isinstance(meta["ntotal"], int) and meta["ntotal"] >= 0, "ntotal")
+        _need(isinstance(meta["bits"], int) and not isinstance(meta["bits"], bool), "bits")
+        _need(isinstance(meta["base_shards"], list) and all(isinstance(s, str) for s in meta["base_shards"]),
+              "base_shards")
+        _need(shards is None or len(meta["base_shards"]) <= shards, "more base shards than the collection has")
+        if meta.get("rows_file") is not None:
+            check_file_entry({"file": meta["rows_file"], "sha256": meta.get("rows_sha256")}, "the index rows")
+    except Exception as exc:  # noqa: BLE001 - any malformed field means the same thing
+        raise HashsearchError(f"unreadable index metadata in {where} ({str(exc) or type(exc).__name__}); "
+                              "rebuild it with `hashsearch build-index`") from None
+    return meta
+
+
+def read_index_meta(index_dir) -> dict | None:
+    """The metadata of an index directory outside a collection, or None where there is none."""
+    path = Path(index_dir) / INDEX_META
+    if not path.exists():
+        return None
+    try:
+        with os.fdopen(open_regular(path), "rb") as f:
+            meta = json.loads(f.read(1 << 26))
+    except (OSError, ValueError) as exc:
+        raise HashsearchError(f"unreadable index metadata {path} ({exc}); rebuild it with `hashsearch build-index`") from None
+    return check_index_meta(meta, path)
+
+
+def write_index_files(coll: Collection, kind: str, txn, **params) -> dict:
+    """Build the coarse index over `coll`'s live rows and write its files through `txn` (a storage
+    Transaction, or an OutsideDirectory for `build-index --out`); its metadata."""
+    start = time.perf_counter()
+    live = coll.live_rows()
+    coarse = coarse_mod.build_coarse(coll.codes()[live], coll.bits, kind, **params)
+    meta = {"coarse": coarse_mod.describe(coarse), "ntotal": int(coarse.ntotal), "bits": coll.bits,
+            "base_shards": [s.sha256 for s in coll.shards], "generation": coll.generation}
+    try:
+        data = faiss.serialize_index_binary(coarse).tobytes()
+    except RuntimeError as exc:
+        raise HashsearchError(f"cannot serialise the index of {coll.root}: {exc}") from None
+    meta["file"] = txn.file_name(INDEX_DIR, "coarse", ".faissindex")
+    meta["sha256"] = txn.write(meta["file"], data)
+    meta["rows_file"] = None
+    if len(coll.deleted_rows):      # positions of the index are not rows: record which rows they are
+        meta["rows_file"] = txn.file_name(INDEX_DIR, "rows", ".bin")
+        meta["rows_sha256"] = txn.write(meta["rows_file"], live.astype(np.int64).tobytes())
+    meta["build_seconds"] = round(time.perf_counter() - start, 3)
+    return meta
+
+
+@dataclass
+class Generation:
+    """Everything one search reads, for one generation: searches in flight keep theirs across a refresh."""
+    collection: Collection
+    meta: dict
+    base: coarse_mod.Coarse
+    base_rows: np.ndarray | None    # index position -> row; None: position == row
+    base_end: int                   # rows of the shards the base was built on
+    delta: coarse_mod.Coarse | None
+    deleted: np.ndarray | None      # bool [n], rows deleted and not yet compacted
+    base_has_deleted: bool
+    delta_deleted: int              # deleted rows among the delta's: its searches fetch that many more
+    reader: RowReader
+    codes: np.ndarray
+    ids: np.ndarray
+
+    @property
+    def exact_base(self) -> bool:
+        """The base alone answers: positions are rows, nothing deleted in it, nothing added."""
+        return self.base_rows is None and self.delta is None and not self.base_has_deleted
+
+
+def load_generation(coll: Collection, index_dir: Path | None, previous: Generation | None) -> Generation:
+    if index_dir is None:
+        meta, base_dir = coll.manifest.get("index"), coll.root
+        if meta is None:
+            raise HashsearchError(f"no index in {coll.root}; run `hashsearch build-index {coll.root}` first")
+        meta = check_index_meta(meta, coll.root / "manifest.json", len(coll.shards))
+    else:
+        meta, base_dir = read_index_meta(index_dir), Path(index_dir)
+        if meta is None:
+            raise HashsearchError(f"no index in {index_dir}; run `hashsearch build-index {coll.root}` first")
+    shas = [s.sha256 for s in coll.shards]
+    n_base = len(meta["base_shards"])
+    if meta["bits"] != coll.bits or shas[:n_base] != meta["base_shards"]:
+        raise HashsearchError(f"the index of {coll.root} was built for other shards; rebuild it with "
+                              "`hashsearch build-index`")
+    base_end = int(coll.offsets[n_base])
+    if previous is not None and previous.meta == meta:
+        base, base_rows = previous.base, previous.base_rows
+    else:
+        base, base_rows = _read_base(meta, base_dir, base_end, coll)
+    delta = None
+    codes = coll.codes()
+    if base_end < coll.n:
+        delta = base.like(codes[base_end:], coll.bits)
+    deleted = coll.deleted_mask() if len(coll.deleted_rows) else None
+    if deleted is None:
+        base_has_deleted = False
+    elif base_rows is None:
+        base_has_deleted = bool(deleted[:base_end].any())
+    else:
+        base_has_deleted = bool(deleted[base_rows].any())
+    delta_deleted = 0 if deleted is None else int(np.count_nonzero(deleted[base_end:]))
+    return Generation(coll, meta, base, base_rows, base_end, delta, deleted, base_has_deleted, delta_deleted,
+                       RowReader(coll), codes, coll.ids())
+
+
+def partition_generation(part: Collection, meta: dict) -> Generation:
+    """A partition's generation: an index of the kind and settings `meta` records, built in memory over
+    the part's live rows (Collection.part), so it has neither delta nor tombstones to skip."""
+    settings = {k: v for k, v in meta["coarse"].items() if k != "kind"}
+    live = part.live_rows()
+    codes = part.codes()
+    base = coarse_mod.Coarse(coarse_mod.build_coarse(codes[live], part.bits, meta["coarse"]["kind"], **settings))
+    deleted = part.deleted_mask() if len(part.deleted_rows) else None
+    return Generation(part, meta, base, None if deleted is None else live, part.n, None, deleted, False, 0,
+                       RowReader(part), codes, part.ids())
+
+
+def _read_base(meta: dict, base_dir: Path, base_end: int, coll: Collection):
+    data = read_named_file(base_dir, meta, "coarse index", _REBUILD)
+    try:
+        index = faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
+    except RuntimeError as exc:
+        raise HashsearchError(f"cannot read coarse index in {base_dir}: {str(exc).splitlines()[0]}") from None
+    if index.ntotal != meta["ntotal"] or index.code_size != code_bytes(coll.bits):
+        raise HashsearchError(f"the coarse index of {coll.root} does not hold the {meta['ntotal']} codes it records; "
+                              "rebuild it with `hashsearch build-index`")
+    base_rows = None
+    if meta.get("rows_file"):
+        raw = read_named_file(base_dir, {"file": meta["rows_file"], "sha256": meta["rows_sha256"]}, "index rows",
+                              _REBUILD)
+        base_rows = np.frombuffer(raw, np.int64) if len(raw) % 8 == 0 else None
+        if base_rows is None or len(base_rows) != index.ntotal or (len(base_rows) and (
+                base_rows[0] < 0 or base_rows[-1] >= base_end or np.any(np.diff(base_rows) <= 0))):
+            raise HashsearchError(f"the index rows of {coll.root} are damaged; rebuild it with `hashsearch build-index`")
+    elif index.ntotal != base_end:
+        raise HashsearchError(f"the coarse index of {coll.root} holds {index.ntotal} codes for {base_end} rows; "
+                              "rebuild it with `hashsearch build-index`")
+    return coarse_mod.Coarse(index), base_rows

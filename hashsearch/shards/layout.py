@@ -1,0 +1,37 @@
+"""Every name in a collection's on-disk layout, declared once.
+
+A collection is a directory:
+  manifest.json            the current generation (manifest.py)
+  .lock                    the writers' lock (lock.py)
+  model.pt                 the model that encoded it, for `add` and image queries
+  rejects.jsonl            one line per image that could not be read
+  shards/shard-NNNNN.h5    the items (writer.py)
+  tombstones/*.npy         the ids deleted in one generation (edit.py)
+  index/*                  the coarse index's files (written by the engine, through a transaction)
+  uploads/*                images added through the service
+Only hashsearch.shards writes any of them.
+"""
+from __future__ import annotations
+
+MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"
+MODEL_FILE = "model.pt"
+REJECTS = "rejects.jsonl"
+SHARD_DIR = "shards"
+TOMBSTONE_DIR = "tombstones"
+INDEX_DIR = "index"
+UPLOAD_DIR = "uploads"
+# The metadata of an index written outside its collection (`build-index --out`), which no manifest names.
+INDEX_META = "index.json"
+# Folders whose files a generation names: a file no generation names any more is removed by the next writer.
+GENERATION_DIRS = (SHARD_DIR, TOMBSTONE_DIR, INDEX_DIR)
+
+
+def shard_name(number: int) -> str:
+    return f"{SHARD_DIR}/shard-{number:05d}.h5"
+
+
+def generation_file(folder: str, stem: str, generation: int, suffix: str) -> str:
+    """The name of a file first named by `generation`: a new generation never reuses an older one's names.
+    `stem` and `suffix` are lowercase words (transaction.py recognises these names by that)."""
+    return f"{folder}/{stem}-{generation:06d}{suffix}"

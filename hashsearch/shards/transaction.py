@@ -1,0 +1,133 @@
+"""One change to a finished collection, from the manifest it starts at to the generation it publishes.
+
+Every writer that changes a finished collection (add, delete, compact,
+build-index, the service's uploads) goes through a transaction:
+
+    with transaction(root) as txn:
+        name = txn.file_name(INDEX_DIR, "coarse", ".faissindex")
+        sha256 = txn.write(name, data)
+        txn.publish({**txn.manifest, "index": {...}})
+
+It holds the collection's write lock throughout, hands out file names that
+no earlier generation used, writes each file atomically, and publishing
+writes the new manifest and then removes the files no generation names any
+more.  Files written by a transaction that never publishes are removed by
+the next writer.  Encoding a new collection streams shards through
+CollectionWriter, which takes the same lock and publishes the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from ..errors import HashsearchError
+from ..fileio import atomic_write_bytes, fsync_dir
+from .layout import INDEX_META, generation_file
+from .lock import WriteLock
+from .manifest import inside, named_files, publish, read_manifest, remove_unreferenced
+
+_GENERATION_NAME = re.compile(r"[a-z]+-\d{6}\.[a-z]+")
+
+
+class Transaction:
+    """A writer's hold on a finished collection: made by transaction(), valid inside its `with`."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = root
+        self.manifest = manifest
+        self.published: dict | None = None
+
+    @property
+    def generation(self) -> int:
+        """The generation this transaction publishes."""
+        return int(self.manifest.get("generation", 0)) + 1
+
+    def file_name(self, folder: str, stem: str, suffix: str) -> str:
+        return generation_file(folder, stem, self.generation, suffix)
+
+    def path(self, name: str) -> Path:
+        return inside(self.root, name, "file")
+
+    def write(self, name: str, data: bytes) -> str:
+        """Write the collection file `name` (from file_name) atomically; its sha256."""
+        path = self.path(name)
+        try:
+            path.parent.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise HashsearchError(f"cannot write {path}: {exc.strerror or exc}") from None
+        atomic_write_bytes(path, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def publish(self, manifest: dict) -> dict:
+        """Make `manifest` the next generation, then remove what no generation names."""
+        if self.published is not None:
+            raise HashsearchError(f"a transaction on {self.root} publishes once")
+        self.published = publish(self.root, manifest)
+        # The replaced files' space comes back now; a reader that still has them open keeps reading them.
+        remove_unreferenced(self.root, self.published)
+        return self.published
+
+
+@contextlib.contextmanager
+def transaction(root, *, wait: bool = False):
+    """Lock the finished collection at `root` for one change; yields its Transaction."""
+    root = Path(root)
+    read_manifest(root)         # a missing or foreign directory is named as such, before any lock file is made
+    lock = WriteLock(root, wait=wait)
+    try:
+        manifest = read_manifest(root)
+        if not manifest.get("complete"):
+            raise HashsearchError(f"collection {root} is unfinished; run the same encode command again to finish it")
+        remove_unreferenced(root, manifest)     # what a killed writer left
+        yield Transaction(root, manifest)
+    finally:
+        lock.release()
+
+
+def store_file(root, folder: str, name: str, data: bytes, *, wait: bool = True) -> Path:
+    """Keep `data` as `folder/name` in the finished collection at `root`, outside any generation
+    (the service's uploaded images): written once, atomically, never replaced."""
+    if os.sep in name or name in ("", ".", ".."):
+        raise HashsearchError(f"cannot store {name!r}: not a plain file name")
+    with transaction(root, wait=wait) as txn:
+        path = txn.path(f"{folder}/{name}")
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            atomic_write_bytes(path, data)
+    return path
+
+
+class OutsideDirectory:
+    """A folder outside any collection holding one index and its metadata (`build-index --out`), written
+    as a Transaction writes a collection's: the same file_name, write and publish."""
+
+    def __init__(self, root, generation: int):
+        self.root = Path(root)
+        self.generation = generation
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HashsearchError(f"cannot create {self.root}: {exc.strerror or exc}") from None
+
+    def file_name(self, folder: str, stem: str, suffix: str) -> str:
+        return generation_file(".", stem, self.generation, suffix)[2:]      # the folder is the directory itself
+
+    def write(self, name: str, data: bytes) -> str:
+        atomic_write_bytes(self.root / name, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def publish(self, meta: dict) -> dict:
+        """Write `meta` as the directory's metadata, then remove the files of earlier builds."""
+        atomic_write_bytes(self.root / INDEX_META, (json.dumps(meta, indent=2) + "\n").encode())
+        keep = named_files(meta) | {INDEX_META}
+        # Only names file_name made: the folder is the user's, and may hold anything else.
+        stale = [p for p in self.root.iterdir() if p.is_file() and p.name not in keep and _GENERATION_NAME.match(p.name)]
+        for path in stale:
+            path.unlink()
+        if stale:
+            fsync_dir(self.root)
+        return meta
