@@ -71,7 +71,7 @@ def test_hds_with_whole_collection_as_pool_equals_exhaustive(coll, flat):
 def test_batched_search_equals_one_query_at_a_time(coll, flat, monkeypatch):
     codes, feats = make_queries(coll, nq=40)
     # split the batch across the search threads whatever this machine's core count
-    monkeypatch.setattr("hashsearch.engine.index.threads_for_batch", lambda nq: 3)
+    monkeypatch.setattr("hashsearch.engine.threads.threads_for_batch", lambda nq: 3)
     from concurrent.futures import ThreadPoolExecutor
     submitted = []
     submit = ThreadPoolExecutor.submit

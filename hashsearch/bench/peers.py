@@ -30,21 +30,18 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from ..config import HeadlineSearch, PeersBenchConfig
 from ..engine import Index, scan_knn
-from ..engine.rerank import Reranker
-from ..engine.threads import MAX_THREADS, faiss_threads
+from ..engine.rerank import PerThreadRerankers
+from ..engine.threads import MAX_THREADS, QuerySplitter, faiss_threads
 from ..errors import HashsearchError
-from ..shards import SHARD_DIR, Collection, RowReader
+from ..shards import SHARD_DIR, Collection, RowReader, linked_copy
 from ..shards.manifest import disk_bytes
-from .live import linked_copy
 from .metrics import recall_at_k
 from .speed import K, bench_data, time_calls
 from .synthetic import default_cache_root
@@ -79,16 +76,13 @@ class _Rerank:
 
     def __init__(self, coll: Collection):
         self.coll, self.reader, self.ids = coll, RowReader(coll), coll.ids()
-        self.pool = ThreadPoolExecutor(MAX_THREADS)
-        self.local = threading.local()      # a Reranker a thread, kept, as Index keeps them
+        self.splitter, self.rerankers = QuerySplitter(), PerThreadRerankers()
 
     def top(self, feats: np.ndarray, candidates: np.ndarray, k: int = K) -> np.ndarray:
         out = np.full((len(feats), k), -1, np.int64)
 
         def work(a, b):
-            rr = getattr(self.local, "reranker", None)
-            if rr is None:
-                rr = self.local.reranker = Reranker(self.reader)
+            rr = self.rerankers.get(self.reader)
             dist, rows = np.empty(k, np.float32), np.empty(k, np.int64)
             for q in range(a, b):
                 cand = candidates[q]
@@ -96,11 +90,7 @@ class _Rerank:
                 dist[:], rows[:] = np.inf, -1
                 found = rr.search(feats[q:q + 1], cand, dist, rows)
                 out[q, :len(found)] = self.ids[rows[:len(found)]]
-        if len(feats) == 1:
-            work(0, 1)
-        else:
-            cuts = np.linspace(0, len(feats), MAX_THREADS + 1).astype(int)
-            list(self.pool.map(lambda ab: work(*ab), zip(cuts[:-1], cuts[1:])))
+        self.splitter.run(work, len(feats))
         return out
 
 

@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from ..codes import code_bytes
 from ..config import MODES, IndexConfig, SearchConfig
 from ..errors import HashsearchError
-from ..shards import Collection, RowReader, read_manifest
+from ..shards import Collection, read_manifest
 from ..shards.layout import INDEX_DIR
 from ..shards.transaction import OutsideDirectory, transaction
 from . import coarse as coarse_mod
@@ -44,8 +42,8 @@ from .exhaustive import scan_knn
 from .generation import (Generation, check_index_meta, load_generation, partition_generation, read_index_meta,
                          write_index_files)
 from .kernels import live_first, merge_candidates, merge_partitions, nearest_of_ranges, popcount_distances
-from .rerank import Reranker
-from .threads import MAX_THREADS, faiss_threads, threads_for_batch
+from .rerank import PerThreadRerankers
+from .threads import MAX_THREADS, QuerySplitter, faiss_threads
 
 __all__ = ["Index", "SearchResult", "SearchTarget", "search_params", "check_query", "check_index_meta",
            "read_index_meta", "write_index_files", "merge_partitions", "nearest_of_ranges", "INDEX_DIR"]
@@ -127,10 +125,9 @@ class Index(SearchTarget):
         self._gen = (partition_generation(collection, partition_of) if self._partition
                      else load_generation(collection, self._index_dir, None))
         self._refresh_lock = threading.Lock()
-        self._local = threading.local()
+        self._rerankers = PerThreadRerankers()
         self._closed = False
-        # Threads start on first use, so an Index that only serves batch-1 queries has none.
-        self._pool = ThreadPoolExecutor(MAX_THREADS, initializer=faiss.omp_set_num_threads, initargs=(1,))
+        self._splitter = QuerySplitter()
 
     def _current(self) -> Generation:
         if self._closed:
@@ -153,15 +150,6 @@ class Index(SearchTarget):
     def meta(self) -> dict:
         return self._current().meta
 
-    def _reranker(self, reader: RowReader) -> Reranker:
-        # Each thread gathers into its own faiss buffer.
-        rr = getattr(self._local, "reranker", None)
-        if rr is None:
-            rr = self._local.reranker = Reranker(reader)
-        rr.features = reader
-        return rr
-
-    # -- building and opening ------------------------------------------------------
     @classmethod
     def build(cls, collection, kind: str = "flat", out=None, *, wait: bool = False, **params) -> "Index":
         """Build the coarse index over the collection's live rows.
@@ -245,7 +233,7 @@ class Index(SearchTarget):
                 ham[a:b, :found.shape[1]] = np.where(found[:, :k] >= 0, found_ham[:, :k], -1)
                 return
             cand_ham, cand = self._candidates(gen, query_codes[a:b], max(pool, k), radius, nflip)
-            rr = self._reranker(gen.reader)
+            rr = self._rerankers.get(gen.reader)
             for q in range(a, b):
                 order = rr.search(query_features[q:q + 1], cand[q - a], dist[q], rows[q])
                 if whole_pool:      # back to pool order, each candidate with its distance
@@ -255,7 +243,7 @@ class Index(SearchTarget):
                 else:
                     ham[q, :len(order)] = cand_ham[q - a, order]
 
-        self._run(work, nq)
+        self._splitter.run(work, nq)
         return self._result(gen, rows, dist, ham)
 
     def candidates(self, query_codes: np.ndarray, pool: int, *, radius: int | None = None,
@@ -379,30 +367,12 @@ class Index(SearchTarget):
         ham = popcount_distances(query_codes, gen.codes[np.where(found, rows, 0)])
         return self._result(gen, rows, dist, np.where(found, ham, -1))
 
-    def _run(self, work, nq: int) -> None:
-        """work(a, b) over the query range: here for a few queries, else split across threads.
-
-        faiss runs on one thread either way.  Its OpenMP would parallelise each call
-        over queries, but one query's work is too small for that, and when other
-        processes share the cores, OpenMP's spin-then-sleep barrier costs ~20 ms a
-        call (measured on 2 cores) where Python threads, which block instead, cost
-        microseconds.  faiss and pread release the GIL.
-        """
-        workers = min(threads_for_batch(nq), nq)
-        if workers <= 1:
-            with faiss_threads(1):
-                work(0, nq)
-            return
-        cuts = np.linspace(0, nq, workers + 1).astype(int).tolist()
-        for f in [self._pool.submit(work, a, b) for a, b in zip(cuts[:-1], cuts[1:])]:
-            f.result()
-
     def close(self) -> None:
         """Release the shard file handles and search threads; any later call raises."""
         if self._closed:
             return
         self._closed = True
-        self._pool.shutdown(wait=True)
+        self._splitter.shutdown()
         self._gen.collection.close()
 
     @staticmethod

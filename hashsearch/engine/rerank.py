@@ -15,6 +15,8 @@ because it needs every feature in RAM as float32 (16 GB at 1M).
 """
 from __future__ import annotations
 
+import threading
+
 import faiss
 import numpy as np
 
@@ -73,3 +75,17 @@ class Reranker:
             raise HashsearchError("query features must be finite")
         dist[:take], rows[:take] = d, candidates[i]
         return i
+
+
+class PerThreadRerankers:
+    """A Reranker for each thread that asks, kept between calls: each owns its faiss buffer."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def get(self, features: RowReader) -> Reranker:
+        rr = getattr(self._local, "reranker", None)
+        if rr is None:
+            rr = self._local.reranker = Reranker(features)
+        rr.features = features
+        return rr

@@ -72,17 +72,29 @@ class Transaction:
         return self.published
 
 
-@contextlib.contextmanager
-def transaction(root, *, wait: bool = False):
-    """Lock the finished collection at `root` for one change; yields its Transaction."""
-    root = Path(root)
+def lock_finished(root: Path, *, wait: bool = False, unfinished: str = "run the same encode command again to "
+                  "finish it") -> tuple[WriteLock, dict]:
+    """The write lock of the finished collection at `root` and its manifest, what killed writers left
+    removed: the start of every change to it.  `unfinished` ends the error for a collection still encoding."""
     read_manifest(root)         # a missing or foreign directory is named as such, before any lock file is made
     lock = WriteLock(root, wait=wait)
     try:
         manifest = read_manifest(root)
         if not manifest.get("complete"):
-            raise HashsearchError(f"collection {root} is unfinished; run the same encode command again to finish it")
-        remove_unreferenced(root, manifest)     # what a killed writer left
+            raise HashsearchError(f"collection {root} is unfinished; {unfinished}")
+        remove_unreferenced(root, manifest)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, manifest
+
+
+@contextlib.contextmanager
+def transaction(root, *, wait: bool = False):
+    """Lock the finished collection at `root` for one change; yields its Transaction."""
+    root = Path(root)
+    lock, manifest = lock_finished(root, wait=wait)
+    try:
         yield Transaction(root, manifest)
     finally:
         lock.release()

@@ -26,6 +26,7 @@ from ..errors import HashsearchError
 from ..fileio import atomic_write, atomic_write_bytes, fsync_dir, open_regular
 from .layout import GENERATION_DIRS, LOCK_FILE, MANIFEST, MODEL_FILE, REJECTS, SHARD_DIR, shard_name
 from .lock import WriteLock
+from .transaction import lock_finished
 from .manifest import (FEATURE_DTYPES, FORMAT, VERSION, file_sha256, inside, publish,
                        read_manifest, remove_unreferenced)
 
@@ -163,13 +164,9 @@ class CollectionWriter:
         """A writer that adds new shards to the finished collection at `root` (hashsearch add)."""
         writer = cls.__new__(cls)
         writer.root = Path(root)
-        read_manifest(writer.root)      # a missing or foreign directory is named as such, before any lock file is made
-        writer.lock = WriteLock(writer.root, wait=wait)
+        writer.lock, writer.manifest = lock_finished(writer.root, wait=wait,
+                                                     unfinished="finish its encode before adding to it")
         try:
-            writer.manifest = read_manifest(writer.root)
-            if not writer.manifest.get("complete"):
-                raise HashsearchError(f"collection {root} is unfinished; finish its encode before adding to it")
-            remove_unreferenced(writer.root, writer.manifest)
             writer.manifest["next_id"] = _next_id_of(writer.root, writer.manifest)
         except BaseException:
             writer.lock.release()
