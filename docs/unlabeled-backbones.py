@@ -22,7 +22,7 @@ from hashsearch.encoders.backbones import get_backbone
 from hashsearch.encoders.checkpoint import build_model, make_config, read_weights
 from hashsearch.encoders.dataset import make_loader
 from hashsearch.encoders.sources import open_source
-from hashsearch.encoders.train import backbone_f7
+from hashsearch.encoders.initial_model import backbone_f7
 from hashsearch.itq import fit_itq
 
 SUBSET = {"train": 10_000, "test": 1_000}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RaySearchConfig, saw_labels
+from .config import ANY_DEVICE_PRECISIONS, RaySearchConfig, saw_labels
 from .engine import Index, SearchConfig
 from .engine.index import check_index_meta, search_params
 from .errors import HashsearchError
@@ -72,7 +72,8 @@ def query_encoder(coll: Collection, model_path=None):
     if model_path is None:
         raise HashsearchError(f"{coll.root} has no model.pt; pass --model")
     # bf16 collections get bf16 queries; fp16 (a GPU's) is not run on the CPU.
-    precision = "bf16" if coll.manifest.get("precision") == "bf16" else "fp32"
+    recorded = coll.manifest.get("precision")
+    precision = recorded if recorded in ANY_DEVICE_PRECISIONS else "fp32"
     encoder = Encoder.from_checkpoint(model_path, device="cpu", expect_bits=coll.bits, precision=precision)
     if encoder.feature_dim != coll.feature_dim:
         raise HashsearchError(f"model {model_path} makes {encoder.feature_dim}-d features but {coll.root} "

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from ..config import ADD_SKIPS, EncodeConfig
+from ..config import ADD_SKIPS, ANY_DEVICE_PRECISIONS, EncodeConfig
 from ..errors import HashsearchError
 from ..shards import MODEL_FILE, REJECTS, Collection, CollectionWriter
 from ..shards.writer import rows_to_write
@@ -146,7 +146,7 @@ def add_to_collection(root, source_spec: str, *, log=print, encoder: Encoder | N
         if not model_path.exists():
             raise HashsearchError(f"collection {root} has no {MODEL_FILE} to encode new images with")
         # fp16 is a GPU's arithmetic; elsewhere a collection's images are encoded as it was.
-        precision = manifest.get("precision") if manifest.get("precision") in ("fp32", "bf16") else "auto"
+        precision = manifest.get("precision") if manifest.get("precision") in ANY_DEVICE_PRECISIONS else "auto"
         encoder = encoder or Encoder.from_checkpoint(model_path, device=cfg.device, precision=precision,
                                                      expect_bits=manifest["bits"])
         if (encoder.feature_dim, encoder.bits) != (manifest["feature_dim"], manifest["bits"]):
