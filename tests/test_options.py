@@ -75,12 +75,18 @@ def test_library_functions_default_to_the_config():
     from hashsearch.engine import Index
     from hashsearch.retrieval import run_query
     from hashsearch.bench.encode_speed import run_encode_bench
-    for func, config, names in ((Index.search, cfg.SearchConfig, ("k", "mode", "pool", "radius", "nflip")),
-                                (run_query, cfg.SearchConfig, ("k", "mode", "pool", "radius", "nflip")),
-                                (run_encode_bench, cfg.EncodeConfig, ("batch_size", "workers", "device", "precision"))):
+    from hashsearch.engine.index import search_params
+    params = inspect.signature(run_encode_bench).parameters
+    for name in ("batch_size", "workers", "device", "precision"):
+        assert params[name].default == getattr(cfg.EncodeConfig, name), name
+    # searches take one SearchConfig value, or its fields as options, and nothing else
+    for func in (Index.search, run_query):
         params = inspect.signature(func).parameters
-        for name in names:
-            assert params[name].default == getattr(config, name), (func.__qualname__, name)
+        assert params["params"].default is None and params["options"].kind is inspect.Parameter.VAR_KEYWORD
+    assert search_params() == cfg.SearchConfig()
+    assert search_params(7, mode="bcs") == cfg.SearchConfig(k=7, mode="bcs")
+    with pytest.raises(HashsearchError, match="unknown search parameter 'poool'"):
+        search_params(poool=3)
 
 
 @pytest.mark.parametrize("config, field, value, message", [
