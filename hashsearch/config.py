@@ -23,6 +23,11 @@ BASELINES = ("lsh", "itq")                     # codes eval can fit on F7 withou
 # run on any device, which is what training needs: float16 training would need loss scaling, which it lacks.
 ANY_DEVICE_PRECISIONS = ("fp32", "bf16")
 PRECISIONS = ("auto", *ANY_DEVICE_PRECISIONS)  # auto: float16 on CUDA, float32 on a CPU
+# The neighbour codes (engine/neighbours.py): their length, and how many of their nearest hds reranks beside
+# H's pool.  Chosen on CIFAR-10 (README, "Faithful coarse search"): the shortest length and pool that keep
+# an edited copy's original and the exact L2 top 10 in the pool.
+NEIGHBOUR_BITS = 128
+NEIGHBOUR_POOL = 200
 WAIT_HELP = "If another process is writing the collection, wait for it instead of failing."
 def gpu_share(name: str, value) -> None:
     # Ray places a fraction of one GPU, or whole GPUs: 1.5 is neither.
@@ -172,6 +177,8 @@ class SearchConfig(Options):
     pool: int = option(200, "Coarse candidate pool: the rows hds reranks by L2.")
     radius: int | None = option(None, "Take the candidates within this Hamming radius instead (at most --pool).")
     nflip: int | None = option(None, "Bucket probing depth for hash indexes [the one it was built with].")
+    neighbour_pool: int = option(NEIGHBOUR_POOL, "hds: candidates the neighbour codes add to the pool (0: H's pool "
+                                                 "alone, the paper's search).", check=not_negative)
     mode: str = option("hds", "hds: Hamming pool, then L2 on F7; bcs: Hamming only; es: exhaustive L2.",
                        choices=MODES)
 
@@ -218,6 +225,19 @@ class IndexConfig(Options):
                                    check=positive)
     nhash: int | None = option(None, "Number of hash tables (multihash) [bits / hash-bits].", check=positive)
     nflip: int | None = option(None, "Bits flipped when probing buckets [hash 2, multihash 0].", check=not_negative)
+    # H groups images by class, so its nearest codes are class-mates rather than the query's neighbours:
+    # ITQ codes fitted to F7 keep those, and the README's "Faithful coarse search" measures what they buy.
+    neighbour_bits: int | None = option(None, "Length of the neighbour codes fitted to F7 for hds's neighbour pool; "
+                                              f"0 for none [{NEIGHBOUR_BITS}, or F7's dimension if smaller].",
+                                        check=not_negative)
+    # Kept across builds, so that an index built after adds and deletes answers as the followed one does.
+    refit: bool = option(False, "Fit the neighbour codes to the current rows again instead of keeping the "
+                                "collection's.")
+
+    def neighbour_bits_for(self, feature_dim: int) -> int:
+        if self.neighbour_bits is not None:
+            return self.neighbour_bits
+        return min(NEIGHBOUR_BITS, feature_dim // 8 * 8)
 
 
 @dataclass

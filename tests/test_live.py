@@ -115,7 +115,7 @@ def test_build_index_folds_the_delta_in_and_drops_the_tombstones(tmp_path):
     info = cli("info", root, "--json").stdout
     assert '"index_delta": 50' in info and '"deleted": 3' in info
     index = Index.build(root, "flat")
-    assert index.meta["ntotal"] == 347 and index._current().delta is None      # noqa: SLF001 - the fold itself
+    assert index.meta["ntotal"] == 347 and index._current().hamming.delta is None      # noqa: SLF001 - the fold itself
     assert '"index_delta": 0' in cli("info", root, "--json").stdout
 
 

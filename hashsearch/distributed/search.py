@@ -30,7 +30,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ..config import RaySearchConfig, SearchConfig
-from ..engine.index import Index, SearchResult, SearchTarget, check_query, merge_partitions, search_params
+from ..engine.index import (Index, SearchResult, SearchTarget, check_query, check_query_codes, hamming_of_results,
+                            merge_partitions, neighbour_pool, search_params)
 from ..errors import HashsearchError
 from ..shards import Collection, GenerationGone, read_manifest
 from .cluster import MAX_RESTARTS, check_resources, cluster_cpus, import_ray, task_error
@@ -166,7 +167,12 @@ class ShardedIndex(SearchTarget):
     def search(self, query_codes: np.ndarray, query_features: np.ndarray | None = None,
                params: SearchConfig | int | None = None, **options) -> SearchResult:
         answers = self.partition_answers(query_codes, query_features, search_params(params, **options))
-        rows, ham, dist = merge_partitions(answers.parts, answers.params.k, answers.params.mode, answers.params.pool)
+        p = answers.params
+        npool = neighbour_pool(answers.collection.manifest["index"], p, answers.collection.items)
+        rows, ham, dist = merge_partitions(answers.parts, p.k, p.mode, p.pool, npool)
+        if npool:
+            ham = hamming_of_results(check_query_codes(query_codes, answers.collection.bits),
+                                     answers.collection.codes(), rows)
         ids = np.where(rows >= 0, answers.collection.ids()[rows], -1)
         return SearchResult(rows=rows, ids=ids, hamming=ham, distances=dist)
 
@@ -179,7 +185,8 @@ class ShardedIndex(SearchTarget):
         # Checked here as Index checks them, so that bad input is one error, not one from every partition.
         k, pool, codes, feats = check_query(coll, coll.manifest["index"]["coarse"], query_codes, query_features,
                                             params)
-        params = dataclasses.replace(params, k=k, pool=pool)
+        params = dataclasses.replace(params, k=k, pool=pool,
+                                     neighbour_pool=neighbour_pool(coll.manifest["index"], params, coll.items))
         if feats is not None and feats.nbytes > _INLINE_BYTES:
             feats = self._ray.put(feats)    # one copy in the object store for every partition, not one per call
         args = (coll.generation, codes, feats, params)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..config import CompactConfig
 from ..shards import Collection, rewrite_shards, transaction
-from .generation import write_index_files
+from .generation import collection_projection, write_index_files
 
 
 def compact(root, threshold: float = CompactConfig.threshold, *, wait: bool = False) -> dict:
@@ -21,7 +21,9 @@ def compact(root, threshold: float = CompactConfig.threshold, *, wait: bool = Fa
             coll = Collection.from_manifest(root, new)
             params = {k: v for k, v in old_index["coarse"].items() if k != "kind"}
             try:
-                new["index"] = write_index_files(coll, old_index["coarse"]["kind"], txn, **params)
+                new["index"] = write_index_files(coll, old_index["coarse"]["kind"], txn,
+                                                 neighbour_bits=old_index.get("neighbour_bits", 0),
+                                                 projection=collection_projection(coll), **params)
             finally:
                 coll.close()
         new = txn.publish(new)

@@ -11,13 +11,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ..codes import code_bytes
+from ..codes import MAX_BITS, code_bytes
 from ..errors import HashsearchError
 from ..fileio import open_regular
 from ..shards import Collection, RowReader
 from ..shards.layout import INDEX_DIR, INDEX_META
 from ..shards.manifest import check_file_entry, read_named_file
 from . import coarse as coarse_mod
+from .neighbours import ENCODE_BLOCK_ROWS, NeighbourProjection, check_neighbour_bits, fit_projection, sample_rows
 
 _REBUILD = "rebuild it with `hashsearch build-index`"
 
@@ -43,6 +44,14 @@ def check_index_meta(meta, where, shards: int | None = None) -> dict:
         _need(shards is None or len(meta["base_shards"]) <= shards, "more base shards than the collection has")
         if meta.get("rows_file") is not None:
             check_file_entry({"file": meta["rows_file"], "sha256": meta.get("rows_sha256")}, "the index rows")
+        if meta.get("neighbour_bits"):
+            _need(isinstance(meta["neighbour_bits"], int) and meta["neighbour_bits"] % 8 == 0 and
+                  0 < meta["neighbour_bits"] <= MAX_BITS, "neighbour_bits")
+            _need(isinstance(meta["neighbour_coarse"], dict) and
+                  meta["neighbour_coarse"].get("kind") in coarse_mod.KINDS, "neighbour coarse kind")
+            for name in ("neighbour", "projection"):
+                check_file_entry({"file": meta[f"{name}_file"], "sha256": meta.get(f"{name}_sha256")},
+                                 f"the index's {name} file")
     except Exception as exc:  # noqa: BLE001 - any malformed field means the same thing
         raise HashsearchError(f"unreadable index metadata in {where} ({str(exc) or type(exc).__name__}); "
                               "rebuild it with `hashsearch build-index`") from None
@@ -62,26 +71,62 @@ def read_index_meta(index_dir) -> dict | None:
     return check_index_meta(meta, path)
 
 
-def write_index_files(coll: Collection, kind: str, txn, **params) -> dict:
+def write_index_files(coll: Collection, kind: str, txn, *, neighbour_bits: int = 0,
+                      projection: NeighbourProjection | None = None, **params) -> dict:
     """Build the coarse index over `coll`'s live rows and write its files through `txn` (a storage
-    Transaction, or an OutsideDirectory for `build-index --out`); its metadata."""
+    Transaction, or an OutsideDirectory for `build-index --out`); its metadata.  `neighbour_bits`: the
+    length of the neighbour codes (engine/neighbours.py), 0 for none; `projection`: the one to keep
+    (collection_projection), or None to fit one to the live rows."""
     start = time.perf_counter()
     live = coll.live_rows()
     coarse = coarse_mod.build_coarse(coll.codes()[live], coll.bits, kind, **params)
     meta = {"coarse": coarse_mod.describe(coarse), "ntotal": int(coarse.ntotal), "bits": coll.bits,
             "base_shards": [s.sha256 for s in coll.shards], "generation": coll.generation}
-    try:
-        data = faiss.serialize_index_binary(coarse).tobytes()
-    except RuntimeError as exc:
-        raise HashsearchError(f"cannot serialise the index of {coll.root}: {exc}") from None
     meta["file"] = txn.file_name(INDEX_DIR, "coarse", ".faissindex")
-    meta["sha256"] = txn.write(meta["file"], data)
+    meta["sha256"] = txn.write(meta["file"], _serialise(coarse, coll))
     meta["rows_file"] = None
     if len(coll.deleted_rows):      # positions of the index are not rows: record which rows they are
         meta["rows_file"] = txn.file_name(INDEX_DIR, "rows", ".bin")
         meta["rows_sha256"] = txn.write(meta["rows_file"], live.astype(np.int64).tobytes())
+    if neighbour_bits:
+        if projection is None or projection.bits != neighbour_bits:
+            check_neighbour_bits(neighbour_bits, coll.feature_dim)
+            projection = fit_projection(coll.features(sample_rows(live)), neighbour_bits)
+        meta.update(_write_neighbours(coll, live, kind, projection, txn, nflip=params.get("nflip")))
     meta["build_seconds"] = round(time.perf_counter() - start, 3)
     return meta
+
+
+def _serialise(coarse, coll: Collection) -> bytes:
+    try:
+        return faiss.serialize_index_binary(coarse).tobytes()
+    except RuntimeError as exc:
+        raise HashsearchError(f"cannot serialise the index of {coll.root}: {exc}") from None
+
+
+def _write_neighbours(coll: Collection, live: np.ndarray, kind: str, projection: NeighbourProjection, txn,
+                      nflip) -> dict:
+    """Index the live rows' neighbour codes, and write the index and the projection."""
+    bits = projection.bits
+    codes = np.empty((coll.n, bits // 8), np.uint8)
+    for first, block in coll.iter_feature_blocks(ENCODE_BLOCK_ROWS):
+        codes[first:first + len(block)] = projection.encode(block)
+    coarse = coarse_mod.build_coarse(codes[live], bits, kind, nflip=nflip)
+    entry = {"neighbour_bits": bits, "neighbour_coarse": coarse_mod.describe(coarse),
+             "neighbour_file": txn.file_name(INDEX_DIR, "neighbours", ".faissindex"),
+             "projection_file": txn.file_name(INDEX_DIR, "projection", ".npy")}
+    entry["neighbour_sha256"] = txn.write(entry["neighbour_file"], _serialise(coarse, coll))
+    entry["projection_sha256"] = txn.write(entry["projection_file"], projection.to_bytes())
+    return entry
+
+
+@dataclass
+class Level:
+    """One of the coarse level's two indexes over the same rows, in the same positions: H's codes, or
+    the neighbour codes (with the projection that makes a query's from its F7)."""
+    base: coarse_mod.Coarse
+    delta: coarse_mod.Coarse | None
+    projection: NeighbourProjection | None = None
 
 
 @dataclass
@@ -89,10 +134,10 @@ class Generation:
     """Everything one search reads, for one generation: searches in flight keep theirs across a refresh."""
     collection: Collection
     meta: dict
-    base: coarse_mod.Coarse
+    hamming: Level                  # H's codes: bcs, and hds's class-level pool
+    neighbours: Level | None        # the neighbour codes: hds's neighbour pool; None in older indexes
     base_rows: np.ndarray | None    # index position -> row; None: position == row
     base_end: int                   # rows of the shards the base was built on
-    delta: coarse_mod.Coarse | None
     deleted: np.ndarray | None      # bool [n], rows deleted and not yet compacted
     base_has_deleted: bool
     delta_deleted: int              # deleted rows among the delta's: its searches fetch that many more
@@ -103,10 +148,10 @@ class Generation:
     @property
     def exact_base(self) -> bool:
         """The base alone answers: positions are rows, nothing deleted in it, nothing added."""
-        return self.base_rows is None and self.delta is None and not self.base_has_deleted
+        return self.base_rows is None and self.hamming.delta is None and not self.base_has_deleted
 
 
-def load_generation(coll: Collection, index_dir: Path | None, previous: Generation | None) -> Generation:
+def _index_meta(coll: Collection, index_dir: Path | None) -> tuple[dict, Path]:
     if index_dir is None:
         meta, base_dir = coll.manifest.get("index"), coll.root
         if meta is None:
@@ -116,6 +161,11 @@ def load_generation(coll: Collection, index_dir: Path | None, previous: Generati
         meta, base_dir = read_index_meta(index_dir), Path(index_dir)
         if meta is None:
             raise HashsearchError(f"no index in {index_dir}; run `hashsearch build-index {coll.root}` first")
+    return meta, base_dir
+
+
+def load_generation(coll: Collection, index_dir: Path | None, previous: Generation | None) -> Generation:
+    meta, base_dir = _index_meta(coll, index_dir)
     shas = [s.sha256 for s in coll.shards]
     n_base = len(meta["base_shards"])
     if meta["bits"] != coll.bits or shas[:n_base] != meta["base_shards"]:
@@ -123,13 +173,19 @@ def load_generation(coll: Collection, index_dir: Path | None, previous: Generati
                               "`hashsearch build-index`")
     base_end = int(coll.offsets[n_base])
     if previous is not None and previous.meta == meta:
-        base, base_rows = previous.base, previous.base_rows
+        base, base_rows, nbase = previous.hamming.base, previous.base_rows, previous.neighbours
     else:
         base, base_rows = _read_base(meta, base_dir, base_end, coll)
-    delta = None
+        nbase = _read_neighbours(meta, base_dir, coll)
     codes = coll.codes()
-    if base_end < coll.n:
-        delta = base.like(codes[base_end:], coll.bits)
+    hamming = Level(base, base.like(codes[base_end:], coll.bits) if base_end < coll.n else None)
+    neighbours = None
+    if nbase is not None:
+        delta = None
+        if base_end < coll.n:       # rows added since build-index: their codes come from their F7
+            new_codes = nbase.projection.encode(coll.features(np.arange(base_end, coll.n)))
+            delta = nbase.base.like(new_codes, nbase.projection.bits)
+        neighbours = Level(nbase.base, delta, nbase.projection)
     deleted = coll.deleted_mask() if len(coll.deleted_rows) else None
     if deleted is None:
         base_has_deleted = False
@@ -138,8 +194,8 @@ def load_generation(coll: Collection, index_dir: Path | None, previous: Generati
     else:
         base_has_deleted = bool(deleted[base_rows].any())
     delta_deleted = 0 if deleted is None else int(np.count_nonzero(deleted[base_end:]))
-    return Generation(coll, meta, base, base_rows, base_end, delta, deleted, base_has_deleted, delta_deleted,
-                       RowReader(coll), codes, coll.ids())
+    return Generation(coll, meta, hamming, neighbours, base_rows, base_end, deleted, base_has_deleted,
+                      delta_deleted, RowReader(coll), codes, coll.ids())
 
 
 def partition_generation(part: Collection, meta: dict) -> Generation:
@@ -149,17 +205,56 @@ def partition_generation(part: Collection, meta: dict) -> Generation:
     live = part.live_rows()
     codes = part.codes()
     base = coarse_mod.Coarse(coarse_mod.build_coarse(codes[live], part.bits, meta["coarse"]["kind"], **settings))
+    neighbours = None
+    if meta.get("neighbour_bits"):
+        projection = _read_projection(meta, part.root, part)
+        settings = {k: v for k, v in meta["neighbour_coarse"].items() if k != "kind"}
+        nbase = coarse_mod.build_coarse(projection.encode(part.features(live)), projection.bits,
+                                        meta["neighbour_coarse"]["kind"], **settings)
+        neighbours = Level(coarse_mod.Coarse(nbase), None, projection)
     deleted = part.deleted_mask() if len(part.deleted_rows) else None
-    return Generation(part, meta, base, None if deleted is None else live, part.n, None, deleted, False, 0,
-                       RowReader(part), codes, part.ids())
+    return Generation(part, meta, Level(base, None), neighbours, None if deleted is None else live, part.n,
+                      deleted, False, 0, RowReader(part), codes, part.ids())
+
+
+def collection_projection(coll: Collection) -> NeighbourProjection | None:
+    """The neighbour projection of the collection's current index, which later builds keep, so that an index
+    built after adds and deletes answers as the followed one does; None where it has none."""
+    meta = coll.manifest.get("index")
+    if not meta or not meta.get("neighbour_bits"):
+        return None
+    return _read_projection(check_index_meta(meta, coll.root / "manifest.json"), coll.root, coll)
+
+
+def _read_projection(meta: dict, base_dir: Path, coll: Collection) -> NeighbourProjection:
+    data = read_named_file(base_dir, {"file": meta["projection_file"], "sha256": meta["projection_sha256"]},
+                           "neighbour projection", _REBUILD)
+    return NeighbourProjection.from_bytes(data, coll.feature_dim, meta["neighbour_bits"])
+
+
+def _read_neighbours(meta: dict, base_dir: Path, coll: Collection) -> Level | None:
+    """The neighbour level's base index and projection, or None for an index built without them."""
+    if not meta.get("neighbour_bits"):
+        return None
+    projection = _read_projection(meta, base_dir, coll)
+    index = _deserialise(read_named_file(base_dir, {"file": meta["neighbour_file"],
+                                                    "sha256": meta["neighbour_sha256"]}, "neighbour index",
+                                         _REBUILD), base_dir)
+    if index.ntotal != meta["ntotal"] or index.code_size != meta["neighbour_bits"] // 8:
+        raise HashsearchError(f"the neighbour index of {coll.root} does not hold the {meta['ntotal']} codes it "
+                              f"records; {_REBUILD}")
+    return Level(coarse_mod.Coarse(index), None, projection)
+
+
+def _deserialise(data: bytes, base_dir: Path):
+    try:
+        return faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
+    except RuntimeError as exc:
+        raise HashsearchError(f"cannot read coarse index in {base_dir}: {str(exc).splitlines()[0]}") from None
 
 
 def _read_base(meta: dict, base_dir: Path, base_end: int, coll: Collection):
-    data = read_named_file(base_dir, meta, "coarse index", _REBUILD)
-    try:
-        index = faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
-    except RuntimeError as exc:
-        raise HashsearchError(f"cannot read coarse index in {base_dir}: {str(exc).splitlines()[0]}") from None
+    index = _deserialise(read_named_file(base_dir, meta, "coarse index", _REBUILD), base_dir)
     if index.ntotal != meta["ntotal"] or index.code_size != code_bytes(coll.bits):
         raise HashsearchError(f"the coarse index of {coll.root} does not hold the {meta['ntotal']} codes it records; "
                               "rebuild it with `hashsearch build-index`")

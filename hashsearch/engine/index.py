@@ -39,7 +39,7 @@ from ..shards.layout import INDEX_DIR
 from ..shards.transaction import OutsideDirectory, transaction
 from . import coarse as coarse_mod
 from .exhaustive import scan_knn
-from .generation import (Generation, check_index_meta, load_generation, partition_generation, read_index_meta,
+from .generation import (Generation, Level, check_index_meta, collection_projection, load_generation, partition_generation, read_index_meta,
                          write_index_files)
 from .kernels import live_first, merge_candidates, merge_partitions, nearest_of_ranges, popcount_distances
 from .rerank import PerThreadRerankers
@@ -56,6 +56,12 @@ class SearchResult:
     ids: np.ndarray         # int64 [nq, k]
     hamming: np.ndarray     # int32 [nq, k], Hamming distance of each result's code to the query's
     distances: np.ndarray   # float32 [nq, k], squared L2 on F7; nan in bcs mode
+
+    @classmethod
+    def empty(cls, nq: int, k: int, no_distance: float) -> "SearchResult":
+        rows = np.full((nq, k), -1, np.int64)
+        return cls(rows=rows, ids=rows, hamming=np.full((nq, k), -1, np.int32),
+                   distances=np.full((nq, k), no_distance, np.float32))
 
 
 
@@ -158,20 +164,22 @@ class Index(SearchTarget):
         it, under the collection's write lock.  With `out`, it is written to that
         directory and the collection is not touched.
         """
-        IndexConfig(coarse=kind, **params)      # the same checks as `build-index`'s options
+        settings = IndexConfig(coarse=kind, **params)      # the same checks as `build-index`'s options
+        params = {k: v for k, v in params.items() if k not in ("neighbour_bits", "refit")}
         root = collection.root if isinstance(collection, Collection) else Path(collection)
         if out is not None:
             coll = collection if isinstance(collection, Collection) else Collection.open(root)
             if coll.items == 0:
                 raise HashsearchError(f"collection {root} is empty")
             folder = OutsideDirectory(out, coll.generation)
-            folder.publish(write_index_files(coll, kind, folder, **params))
+            folder.publish(write_index_files(coll, kind, folder, **_neighbour_settings(coll, settings), **params))
             return cls(coll, out)
         with transaction(root, wait=wait) as txn:
             coll = Collection.from_manifest(root, txn.manifest)
             if coll.items == 0:
                 raise HashsearchError(f"collection {root} is empty")
-            txn.publish({**txn.manifest, "index": write_index_files(coll, kind, txn, **params)})
+            meta = write_index_files(coll, kind, txn, **_neighbour_settings(coll, settings), **params)
+            txn.publish({**txn.manifest, "index": meta})
         return cls(Collection.open(root, previous=coll))
 
     @classmethod
@@ -217,34 +225,49 @@ class Index(SearchTarget):
         gen = self._current()
         k, pool, query_codes, query_features = check_query(gen.collection, gen.meta["coarse"], query_codes,
                                                            query_features, params)
-        mode, radius, nflip = params.mode, params.radius, params.nflip
-        nq = len(query_codes)
-        if mode == "es":
+        if params.mode == "es":
             return self._exhaustive(gen, query_codes, query_features, k)
-        width = max(pool, k) if whole_pool and mode == "hds" else k
-        rows = np.full((nq, width), -1, np.int64)
-        ham = np.full((nq, width), -1, np.int32)
-        dist = np.full((nq, width), np.nan if mode == "bcs" else np.inf, np.float32)
+        if params.mode == "bcs":
+            return self._binary(gen, query_codes, k, params)
+        # A partition pads its neighbour pool to the width the driver asked for: the driver splits on it.
+        npool = neighbour_pool(gen.meta, params, np.iinfo(np.int64).max if whole_pool else gen.collection.items)
+        nq, width = len(query_codes), max(pool, k)
+        out = SearchResult.empty(nq, width + npool if whole_pool else k, np.inf)
 
         def work(a, b):
-            if mode == "bcs":
-                found_ham, found = self._candidates(gen, query_codes[a:b], k, radius, nflip)
-                rows[a:b, :found.shape[1]] = found[:, :k]
-                ham[a:b, :found.shape[1]] = np.where(found[:, :k] >= 0, found_ham[:, :k], -1)
-                return
-            cand_ham, cand = self._candidates(gen, query_codes[a:b], max(pool, k), radius, nflip)
+            cand_ham, cand = self._candidates(gen, gen.hamming, query_codes[a:b], width, params.radius, params.nflip)
+            if npool:
+                n_codes = gen.neighbours.projection.encode(query_features[a:b])
+                n_ham, n_cand = self._candidates(gen, gen.neighbours, n_codes, npool, None, None)
             rr = self._rerankers.get(gen.reader)
             for q in range(a, b):
-                order = rr.search(query_features[q:q + 1], cand[q - a], dist[q], rows[q])
-                if whole_pool:      # back to pool order, each candidate with its distance
-                    found = np.count_nonzero(cand[q - a] >= 0)
-                    dist[q, order] = dist[q, :len(order)].copy()
-                    rows[q, :found], ham[q, :found] = cand[q - a, :found], cand_ham[q - a, :found]
+                if whole_pool:      # each pool in its own order, each candidate with its distance
+                    _pool_order(rr, query_features[q:q + 1], cand[q - a], cand_ham[q - a], out, q, 0)
+                    if npool:
+                        _pool_order(rr, query_features[q:q + 1], n_cand[q - a], n_ham[q - a], out, q, width)
+                elif npool:
+                    rr.search(query_features[q:q + 1], union_of_pools(cand[q - a], n_cand[q - a]),
+                              out.distances[q], out.rows[q])
                 else:
-                    ham[q, :len(order)] = cand_ham[q - a, order]
+                    order = rr.search(query_features[q:q + 1], cand[q - a], out.distances[q], out.rows[q])
+                    out.hamming[q, :len(order)] = cand_ham[q - a, order]
 
         self._splitter.run(work, nq)
-        return self._result(gen, rows, dist, ham)
+        if npool and not whole_pool:
+            out.hamming[:] = hamming_of_results(query_codes, gen.codes, out.rows)
+        return self._result(gen, out.rows, out.distances, out.hamming)
+
+    def _binary(self, gen: Generation, query_codes, k: int, params: SearchConfig) -> SearchResult:
+        """bcs: the k nearest of H's codes by Hamming distance, ties by row."""
+        out = SearchResult.empty(len(query_codes), k, np.nan)
+
+        def work(a, b):
+            found_ham, found = self._candidates(gen, gen.hamming, query_codes[a:b], k, params.radius, params.nflip)
+            out.rows[a:b, :found.shape[1]] = found[:, :k]
+            out.hamming[a:b, :found.shape[1]] = np.where(found[:, :k] >= 0, found_ham[:, :k], -1)
+
+        self._splitter.run(work, len(query_codes))
+        return self._result(gen, out.rows, out.distances, out.hamming)
 
     def candidates(self, query_codes: np.ndarray, pool: int, *, radius: int | None = None,
                    nflip: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +278,7 @@ class Index(SearchTarget):
         gen = self._current()
         pool = search_count("pool", pool, gen.collection.items)
         self._check_probe(gen, radius, nflip)
-        return self._candidates(gen, self._check_codes(gen, query_codes), pool, radius, nflip)
+        return self._candidates(gen, gen.hamming, self._check_codes(gen, query_codes), pool, radius, nflip)
 
     @staticmethod
     def _check_codes(gen: Generation, query_codes) -> np.ndarray:
@@ -265,19 +288,21 @@ class Index(SearchTarget):
     def _check_probe(gen: Generation, radius, nflip) -> None:
         check_probe(radius, nflip, gen.collection.bits, gen.meta["coarse"])
 
-    def _candidates(self, gen: Generation, query_codes, pool: int, radius: int | None, nflip: int | None):
+    def _candidates(self, gen: Generation, level: Level, query_codes, pool: int, radius: int | None,
+                    nflip: int | None):
+        """`level`'s `pool` nearest live candidates: gen.hamming (H's codes) or gen.neighbours."""
         if gen.exact_base:
             if radius is None:
-                return gen.base.search(query_codes, min(pool, gen.base.ntotal), nflip)
-            lims, dist, labels = gen.base.range_search(query_codes, int(radius) + 1, nflip)
+                return level.base.search(query_codes, min(pool, level.base.ntotal), nflip)
+            lims, dist, labels = level.base.range_search(query_codes, int(radius) + 1, nflip)
             return nearest_of_ranges(lims, dist, labels, pool)
         if len(query_codes) == 1:
-            return self._one_query_candidates(gen, query_codes, pool, radius, nflip)
+            return self._one_query_candidates(gen, level, query_codes, pool, radius, nflip)
         parts = []
-        if gen.base.ntotal:
-            parts.append(self._base_candidates(gen, query_codes, pool, radius, nflip))
-        if gen.delta is not None:
-            ham, found = self._part_candidates(gen.delta, query_codes, pool + gen.delta_deleted, radius, nflip)
+        if level.base.ntotal:
+            parts.append(self._base_candidates(gen, level, query_codes, pool, radius, nflip))
+        if level.delta is not None:
+            ham, found = self._part_candidates(level.delta, query_codes, pool + gen.delta_deleted, radius, nflip)
             rows = np.where(found >= 0, found + gen.base_end, -1)
             if gen.deleted is not None:
                 alive = (rows >= 0) & ~gen.deleted[np.maximum(rows, 0)]
@@ -285,7 +310,7 @@ class Index(SearchTarget):
             parts.append((ham, rows))
         return merge_candidates(parts, pool)
 
-    def _one_query_candidates(self, gen: Generation, query_code, pool: int, radius, nflip):
+    def _one_query_candidates(self, gen: Generation, level: Level, query_code, pool: int, radius, nflip):
         """The same answer as the batch path for one query, in a few flat array operations.
 
         Batch 1 is the latency-bound case (~0.1 ms in all), where the batch path's
@@ -293,18 +318,18 @@ class Index(SearchTarget):
         """
         want = pool
         while True:         # the base, fetching more while deleted rows leave it short
-            dist, rows, short = self._one_part(gen.base, query_code, want, radius, nflip)
+            dist, rows, short = self._one_part(level.base, query_code, want, radius, nflip)
             if gen.base_rows is not None:
                 rows = gen.base_rows[rows]
             if gen.base_has_deleted:
                 alive = ~gen.deleted[rows]
                 dist, rows = dist[alive], rows[alive]
             # Enough live base candidates, or the base has no more to give: its part of the pool is exact.
-            if len(rows) >= pool or not short or want >= gen.base.ntotal or radius is not None:
+            if len(rows) >= pool or not short or want >= level.base.ntotal or radius is not None:
                 break
-            want = min(gen.base.ntotal, 2 * want + 8)
-        if gen.delta is not None:
-            d, r, _ = self._one_part(gen.delta, query_code, pool + gen.delta_deleted, radius, nflip)
+            want = min(level.base.ntotal, 2 * want + 8)
+        if level.delta is not None:
+            d, r, _ = self._one_part(level.delta, query_code, pool + gen.delta_deleted, radius, nflip)
             r = r + gen.base_end
             if gen.delta_deleted:
                 alive = ~gen.deleted[r]
@@ -332,24 +357,24 @@ class Index(SearchTarget):
         lims, dist, labels = coarse.range_search(query_codes, int(radius) + 1, nflip)
         return nearest_of_ranges(lims, dist, labels.astype(np.int64), want)
 
-    def _base_candidates(self, gen: Generation, query_codes, pool: int, radius, nflip):
+    def _base_candidates(self, gen: Generation, level: Level, query_codes, pool: int, radius, nflip):
         """The base's `pool` nearest live candidates, mapped to rows."""
         want = pool
         if gen.base_has_deleted and radius is None:
             # Fetch for the expected share of deleted rows, then more while a query is short.
             share = float(np.count_nonzero(gen.deleted)) / max(gen.collection.n, 1)
-            want = min(gen.base.ntotal, int(pool / max(1 - share, 0.05)) + 8)
+            want = min(level.base.ntotal, int(pool / max(1 - share, 0.05)) + 8)
         while True:
-            ham, found = self._part_candidates(gen.base, query_codes, want if radius is None else gen.base.ntotal,
+            ham, found = self._part_candidates(level.base, query_codes, want if radius is None else level.base.ntotal,
                                                radius, nflip)
             rows = found if gen.base_rows is None else np.where(found >= 0, gen.base_rows[np.maximum(found, 0)], -1)
             if not gen.base_has_deleted:
                 return ham, rows
             alive = (rows >= 0) & ~gen.deleted[np.maximum(rows, 0)]
-            exhausted = (found[:, -1] < 0) | (want >= gen.base.ntotal) | (radius is not None)
+            exhausted = (found[:, -1] < 0) | (want >= level.base.ntotal) | (radius is not None)
             if np.all((alive.sum(1) >= pool) | exhausted):
                 return live_first(ham, rows, alive, pool)
-            want = min(gen.base.ntotal, 2 * want)
+            want = min(level.base.ntotal, 2 * want)
 
     def _exhaustive(self, gen: Generation, query_codes, query_features, k: int) -> SearchResult:
         if not np.isfinite(query_features).all():
@@ -379,6 +404,43 @@ class Index(SearchTarget):
     def _result(gen: Generation, rows, dist, hamming) -> SearchResult:
         ids = np.where(rows >= 0, gen.ids[rows], -1)     # row -1 reads the last id, then masked
         return SearchResult(rows=rows, ids=ids, hamming=hamming.astype(np.int32, copy=False), distances=dist)
+
+
+def _neighbour_settings(coll: Collection, settings: IndexConfig) -> dict:
+    """The neighbour codes a build writes: their length, and the collection's projection unless refitting."""
+    return {"neighbour_bits": settings.neighbour_bits_for(coll.feature_dim),
+            "projection": None if settings.refit else collection_projection(coll)}
+
+
+def neighbour_pool(meta: dict, params: SearchConfig, items: int) -> int:
+    """How many candidates the neighbour codes add to an hds pool: none where the index has no neighbour
+    codes (one built before them, or with --neighbour-bits 0), and none with a radius, which asks for the
+    paper's thresholded search of H's codes alone."""
+    if not meta.get("neighbour_bits") or not params.neighbour_pool or params.radius is not None:
+        return 0
+    return search_count("neighbour pool", params.neighbour_pool, items)
+
+
+def hamming_of_results(query_codes: np.ndarray, codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """H's Hamming distance of each result row [nq, k] to its query, -1 where there is none."""
+    found = rows >= 0
+    return np.where(found, popcount_distances(query_codes, codes[np.where(found, rows, 0)]), -1).astype(np.int32)
+
+
+def union_of_pools(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The rows of two candidate lists (-1 padded), each once, sorted, then -1 padded to both's width."""
+    rows = np.unique(np.concatenate([a[a >= 0], b[b >= 0]]))
+    return np.concatenate([rows, np.full(len(a) + len(b) - len(rows), -1, np.int64)])
+
+
+def _pool_order(rr, query: np.ndarray, cand: np.ndarray, cand_ham: np.ndarray, out: SearchResult, q: int,
+                first: int) -> None:
+    """One pool of one query into out's columns from `first`, in pool order, each with its L2 distance."""
+    found = int(np.count_nonzero(cand >= 0))
+    dist, rows = np.full(found, np.inf, np.float32), np.full(found, -1, np.int64)
+    order = rr.search(query, cand, dist, rows)
+    out.distances[q, first + order] = dist[:len(order)]
+    out.rows[q, first:first + found], out.hamming[q, first:first + found] = cand[:found], cand_ham[:found]
 
 
 def search_params(params: SearchConfig | int | None = None, **options) -> SearchConfig:

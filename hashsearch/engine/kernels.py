@@ -68,36 +68,76 @@ def merge_candidates(parts: list[tuple[np.ndarray, np.ndarray]], pool: int):
     return np.where(rows >= 0, ham, -1).astype(np.int32), rows
 
 
-def merge_partitions(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int, mode: str, pool: int):
+def merge_partitions(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int, mode: str, pool: int,
+                     neighbour_pool: int = 0):
     """One search's answer from its partitions' answers (Index.search_pool), each (hamming, rows, distances)
     [nq, m_i] with rows numbered in the whole collection: (rows, hamming, distances) [nq, k].
 
     k and pool must be capped as Index.search caps them.  hds cuts the merged pool at the pool's
     size by (Hamming, row), exactly where one index over every row cuts it, then ranks it by L2; bcs
     keeps the k first by (Hamming, row); es the k nearest.  Equal L2 distances, which only duplicate
-    features give, come in partition order.
+    features give, come in partition order.  With a `neighbour_pool`, each part's last neighbour_pool
+    columns are its neighbour pool, by neighbour-code Hamming distance: that pool is cut the same way,
+    the union of both pools is ranked by L2 (ties by row), and the hamming returned is -1 throughout
+    (the caller measures H's distances of the results).
     """
     _check_pairs(parts, "merge_partitions", width=3)
-    if mode not in ("bcs", "es", "hds") or k <= 0 or pool <= 0:
-        raise ValueError(f"merge_partitions: mode {mode!r}, k {k}, pool {pool}")
+    if mode not in ("bcs", "es", "hds") or k <= 0 or pool <= 0 or neighbour_pool < 0:
+        raise ValueError(f"merge_partitions: mode {mode!r}, k {k}, pool {pool}, neighbour pool {neighbour_pool}")
+    if mode == "hds" and neighbour_pool:
+        return _merge_union(parts, k, max(pool, k), neighbour_pool)
     ham = np.concatenate([h for h, _, _ in parts], axis=1).astype(np.int64)
     rows = np.concatenate([r for _, r, _ in parts], axis=1)
     dist = np.concatenate([d for _, _, d in parts], axis=1)
     if mode == "es":
         order = np.argsort(np.where(rows >= 0, dist, np.inf), axis=1, kind="stable")[:, :k]
     else:
-        key = np.where(rows >= 0, (ham << _ROW_BITS) | rows, _NO_ROW)
-        order = np.argsort(key, axis=1, kind="stable")[:, :max(pool, k) if mode == "hds" else k]
+        order = _nearest_codes(ham, rows, max(pool, k) if mode == "hds" else k)
         if mode == "hds":
             pooled = np.where(np.take_along_axis(rows, order, 1) >= 0, np.take_along_axis(dist, order, 1), np.inf)
             order = np.take_along_axis(order, np.argsort(pooled, axis=1, kind="stable")[:, :k], 1)
     rows, ham, dist = (np.take_along_axis(a, order, 1) for a in (rows, ham, dist))
+    return _padded(rows, ham, dist, k, np.nan if mode == "bcs" else np.inf)
+
+
+def _nearest_codes(ham: np.ndarray, rows: np.ndarray, m: int) -> np.ndarray:
+    """Positions of each query's m first candidates by (Hamming, row)."""
+    key = np.where(rows >= 0, (ham.astype(np.int64) << _ROW_BITS) | rows, _NO_ROW)
+    return np.argsort(key, axis=1, kind="stable")[:, :m]
+
+
+def _merge_union(parts, k: int, width: int, npool: int):
+    """hds over two pools: each cut across the parts where one index cuts it, then their union by L2."""
+    if any(r.shape[1] < npool for _, r, _ in parts):
+        raise ValueError(f"merge_partitions: a part is narrower than its neighbour pool of {npool}")
+    picked_rows, picked_dist = [], []
+    for cols, m in ((slice(None, -npool), width), (slice(-npool, None), npool)):
+        ham = np.concatenate([h[:, cols] for h, _, _ in parts], axis=1)
+        rows = np.concatenate([r[:, cols] for _, r, _ in parts], axis=1)
+        dist = np.concatenate([d[:, cols] for _, _, d in parts], axis=1)
+        order = _nearest_codes(ham, rows, m)
+        picked_rows.append(np.take_along_axis(rows, order, 1))
+        picked_dist.append(np.take_along_axis(dist, order, 1))
+    rows, dist = np.concatenate(picked_rows, axis=1), np.concatenate(picked_dist, axis=1)
+    by_row = np.argsort(rows, axis=1, kind="stable")
+    sorted_rows = np.take_along_axis(rows, by_row, 1)
+    repeat = np.zeros(rows.shape, bool)         # a row both pools hold counts once
+    repeat[:, 1:] = (sorted_rows[:, 1:] == sorted_rows[:, :-1]) & (sorted_rows[:, 1:] >= 0)
+    np.put_along_axis(repeat, by_row, repeat.copy(), 1)
+    gone = repeat | (rows < 0)
+    rows = np.where(gone, -1, rows)
+    order = np.lexsort((np.where(gone, _NO_ROW, rows), np.where(gone, np.inf, dist)))[:, :k]
+    rows, dist = np.take_along_axis(rows, order, 1), np.take_along_axis(dist, order, 1)
+    return _padded(rows, np.full(rows.shape, -1, np.int64), dist, k, np.inf)
+
+
+def _padded(rows, ham, dist, k: int, no_distance: float):
     pad = k - rows.shape[1]
     if pad > 0:
         rows, ham = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1), np.pad(ham, ((0, 0), (0, pad)), constant_values=-1)
-        dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.nan if mode == "bcs" else np.inf)
+        dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=no_distance)
     found = rows >= 0
-    return rows, np.where(found, ham, -1).astype(np.int32), dist.astype(np.float32, copy=False)
+    return rows, np.where(found, ham, -1).astype(np.int32), np.where(found, dist, no_distance).astype(np.float32)
 
 
 def live_first(ham: np.ndarray, rows: np.ndarray, alive: np.ndarray, pool: int):

@@ -1,0 +1,92 @@
+"""Neighbour codes: a second binary code per item, fitted to F7 so that Hamming distance follows L2.
+
+The latent layer H is trained with softmax on class labels, so its codes group
+images by class: within a class, two codes' Hamming distance says little
+about their F7 distance, and a pool of H's nearest codes is filled with
+class-mates rather than with the query's neighbours.  An edited copy of a
+database image (re-saved, cropped, brightened) is then often missed before
+the rerank ever sees it.
+
+ITQ (hashsearch.itq) fitted to the collection's own F7 makes codes whose
+Hamming distance does follow F7's distances.  `build-index` fits it on the
+live rows (a sample of them at scale), and the coarse level then holds two
+indexes over the same rows: H's codes, for `bcs` and the class-level pool, and
+these, for the neighbour pool.  `hds` reranks the union of both pools by L2 on
+F7 (engine/index.py).  The projection is stored beside the index, so a query's
+neighbour code is computed from its F7, which every hds query has.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..codes import pack_codes
+from ..errors import HashsearchError
+from ..itq import fit_itq
+
+# Rows ITQ is fitted on: the PCA and the rotation settle long before this (fit time grows with it).
+FIT_SAMPLE_ROWS = 100_000
+# Rows encoded at a time when a whole collection's codes are made: a 4096-d float32 block is 64 MB.
+ENCODE_BLOCK_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class NeighbourProjection:
+    """code = pack(x . matrix - offset >= 0): ITQ's (x - mean) W R with the centring folded into `offset`."""
+    matrix: np.ndarray      # float32 [D, bits]
+    offset: np.ndarray      # float32 [bits]
+
+    @property
+    def bits(self) -> int:
+        return self.matrix.shape[1]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.matrix.shape[0]
+
+    def encode(self, feats: np.ndarray) -> np.ndarray:
+        """Packed codes uint8 [n, bits/8] of features [n, D] (any float dtype)."""
+        feats = np.asarray(feats)
+        if feats.ndim != 2 or feats.shape[1] != self.feature_dim:
+            raise HashsearchError(f"features of shape {feats.shape} do not fit a {self.feature_dim}-d projection")
+        return pack_codes(feats.astype(np.float32, copy=False) @ self.matrix >= self.offset)
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, np.vstack([self.matrix, self.offset[None]]).astype(np.float32), allow_pickle=False)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, feature_dim: int, bits: int) -> "NeighbourProjection":
+        try:
+            stacked = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise HashsearchError(f"unreadable neighbour projection ({exc})") from None
+        if stacked.dtype != np.float32 or stacked.shape != (feature_dim + 1, bits) or not np.isfinite(stacked).all():
+            raise HashsearchError(f"the neighbour projection holds {stacked.dtype} {stacked.shape}; expected finite "
+                                  f"float32 ({feature_dim + 1}, {bits})")
+        return cls(np.ascontiguousarray(stacked[:-1]), np.ascontiguousarray(stacked[-1]))
+
+
+def check_neighbour_bits(bits: int, feature_dim: int) -> None:
+    # ITQ projects on principal directions: there are no more of them than feature dimensions.
+    if bits % 8 or not 8 <= bits <= feature_dim:
+        raise HashsearchError(f"neighbour bits must be a multiple of 8 from 8 to the feature dimension "
+                              f"({feature_dim}), got {bits}")
+
+
+def fit_projection(sample: np.ndarray, bits: int, seed: int = 0) -> NeighbourProjection:
+    """ITQ on `sample` (float features [n, D]), as a projection."""
+    check_neighbour_bits(bits, sample.shape[1])
+    itq = fit_itq(sample, bits, seed=seed)
+    matrix = (itq.projection @ itq.rotation).astype(np.float32)
+    return NeighbourProjection(matrix, (itq.mean @ matrix).astype(np.float32))
+
+
+def sample_rows(live: np.ndarray, rows: int = FIT_SAMPLE_ROWS, seed: int = 0) -> np.ndarray:
+    """Sorted rows to fit on: every live row, or a seeded sample of them."""
+    if len(live) <= rows:
+        return live
+    return np.sort(np.random.default_rng(seed).choice(live, rows, replace=False))
