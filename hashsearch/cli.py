@@ -251,19 +251,25 @@ def info(collection, as_json, verify):
 # -- eval --------------------------------------------------------------------------------
 @main.command("eval")
 @click.argument("database")
-@click.option("--queries", "queries_path", required=True, help="Collection of query items (with labels).")
+@click.option("--queries", "queries_path", help="Collection of query items (with labels).")
 @click_options(EvalConfig)
 @click.option("--json", "json_path", help="Write the metrics to this JSON file: a list, one row per ranking.")
 @click.option("--plot", "plot_path", help="Write precision@k curves to this PNG.")
 @click.option("--pr-plot", "pr_plot_path", help="Write the precision-recall curve of the Hamming ranking to this PNG.")
 def evaluate(database, queries_path, json_path, plot_path, pr_plot_path, **options):
-    """Retrieval quality of DATABASE for the labelled --queries (the paper's protocol)."""
+    """Retrieval quality of DATABASE for the labelled --queries (the paper's protocol), or for edited copies
+    of its own images (--near-duplicates N)."""
     from .bench.evaluate import evaluate_collections, format_table
     from .bench.plots import plot_pr_curve, plot_precision_at_k
     for path, what in ((json_path, "--json"), (plot_path, "--plot"), (pr_plot_path, "--pr-plot")):
         if path:
             check_output_file(path, what)
-    results, curve = evaluate_collections(database, queries_path, EvalConfig(**options), pr_curve=bool(pr_plot_path))
+    config = EvalConfig(**options)
+    if config.near_duplicates:
+        return _near_duplicates(database, config, queries_path, json_path)
+    if not queries_path:
+        raise HashsearchError("give --queries, a collection of labelled query items, or --near-duplicates N")
+    results, curve = evaluate_collections(database, queries_path, config, pr_curve=bool(pr_plot_path))
     click.echo(format_table(results))
     if json_path:
         _write_json(json_path, results)
@@ -273,6 +279,16 @@ def evaluate(database, queries_path, json_path, plot_path, pr_plot_path, **optio
     if pr_plot_path:
         plot_pr_curve({f"hashsearch, {results[0]['bits']} bits": curve}, pr_plot_path, title="Hamming ranking")
         click.echo(f"wrote {pr_plot_path}")
+
+
+def _near_duplicates(database, config: EvalConfig, queries_path, json_path) -> None:
+    from .bench.near_duplicates import format_near_duplicates, run_near_duplicates
+    if queries_path:
+        raise HashsearchError("--near-duplicates makes its own queries; leave out --queries")
+    report = run_near_duplicates(database, config.near_duplicates, config.seed)
+    click.echo(format_near_duplicates(report))
+    if json_path:
+        _write_json(json_path, report)
 
 
 # -- bench -------------------------------------------------------------------------------

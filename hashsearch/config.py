@@ -261,6 +261,10 @@ class EvalConfig(Options):
     baseline_seeds: int = option(10, "Seeds 0..N-1 each baseline is fitted with; its row gives the mean and sd of "
                                       "their mAP.", check=positive)
     baseline_bits: int | None = option(None, "Code length of the baselines [the database's].", check=positive)
+    near_duplicates: int | None = option(None, "Instead of --queries: edit N database images in every way of "
+                                               "bench/near_duplicates.py and report how often each ranking finds "
+                                               "the original.", check=positive)
+    seed: int = option(0, "Which images --near-duplicates edits.", check=seed_range)
 
     def modes(self) -> tuple:
         return MODES if self.mode == "all" else (self.mode,)
@@ -292,6 +296,8 @@ class BenchData(TimedQueries):
     dim: int = option(4096, "Feature dimension (fc7 is 4096-d).", check=positive)
     bits: int = option(128, "Code length.", check=positive)
     collection: str | None = option(None, "Benchmark a real encoded collection instead of synthetic data.")
+    query_collection: str | None = option(None, "With --collection: take the queries from this collection's rows "
+                                                "(held out, such as the test split) instead of the database's own.")
     seed: int = option(0, "Seed of the synthetic data and the queries.", check=seed_range)
     cache_dir: str | None = option(None, "Where synthetic collections are cached.")
 
@@ -318,6 +324,10 @@ class ExhaustiveBenchConfig(BenchData):
     nhash: int | None = option(None, "Tables of a multihash coarse index.", check=positive)
     nflip: int | None = option(None, "Bits flipped when probing a hash or multihash coarse index.",
                                check=not_negative)
+    neighbour_bits: int | None = option(None, "Neighbour codes of the coarse index, as build-index's "
+                                              "--neighbour-bits.", check=not_negative)
+    neighbour_pool: int = option(SearchConfig.neighbour_pool, "hds's neighbour pool, as query's --neighbour-pool.",
+                                 check=not_negative)
 
 
 @dataclass

@@ -41,7 +41,7 @@ def test_result_has_every_reported_number(bench, tmp_path):
     assert set(r["exhaustive_threads"]) == {"1", "8"}
     assert r["speedup"] == pytest.approx(r["exhaustive_ms"] / r["hierarchical_ms"])
     assert r["coarse"]["kind"] == "multihash" and r["coarse"]["nflip"] == 0
-    assert 0 < r["mean_candidates"] <= 40
+    assert 0 < r["mean_candidates"] <= 40 + r["neighbour_pool"] and r["neighbour_bits"] == 64   # F7 is 64-d
     assert 0 < r["rss_mb"] < 2000 and r["open_seconds"] > 0 and r["index_bytes"] > 0
     assert r["collection_bytes"] > 3000 * 64 * 2                  # fp16 features alone
     text = format_report(r)
@@ -169,7 +169,7 @@ def test_radius_bounds_the_hierarchical_pool(tmp_path):
     for radius in (None, 6):
         out = tmp_path / f"r{radius}.json"
         cli("bench", "--exhaustive", "--n", 2000, "--dim", 32, "--bits", 32, "--queries", 8, "--batch", 1,
-            "--coarse", "flat", "--pool", 50, *(("--radius", radius) if radius is not None else ()),
+            "--coarse", "flat", "--pool", 50, "--neighbour-pool", 0, *(("--radius", radius) if radius is not None else ()),
             "--cache-dir", tmp_path, "--json", out)
         runs[radius] = json.loads(out.read_text())
     r = runs[6]

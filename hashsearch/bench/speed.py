@@ -18,6 +18,7 @@ at 1M x 4096), which would otherwise evict the features from the page cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -33,7 +34,7 @@ from ..engine.threads import MAX_THREADS, faiss_threads
 from ..errors import HashsearchError
 from ..shards import SHARD_DIR, Collection
 from ..shards.manifest import disk_bytes
-from ..config import BenchData, ExhaustiveBenchConfig
+from ..config import BenchData, ExhaustiveBenchConfig, SearchConfig
 from .metrics import recall_at_k
 from .synthetic import SyntheticSpec, default_cache_root, generate_collection, make_queries
 from .sysinfo import machine_info, peak_rss_mb, rss_breakdown_mb
@@ -91,15 +92,16 @@ def time_calls(search, nq: int, batch: int, *, min_seconds: float = MIN_TIMED_SE
 def _child(args: dict) -> dict:
     q = np.load(args["queries"])
     codes, feats = q["codes"], q["features"]
-    nq, pool, radius, nflip = len(codes), args["pool"], args["radius"], args["nflip"]
+    nq, radius = len(codes), args["radius"]
+    params = SearchConfig(k=K, pool=args["pool"], nflip=args["nflip"], neighbour_pool=args["neighbour_pool"])
     t = time.perf_counter()
     index = Index.open(args["collection"], args["index_dir"])
     open_seconds = time.perf_counter() - t
 
     def search(mode):
         # The radius bounds the rerank pool; binary search stays a plain top-K Hamming ranking.
-        r = radius if mode == "hds" else None
-        return lambda a, b: index.search(codes[a:b], feats[a:b], K, mode=mode, pool=pool, radius=r, nflip=nflip).rows
+        settings = dataclasses.replace(params, mode=mode, radius=radius if mode == "hds" else None)
+        return lambda a, b: index.search(codes[a:b], feats[a:b], settings).rows
 
     out = {"open_seconds": open_seconds, "timings": {}}
     for batch in args["batches"]:
@@ -109,7 +111,7 @@ def _child(args: dict) -> dict:
             timing[method], rows = time_calls(search(mode), nq, batch)
             if batch == 1:
                 out[f"{mode}_rows"] = np.concatenate(rows).tolist()
-    _, cand = index.candidates(codes, pool, radius=radius, nflip=nflip)
+    cand = index.rerank_pool(codes, feats, dataclasses.replace(params, radius=radius))
     out["mean_candidates"] = float((cand >= 0).sum(1).mean())
     out["rss_mb"] = peak_rss_mb()
     out["rss_end_mb"] = rss_breakdown_mb()
@@ -145,10 +147,14 @@ def bench_data(cfg: BenchData, cache_dir: Path, progress: bool) -> dict:
     """The collection and the queries: held-out synthetic ones, or a seeded sample of a real collection's rows."""
     if cfg.collection is not None:
         coll = Collection.open(cfg.collection)
+        if cfg.query_collection is not None:
+            return {"coll": coll, **_held_out_queries(coll, cfg)}
         rows = np.sort(np.random.default_rng(cfg.seed).choice(coll.n, min(cfg.queries, coll.n), replace=False))
         return {"coll": coll, "codes": coll.codes()[rows], "features": coll.features(rows), "query_rows": rows,
                 "source": "collection rows (each query is also in the database, so it is its own top hit)",
                 "generate_seconds": None}
+    if cfg.query_collection is not None:
+        raise HashsearchError("--query-collection is for --collection runs")
     spec = SyntheticSpec(n=cfg.n, dim=cfg.dim, bits=cfg.bits, seed=cfg.seed)
     t = time.perf_counter()
     coll = generate_collection(cache_dir / spec.name, cfg.n, cfg.dim, cfg.bits, cfg.seed, progress=progress)
@@ -159,30 +165,29 @@ def bench_data(cfg: BenchData, cache_dir: Path, progress: bool) -> dict:
             "source": "synthetic: held-out fresh members of near-duplicate groups"}
 
 
-def run_exhaustive_bench(n: int = ExhaustiveBenchConfig.n, dim: int = ExhaustiveBenchConfig.dim,
-                         bits: int = ExhaustiveBenchConfig.bits, queries: int = ExhaustiveBenchConfig.queries,
-                         batch: int = ExhaustiveBenchConfig.batch, pool: int | None = ExhaustiveBenchConfig.pool,
-                         radius: int | None = ExhaustiveBenchConfig.radius,
-                         coarse: str | None = ExhaustiveBenchConfig.coarse, collection=ExhaustiveBenchConfig.collection,
-                         seed: int = ExhaustiveBenchConfig.seed, cache_dir=ExhaustiveBenchConfig.cache_dir,
-                         exhaustive_queries: int | None = None, progress: bool = True,
-                         hash_bits: int | None = ExhaustiveBenchConfig.hash_bits,
-                         nhash: int | None = ExhaustiveBenchConfig.nhash,
-                         nflip: int | None = ExhaustiveBenchConfig.nflip) -> dict:
+def _held_out_queries(coll: Collection, cfg: BenchData) -> dict:
+    """A seeded sample of another collection's rows, encoded by the same model, as queries."""
+    with Collection.open(cfg.query_collection) as queries:
+        if (queries.bits, queries.feature_dim) != (coll.bits, coll.feature_dim) or \
+                queries.manifest.get("model_fingerprint") != coll.manifest.get("model_fingerprint"):
+            raise HashsearchError(f"{cfg.query_collection} was not encoded by the model of {coll.root}")
+        live = queries.live_rows()
+        rows = np.sort(np.random.default_rng(cfg.seed).choice(live, min(cfg.queries, len(live)), replace=False))
+        return {"codes": queries.codes()[rows], "features": queries.features(rows), "query_rows": None,
+                "source": f"held-out rows of {queries.root}", "generate_seconds": None}
+
+
+def run_exhaustive_bench(*, exhaustive_queries: int | None = None, progress: bool = True, **settings) -> dict:
     """Time exhaustive, hierarchical and binary search; see the module docstring.
 
-    `exhaustive_queries` caps the batch-1 exhaustive timing (default: as many
-    queries as fit in EXHAUSTIVE_BUDGET_SECONDS, at least 3); its top-10 for
-    every query still comes from the batched pass.  A setting given as None
-    takes ExhaustiveBenchConfig's default (pool and coarse: those recommended
-    for 1M rows; the README's headline also narrows the coarse slices with
-    hash_bits=18 and bounds the pool with radius=12).  `radius` drops the
-    pool's candidates beyond that Hamming distance, the paper's threshold
-    (Index.search's radius).
+    `settings` are ExhaustiveBenchConfig's fields; one given as None takes its default (pool and
+    coarse: those recommended for 1M rows; the README's headline also narrows the coarse slices with
+    hash_bits=18 and bounds the pool with radius=12).  `radius` drops the pool's candidates beyond that
+    Hamming distance, the paper's threshold (Index.search's radius).  `exhaustive_queries` caps the
+    batch-1 exhaustive timing (default: as many queries as fit in EXHAUSTIVE_BUDGET_SECONDS, at least 3);
+    its top-10 for every query still comes from the batched pass.
     """
-    cfg = _settings(n=n, dim=dim, bits=bits, queries=queries, batch=batch, pool=pool, radius=radius, coarse=coarse,
-                    collection=collection, seed=seed, cache_dir=cache_dir, hash_bits=hash_bits, nhash=nhash,
-                    nflip=nflip)
+    cfg = _settings(**settings)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_root()
     cache_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -206,19 +211,19 @@ def _settings(**given) -> ExhaustiveBenchConfig:
 def _time_search(setup: dict, cfg: ExhaustiveBenchConfig, batches: list, workdir: Path, progress: bool) -> dict:
     """Build the coarse index in `workdir`, then run _child on it: its output plus the build's costs."""
     coll, nq = setup["coll"], len(setup["codes"])
-    params = {k: v for k, v in (("hash_bits", cfg.hash_bits), ("nhash", cfg.nhash), ("nflip", cfg.nflip))
-              if v is not None}
+    params = {k: v for k, v in (("hash_bits", cfg.hash_bits), ("nhash", cfg.nhash), ("nflip", cfg.nflip),
+                                ("neighbour_bits", cfg.neighbour_bits)) if v is not None}
     _log(progress, f"building {cfg.coarse} index over {coll.n:,} codes")
     t = time.perf_counter()
     index = Index.build(coll, cfg.coarse, out=workdir / "index", **params)
     built = {"build_seconds": time.perf_counter() - t, "coarse": index.meta["coarse"],
-             "index_bytes": disk_bytes(workdir / "index")}
+             "neighbour_bits": index.meta.get("neighbour_bits", 0), "index_bytes": disk_bytes(workdir / "index")}
     del index
     np.savez(workdir / "queries.npz", codes=setup["codes"], features=setup["features"])
     _log(progress, f"hierarchical and binary search in a child process ({nq} queries, pool {cfg.pool})")
     child = _run_child({"collection": str(coll.root), "index_dir": str(workdir / "index"),
                         "queries": str(workdir / "queries.npz"), "pool": cfg.pool, "radius": cfg.radius,
-                        "nflip": cfg.nflip, "batches": batches, "out": str(workdir / "child.out.json")}, workdir)
+                        "nflip": cfg.nflip, "neighbour_pool": cfg.neighbour_pool, "batches": batches, "out": str(workdir / "child.out.json")}, workdir)
     return {**built, **child}
 
 
@@ -273,11 +278,12 @@ def _summary(cfg: ExhaustiveBenchConfig, setup: dict, searched: dict, exhaustive
     coll = setup["coll"]
     result = {"n": coll.n, "dim": coll.feature_dim, "bits": coll.bits, "k": K, "queries": len(setup["codes"]),
               "batch": cfg.batch, "pool": cfg.pool, "radius": cfg.radius, "source": setup["source"],
+              "neighbour_pool": cfg.neighbour_pool if cfg.radius is None else 0,
               "collection": str(coll.root), "seed": cfg.seed, "generate_seconds": setup["generate_seconds"],
               "collection_bytes": disk_bytes(coll.root / SHARD_DIR)}
     if setup["query_rows"] is not None:
         result["query_rows"] = setup["query_rows"].tolist()
-    result.update({key: searched[key] for key in ("build_seconds", "coarse", "index_bytes")})
+    result.update({key: searched[key] for key in ("build_seconds", "coarse", "index_bytes", "neighbour_bits")})
     result.update(exhaustive_load_seconds=exhaustive["load_seconds"], exhaustive_bytes=exhaustive["bytes"],
                   exhaustive_threads=exhaustive["threads"], exhaustive_rss_mb=exhaustive["rss_mb"])
     result["timings"] = _timings(searched["timings"], exhaustive["timings"], batches)
@@ -341,7 +347,8 @@ def format_report(result: dict) -> str:
               + ", ".join(f"{r['timings'][str(b)]['speedup']:,.0f}x at batch {b}" for b in batches),
               f"recall@10 of hierarchical vs exhaustive top-10: {r['recall_at_10']:.3f}"
               f"   (binary only: {r['recall_at_10_binary']:.3f})",
-              f"candidates reranked per query: {r['mean_candidates']:.1f} (pool {r['pool']})",
+              f"candidates reranked per query: {r['mean_candidates']:.1f} (pool {r['pool']}, neighbour pool "
+              f"{r['neighbour_pool']} of {r['neighbour_bits']}-bit neighbour codes)",
               f"search process peak RSS: {r['rss_mb']:,.0f} MiB   index open: {r['open_seconds']:.3f} s"
               f"   index build: {r['build_seconds']:.2f} s",
               f"on disk: index {_bytes(r['index_bytes'])}, collection {_bytes(r['collection_bytes'])};"

@@ -280,6 +280,21 @@ class Index(SearchTarget):
         self._check_probe(gen, radius, nflip)
         return self._candidates(gen, gen.hamming, self._check_codes(gen, query_codes), pool, radius, nflip)
 
+    def rerank_pool(self, query_codes: np.ndarray, query_features: np.ndarray,
+                    params: SearchConfig | int | None = None, **options) -> np.ndarray:
+        """The rows hds reranks for each query [nq, m], -1 padded: H's pool and the neighbour pool, each row once."""
+        gen = self._current()
+        params = search_params(params, **options)
+        k, pool, query_codes, query_features = check_query(gen.collection, gen.meta["coarse"], query_codes,
+                                                           query_features, dataclasses.replace(params, mode="hds"))
+        _, rows = self._candidates(gen, gen.hamming, query_codes, max(pool, k), params.radius, params.nflip)
+        npool = neighbour_pool(gen.meta, params, gen.collection.items)
+        if not npool:
+            return rows
+        _, near = self._candidates(gen, gen.neighbours, gen.neighbours.projection.encode(query_features), npool,
+                                   None, None)
+        return np.stack([union_of_pools(a, b) for a, b in zip(rows, near)])
+
     @staticmethod
     def _check_codes(gen: Generation, query_codes) -> np.ndarray:
         return check_query_codes(query_codes, gen.collection.bits)
