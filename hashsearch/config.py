@@ -261,6 +261,9 @@ class EvalConfig(Options):
     baseline_seeds: int = option(10, "Seeds 0..N-1 each baseline is fitted with; its row gives the mean and sd of "
                                       "their mAP.", check=positive)
     baseline_bits: int | None = option(None, "Code length of the baselines [the database's].", check=positive)
+    neighbour_pool: int = option(SearchConfig.neighbour_pool, "hds's neighbour pool, as query's "
+                                 "--neighbour-pool (used where DATABASE's index has neighbour codes).",
+                                 check=not_negative)
     near_duplicates: int | None = option(None, "Instead of --queries: edit N database images in every way of "
                                                "bench/near_duplicates.py and report how often each ranking finds "
                                                "the original.", check=positive)

@@ -50,7 +50,7 @@ from .metrics import (HammingScanner, QUERY_BLOCK, average_precision, pr_curve_h
 def evaluate(database: Collection, queries: Collection, modes=MODES, topk: int = EvalConfig.topk,
              pool: int | None = EvalConfig.pool, map_all: bool = EvalConfig.map_all, baselines=(),
              baseline_bits: int | None = None, baseline_seeds: int = EvalConfig.baseline_seeds,
-             baseline_seed: int = 0) -> list[dict]:
+             baseline_seed: int = 0, neighbour_pool: int = EvalConfig.neighbour_pool) -> list[dict]:
     """One dict per mode, then one per baseline: mode, map, precision_at_k
     {"1": P@1, ..., str(topk): P@topk}, precision_hamming2 (None for es, which
     uses no codes), n_queries, n_database, topk, bits, pool (hds only),
@@ -61,7 +61,9 @@ def evaluate(database: Collection, queries: Collection, modes=MODES, topk: int =
     map_min, map_max and fit_seconds (all seeds' fits and encodes).
 
     `map` is mAP@topk (AP normalised by the relevant items within the top
-    topk) or, with map_all, mAP over the full ranking.
+    topk) or, with map_all, mAP over the full ranking.  hds adds the database index's neighbour pool
+    of `neighbour_pool` rows, as `query` does, where that index has neighbour codes (its dict says how
+    many it added: neighbour_pool).
     """
     for coll in (database, queries):
         if len(coll.deleted_rows):      # rankings and labels would count items that are gone
@@ -77,13 +79,17 @@ def evaluate(database: Collection, queries: Collection, modes=MODES, topk: int =
     protocol = _Protocol.of(queries, database, settings)
     q_codes, db_codes = queries.codes(), database.codes()
     q_feats, db_feats = (_all_features(queries), _all_features(database)) if needs_features else (None, None)
+    near = _neighbour_pools(database, db_feats, q_feats, neighbour_pool) if "hds" in modes else None
     rankers = _rankers(q_codes, q_feats, HammingScanner(db_codes, database.ids()), db_feats,
-                       settings.hds_pool(), protocol.depth)
+                       settings.hds_pool(), protocol.depth, near)
     p_h2 = precision_within_radius(q_codes, db_codes, protocol.q_labels, protocol.db_labels, 2) \
         if set(modes) - {"es"} else None
     results = [_result(protocol, mode, rankers[mode], time.perf_counter(), database.bits,
                        None if mode == "es" else p_h2, settings.hds_pool() if mode == "hds" else None)
                for mode in modes]
+    for r in results:
+        if r["mode"] == "hds":
+            r["neighbour_pool"] = 0 if near is None else near.shape[1]
     seeds = range(int(baseline_seed), int(baseline_seed) + settings.baseline_seeds)
     return results + [_baseline_result(protocol, method, database, queries, db_feats, q_feats, baseline_bits, seeds)
                       for method in baselines]
@@ -108,12 +114,22 @@ def rank_es(query_feats: np.ndarray, db_feats: np.ndarray, depth: int,
 
 
 def rank_hds(query_codes: np.ndarray, query_feats: np.ndarray, scanner: HammingScanner, db_feats: np.ndarray,
-             pool: int, depth: int) -> np.ndarray:
-    """The `pool` nearest rows by Hamming reranked by L2 on F7, then the rest of the Hamming ranking."""
+             pool: int, depth: int, near: np.ndarray | None = None) -> np.ndarray:
+    """The `pool` nearest rows by Hamming, with the rows of `near` [nq, m] (the neighbour pool) where given,
+    reranked by L2 on F7, each row once; then the rest of the Hamming ranking."""
     rows = scanner.topk(query_codes, max(pool, depth))[0]
     head = np.ascontiguousarray(rows[:, :min(pool, rows.shape[1])])
-    rows[:, :head.shape[1]] = np.take_along_axis(head, _l2_order(query_feats, db_feats, head), 1)
-    return rows[:, :depth]
+    if near is None:
+        rows[:, :head.shape[1]] = np.take_along_axis(head, _l2_order(query_feats, db_feats, head), 1)
+        return rows[:, :depth]
+    cand = np.ascontiguousarray(np.concatenate([head, near], axis=1))
+    ranked = np.take_along_axis(cand, _l2_order(query_feats, db_feats, cand), 1)
+    out = np.empty((len(rows), depth), np.int64)
+    for q in range(len(rows)):
+        first = ranked[q][np.sort(np.unique(ranked[q], return_index=True)[1])]     # each row once, in L2 order
+        rest = rows[q][~np.isin(rows[q], first)]
+        out[q] = np.concatenate([first, rest])[:depth]
+    return out
 
 
 def _l2_order(query_feats: np.ndarray, db_feats: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -158,12 +174,24 @@ class _Protocol:
         return cls(q_labels, db_labels, topk, database.n, _relevant_counts(q_labels, db_labels), True)
 
 
-def _rankers(q_codes, q_feats, scanner, db_feats, pool: int, depth: int) -> dict:
+def _neighbour_pools(database: Collection, db_feats, q_feats, npool: int) -> np.ndarray | None:
+    """Each query's `npool` nearest database rows by the neighbour codes of the database's index, or None
+    where it has none (no index, or one built without them)."""
+    from ..engine.generation import collection_projection
+    projection = collection_projection(database) if npool else None
+    if projection is None:
+        return None
+    scanner = HammingScanner(projection.encode(db_feats), database.ids())
+    return scanner.topk(projection.encode(q_feats), min(npool, database.n))[0]
+
+
+def _rankers(q_codes, q_feats, scanner, db_feats, pool: int, depth: int, near=None) -> dict:
     """Per mode, rank(a, b): the rankings of queries a..b."""
     db_sq_norms = None if db_feats is None else np.einsum("ij,ij->i", db_feats, db_feats)
     return {"bcs": lambda a, b: rank_bcs(q_codes[a:b], scanner, depth),
             "es": lambda a, b: rank_es(q_feats[a:b], db_feats, depth, db_sq_norms),
-            "hds": lambda a, b: rank_hds(q_codes[a:b], q_feats[a:b], scanner, db_feats, pool, depth)}
+            "hds": lambda a, b: rank_hds(q_codes[a:b], q_feats[a:b], scanner, db_feats, pool, depth,
+                                         None if near is None else near[a:b])}
 
 
 def _mean_scores(protocol: _Protocol, rank) -> tuple[float, np.ndarray]:
@@ -310,6 +338,6 @@ def evaluate_collections(database, queries, config: EvalConfig, *, pr_curve: boo
     db, q = Collection.open(database), Collection.open(queries)
     results = evaluate(db, q, modes=config.modes(), topk=config.topk, pool=config.pool, map_all=config.map_all,
                        baselines=config.baseline_methods(), baseline_seeds=config.baseline_seeds,
-                       baseline_bits=config.baseline_bits)
+                       baseline_bits=config.baseline_bits, neighbour_pool=config.neighbour_pool)
     curve = pr_curve_hamming(q.codes(), db.codes(), q.labels(), db.labels()) if pr_curve else None
     return results, curve

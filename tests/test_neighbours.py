@@ -1,0 +1,152 @@
+"""The neighbour codes: hds finds an edited copy's original where H's class-level pool misses it,
+and collections indexed before the neighbour codes existed still open and search."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import cli, manifest
+from hashsearch.bench.near_duplicates import EDITS
+from hashsearch.config import SearchConfig
+from hashsearch.encoders.images import load_image
+from hashsearch.engine import Index
+from hashsearch.engine.neighbours import fit_projection
+from hashsearch.errors import HashsearchError
+from hashsearch.retrieval import query_encoder
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+N_IMAGES = 1500
+# Pools far below the collection's size, so that H's codes must really find the original.
+SMALL_POOLS = SearchConfig(k=10, pool=15, neighbour_pool=15)
+
+
+@pytest.fixture(scope="module")
+def fashion_collection(tmp_path_factory, model):
+    """1,500 Fashion-MNIST test images as PNG files, encoded by the session's 16-bit model and indexed."""
+    if not os.path.isdir(FMNIST):
+        pytest.skip("dataset-fashion-mnist not installed (make data installs it)")
+    from hashsearch.encoders.sources import open_source
+    base = tmp_path_factory.mktemp("fashion")
+    source = open_source("fashion-mnist:test", limit=N_IMAGES)
+    labels = source.labels()
+    for i in range(N_IMAGES):
+        folder = base / "photos" / str(labels[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        source.load(i).save(folder / f"{i:05d}.png")
+    root = base / "coll"
+    cli("encode", base / "photos", "--model", model, "--out", root, "--workers", 0, "--device", "cpu", "--quiet")
+    cli("build-index", root)
+    return root
+
+
+def _edited_copies(index, n: int = 60):
+    coll = index.collection
+    rows = np.random.default_rng(0).choice(coll.n, n, replace=False)
+    images = [load_image(p) for p in coll.paths(rows)]
+    edits = ("jpeg", "brightness", "crop")
+    codes, feats = query_encoder(coll).encode([EDITS[e](im) for e in edits for im in images])
+    return codes, feats, np.tile(coll.ids()[rows], len(edits))
+
+
+def test_an_edited_copy_is_found_as_exhaustive_search_finds_it(fashion_collection):
+    with Index.open(fashion_collection) as index:
+        assert index.meta["neighbour_bits"] == 128
+        codes, feats, wanted = _edited_copies(index)
+        top1 = {}
+        for name, params in (("es", SearchConfig(k=10, mode="es")), ("hds", SMALL_POOLS),
+                             ("H alone", SearchConfig(k=10, pool=15, neighbour_pool=0))):
+            top1[name] = float((index.search(codes, feats, params).ids[:, 0] == wanted).mean())
+    assert top1["es"] > 0.3, top1       # the session model is weak, but its F7 tells copies apart
+    assert top1["hds"] >= top1["es"] - 0.03, top1
+    assert top1["H alone"] < top1["hds"] - 0.1, top1       # what the neighbour pool is for
+
+
+def test_hds_recall_of_the_exact_top_10(fashion_collection):
+    with Index.open(fashion_collection) as index:
+        rows = np.arange(0, N_IMAGES, 50)
+        codes, feats = index.codes[rows], index.collection.features(rows)
+        exact = index.search(codes, feats, SearchConfig(k=10, mode="es")).ids
+        found = index.search(codes, feats, SearchConfig(k=10, pool=15, neighbour_pool=60)).ids
+        alone = index.search(codes, feats, SearchConfig(k=10, pool=75, neighbour_pool=0)).ids     # as many rows
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)])
+    recall_alone = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(alone, exact)])
+    assert recall >= 0.8 and recall > recall_alone + 0.1, (recall, recall_alone)
+
+
+def test_eval_near_duplicates_reports_every_ranking_and_edit(fashion_collection, tmp_path):
+    out = tmp_path / "nd.json"
+    result = cli("eval", fashion_collection, "--near-duplicates", 40, "--json", out)
+    report = json.loads(out.read_text())
+    assert report["originals"] == 40 and report["edits"] == list(EDITS)
+    assert set(report["rankings"]) == {"bcs", "es", "hds", "hds, H pool only"}
+    for rates in report["rankings"].values():
+        assert set(rates) == {"all", *EDITS} and all(0 <= r["top1"] <= r["top10"] <= 1 for r in rates.values())
+    es, hds = report["rankings"]["es"]["all"], report["rankings"]["hds"]["all"]
+    assert hds["top1"] >= es["top1"] - 0.05
+    assert "| hds |" in result.stdout
+
+
+def test_eval_near_duplicates_needs_image_files(collection):
+    # synthetic:N items have no image file to edit
+    cli("eval", collection, "--near-duplicates", 5, ok=False)
+    cli("eval", collection, "--near-duplicates", 5, "--queries", collection, ok=False)
+
+
+def test_an_index_without_neighbour_codes_still_opens_and_searches(collection_copy):
+    """Indexes built before the neighbour codes have none of their keys: hds is then H's pool alone."""
+    cli("build-index", collection_copy, "--neighbour-bits", 0)
+    m = manifest(collection_copy)
+    assert not any(key.startswith(("neighbour", "projection")) for key in m["index"])
+    with Index.open(collection_copy) as index:
+        codes, feats = index.codes[:5], index.collection.features(np.arange(5))
+        old = index.search(codes, feats, 10)
+        paper = index.search(codes, feats, 10, neighbour_pool=0)
+        np.testing.assert_array_equal(old.ids, paper.ids)
+        assert (old.ids[:, 0] == index.ids[:5]).all()
+    cli("eval", collection_copy, "--queries", collection_copy, "--topk", 20)
+    # one command upgrades it, and the manifest records the new index's neighbour codes
+    cli("build-index", collection_copy)
+    assert manifest(collection_copy)["index"]["neighbour_bits"] == 128
+    assert cli("query", collection_copy, "--id", 3, "--json").exit_code == 0
+
+
+def test_later_builds_keep_the_projection_unless_refit(collection_copy):
+    cli("build-index", collection_copy)
+    first = manifest(collection_copy)["index"]["projection_sha256"]
+    cli("add", collection_copy, "synthetic:360", "--workers", 0, "--quiet")
+    cli("build-index", collection_copy)
+    assert manifest(collection_copy)["index"]["projection_sha256"] == first
+    cli("build-index", collection_copy, "--refit")
+    assert manifest(collection_copy)["index"]["projection_sha256"] != first
+
+
+def test_neighbour_bits_are_checked(collection_copy):
+    cli("build-index", collection_copy, "--neighbour-bits", 12, ok=False)      # not whole bytes
+    cli("build-index", collection_copy, "--neighbour-bits", 4096, ok=False)    # more than F7's 512 dimensions
+    with pytest.raises(HashsearchError, match="neighbour bits"):
+        fit_projection(np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32), 24)
+
+
+def test_a_damaged_projection_is_refused(collection_copy):
+    cli("build-index", collection_copy)
+    path = collection_copy / manifest(collection_copy)["index"]["projection_file"]
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
+    result = cli("query", collection_copy, "--id", 3, ok=False)
+    assert "neighbour projection" in result.stderr and "build-index" in result.stderr
+
+
+def test_eval_ranks_hds_as_query_does(fashion_collection, tmp_path):
+    """eval's hds adds the index's neighbour pool, and its top ranks are those of Index.search."""
+    out = tmp_path / "eval.json"
+    cli("eval", fashion_collection, "--queries", fashion_collection, "--mode", "hds", "--topk", 10, "--pool", 15,
+        "--neighbour-pool", 15, "--json", out)
+    row = json.loads(out.read_text())[0]
+    assert row["mode"] == "hds" and row["neighbour_pool"] == 15
+    from hashsearch.bench.evaluate import evaluate
+    from hashsearch.shards import Collection
+    with Collection.open(fashion_collection) as db:
+        alone = evaluate(db, db, modes=("hds",), topk=10, pool=15, neighbour_pool=0)[0]
+    assert alone["neighbour_pool"] == 0 and alone["map"] != row["map"]
