@@ -18,6 +18,7 @@ from .options import Options, cli_name, fraction, in_range, not_negative, option
 
 MODES = ("bcs", "es", "hds")                   # Hamming only, exhaustive L2, hierarchical: eval reports them so
 COARSE_KINDS = ("flat", "hash", "multihash")    # the faiss binary indexes of the coarse level
+SYNTHETIC_CODES = ("class", "projection")       # how `bench`'s synthetic data stands in for H (bench/synthetic.py)
 BASELINES = ("lsh", "itq")                     # codes eval can fit on F7 without training
 # The model's arithmetic (encoders.encoder.autocast).  fp16 is a GPU's, reached through auto; the other two
 # run on any device, which is what training needs: float16 training would need loss scaling, which it lacks.
@@ -302,6 +303,9 @@ class BenchData(TimedQueries):
     query_collection: str | None = option(None, "With --collection: take the queries from this collection's rows "
                                                 "(held out, such as the test split) instead of the database's own.")
     seed: int = option(0, "Seed of the synthetic data and the queries.", check=seed_range)
+    synthetic_codes: str = option("class", "Synthetic H codes: class (shared by a cluster, as class-trained codes "
+                                           "are) or projection (a random projection of each row's F7, which keeps "
+                                           "its neighbours).", choices=SYNTHETIC_CODES)
     cache_dir: str | None = option(None, "Where synthetic collections are cached.")
 
 

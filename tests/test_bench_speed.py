@@ -169,7 +169,7 @@ def test_radius_bounds_the_hierarchical_pool(tmp_path):
     for radius in (None, 6):
         out = tmp_path / f"r{radius}.json"
         cli("bench", "--exhaustive", "--n", 2000, "--dim", 32, "--bits", 32, "--queries", 8, "--batch", 1,
-            "--coarse", "flat", "--pool", 50, "--neighbour-pool", 0, *(("--radius", radius) if radius is not None else ()),
+            "--coarse", "flat", "--pool", 50, "--neighbour-pool", 0, "--synthetic-codes", "projection", *(("--radius", radius) if radius is not None else ()),
             "--cache-dir", tmp_path, "--json", out)
         runs[radius] = json.loads(out.read_text())
     r = runs[6]

@@ -155,14 +155,15 @@ def bench_data(cfg: BenchData, cache_dir: Path, progress: bool) -> dict:
                 "generate_seconds": None}
     if cfg.query_collection is not None:
         raise HashsearchError("--query-collection is for --collection runs")
-    spec = SyntheticSpec(n=cfg.n, dim=cfg.dim, bits=cfg.bits, seed=cfg.seed)
+    spec = SyntheticSpec(n=cfg.n, dim=cfg.dim, bits=cfg.bits, seed=cfg.seed, codes=cfg.synthetic_codes)
     t = time.perf_counter()
-    coll = generate_collection(cache_dir / spec.name, cfg.n, cfg.dim, cfg.bits, cfg.seed, progress=progress)
+    coll = generate_collection(cache_dir / spec.name, cfg.n, cfg.dim, cfg.bits, cfg.seed, progress=progress,
+                               codes=cfg.synthetic_codes)
     seconds = time.perf_counter() - t
     _log(progress, f"collection {coll.root} ready in {seconds:.1f} s")
     codes, feats, _ = make_queries(coll, cfg.queries, cfg.seed)
     return {"coll": coll, "codes": codes, "features": feats, "query_rows": None, "generate_seconds": seconds,
-            "source": "synthetic: held-out fresh members of near-duplicate groups"}
+            "source": f"synthetic ({cfg.synthetic_codes} codes): held-out fresh members of near-duplicate groups"}
 
 
 def _held_out_queries(coll: Collection, cfg: BenchData) -> dict:

@@ -6,10 +6,20 @@ Three levels of structure, so that near neighbours exist at every scale:
              offset from their cluster centre, drawn from a low-rank latent
              space (real CNN features vary along few directions);
   members    a group's offset plus small isotropic noise.
-Features are ReLU'd like F7.  Codes come from a fixed random hash layer,
-sigmoid(W x + b) > 0.5, i.e. the sign of a random projection, with b set so
-each bit is on for half of a calibration sample: near rows get near codes,
-as with a trained layer, though less sharply.
+Features are ReLU'd like F7.  Codes stand in for H's, in one of two ways
+(`codes`):
+  class       (the default) as a layer trained with softmax on the clusters
+              as classes makes them: the code of a row's cluster centre under
+              a fixed random hash layer, sigmoid(W c + b) > 0.5, with a few
+              bits flipped per row.  Rows of one cluster share nearly one
+              code, whatever their F7 distance, as real class-trained codes
+              do (the README's "Faithful coarse search"), so H's pool holds
+              class-mates rather than neighbours;
+  projection  the sign of the same random projection of each row's own
+              features: near rows get near codes.  Benchmarks before the
+              neighbour codes used these, which keep F7's neighbours by
+              construction.
+b is set so each bit is on for half of a calibration sample.
 
 Rows are laid out in random order (groups are not contiguous on disk) and
 every block of rows has its own random stream, so a collection can be
@@ -29,17 +39,20 @@ from pathlib import Path
 import numpy as np
 
 from ..codes import check_bits, pack_codes
+from ..config import SYNTHETIC_CODES
 from ..errors import HashsearchError
 from ..shards import Collection, CollectionWriter
 from ..shards.writer import rows_to_write
 from ..shards.manifest import read_manifest
 
 # 2: shards are page-aligned (shards.writer), so caches written before are regenerated and timed as
-# the engine writes collections now; the rows themselves are unchanged.
-VERSION = 2
+# the engine writes collections now; the rows themselves are unchanged.  3: class codes.
+VERSION = 3
+# Per-row noise of class codes, relative to the spread of the centres' projections: flips ~10 % of bits.
+_CLASS_CODE_NOISE = 0.15
 BLOCK_ROWS = 8192
 # Streams of the seed's SeedSequence, so that each part stays fixed when another changes.
-_MODEL, _LAYOUT, _CALIBRATION, _QUERIES, _BLOCKS = range(5)
+_MODEL, _LAYOUT, _CALIBRATION, _QUERIES, _BLOCKS, _FLIPS = range(6)
 _NOISE_ROWS = 2048
 
 
@@ -65,9 +78,12 @@ class SyntheticSpec:
     center_scale: float = 1.0
     group_scale: float = 0.5
     noise_scale: float = 0.1
+    codes: str = "class"
 
     def __post_init__(self):
         check_bits(self.bits)
+        if self.codes not in SYNTHETIC_CODES:
+            raise HashsearchError(f"synthetic codes must be one of {', '.join(SYNTHETIC_CODES)}, got {self.codes!r}")
         if self.n <= 0 or self.dim <= 0:
             raise HashsearchError(f"synthetic collection needs n > 0 and dim > 0, got n={self.n}, dim={self.dim}")
         if not 1 <= self.group_min <= self.group_max:
@@ -75,7 +91,8 @@ class SyntheticSpec:
 
     @property
     def name(self) -> str:
-        return f"synthetic-n{self.n}-d{self.dim}-b{self.bits}-s{self.seed}"
+        kind = "" if self.codes == "class" else f"-{self.codes}"
+        return f"synthetic-n{self.n}-d{self.dim}-b{self.bits}-s{self.seed}{kind}"
 
     @property
     def source(self) -> str:
@@ -111,8 +128,14 @@ class SyntheticModel:
 
     @cached_property
     def hash_b(self) -> np.ndarray:
+        if self.spec.codes == "class":
+            return -np.median(self.center_logits, axis=0).astype(np.float32)
         probe = self._features((_CALIBRATION,), self.row_group[:4096])
         return -np.median(probe @ self.hash_w, axis=0).astype(np.float32)
+
+    @cached_property
+    def center_logits(self) -> np.ndarray:
+        return np.maximum(self.centers, 0) @ self.hash_w
 
     def _features(self, stream: tuple, groups: np.ndarray) -> np.ndarray:
         x = np.empty((len(groups), self.spec.dim), np.float32)
@@ -128,20 +151,26 @@ class SyntheticModel:
         x += self.group_latent[groups] @ self.mixing
         return np.maximum(x, 0, out=x)
 
-    def encode(self, features: np.ndarray) -> np.ndarray:
-        return pack_codes(features @ self.hash_w + self.hash_b > 0)
+    def encode(self, features: np.ndarray, groups: np.ndarray, stream: tuple) -> np.ndarray:
+        """The codes of rows with these features, of these groups; `stream` draws class codes' flips."""
+        if self.spec.codes == "projection":
+            return pack_codes(features @ self.hash_w + self.hash_b > 0)
+        logits = self.center_logits[self.group_cluster[groups]] + self.hash_b
+        spread = np.float32(_CLASS_CODE_NOISE * self.center_logits.std())
+        noise = self.spec.rng(_FLIPS, *stream).standard_normal(logits.shape, np.float32) * spread
+        return pack_codes(logits + noise > 0)
 
     def block(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows of block b: (features float32, codes, cluster labels)."""
         groups = self.row_group[b * BLOCK_ROWS:(b + 1) * BLOCK_ROWS]
         x = self._features((_BLOCKS, b), groups)
-        return x, self.encode(x), self.group_cluster[groups].astype(np.int64)
+        return x, self.encode(x, groups, (_BLOCKS, b)), self.group_cluster[groups].astype(np.int64)
 
     def queries(self, nq: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Held-out queries: (codes, features float32, group of each), groups drawn by size."""
         groups = self.row_group[self.spec.rng(_QUERIES, seed).integers(0, self.spec.n, size=nq)]
         x = self._features((_QUERIES, seed, 1), groups)
-        return self.encode(x), x, groups
+        return self.encode(x, groups, (_QUERIES, seed, 2)), x, groups
 
 
 def generate_collection(root, n: int, dim: int = 4096, bits: int = 128, seed: int = 0, *,
