@@ -25,10 +25,11 @@ BASELINES = ("lsh", "itq")                     # codes eval can fit on F7 withou
 ANY_DEVICE_PRECISIONS = ("fp32", "bf16")
 PRECISIONS = ("auto", *ANY_DEVICE_PRECISIONS)  # auto: float16 on CUDA, float32 on a CPU
 # The neighbour codes (engine/neighbours.py): their length, and how many of their nearest hds reranks beside
-# H's pool.  Chosen on CIFAR-10 (README, "Faithful coarse search"): the shortest length and pool that keep
-# an edited copy's original and the exact L2 top 10 in the pool.
-NEIGHBOUR_BITS = 128
-NEIGHBOUR_POOL = 200
+# H's pool.  Chosen on CIFAR-10 (README, "Faithful coarse search"): the shortest length and pool that
+# keep both an edited copy's original and the exact L2 top 10 in the pool; shorter codes or a smaller
+# pool lose the latter first.
+NEIGHBOUR_BITS = 256
+NEIGHBOUR_POOL = 500
 WAIT_HELP = "If another process is writing the collection, wait for it instead of failing."
 def gpu_share(name: str, value) -> None:
     # Ray places a fraction of one GPU, or whole GPUs: 1.5 is neither.

@@ -53,7 +53,7 @@ def _edited_copies(index, n: int = 60):
 
 def test_an_edited_copy_is_found_as_exhaustive_search_finds_it(fashion_collection):
     with Index.open(fashion_collection) as index:
-        assert index.meta["neighbour_bits"] == 128
+        assert index.meta["neighbour_bits"] == 256
         codes, feats, wanted = _edited_copies(index)
         top1 = {}
         for name, params in (("es", SearchConfig(k=10, mode="es")), ("hds", SMALL_POOLS),
@@ -109,7 +109,7 @@ def test_an_index_without_neighbour_codes_still_opens_and_searches(collection_co
     cli("eval", collection_copy, "--queries", collection_copy, "--topk", 20)
     # one command upgrades it, and the manifest records the new index's neighbour codes
     cli("build-index", collection_copy)
-    assert manifest(collection_copy)["index"]["neighbour_bits"] == 128
+    assert manifest(collection_copy)["index"]["neighbour_bits"] == 256
     assert cli("query", collection_copy, "--id", 3, "--json").exit_code == 0
 
 
