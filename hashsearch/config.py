@@ -183,6 +183,10 @@ class SearchConfig(Options):
                                                  "alone, the paper's search).", check=not_negative)
     mode: str = option("hds", "hds: Hamming pool, then L2 on F7; bcs: Hamming only; es: exhaustive L2.",
                        choices=MODES)
+    # An edited copy or a look-alike belongs at the top; deeper down, H's class-level order is what the
+    # paper's hds gives (README, "Faithful coarse search": the class mAP this keeps).
+    neighbour_places: int = option(10, "hds: the first places that rows found only by the neighbour codes may "
+                                       "take; past them, H's pool ranks alone.", check=positive)
 
 
 @dataclass
@@ -236,10 +240,12 @@ class IndexConfig(Options):
     refit: bool = option(False, "Fit the neighbour codes to the current rows again instead of keeping the "
                                 "collection's.")
 
-    def neighbour_bits_for(self, feature_dim: int) -> int:
+    def neighbour_bits_for(self, feature_dim: int, rows: int) -> int:
+        """The neighbour codes' length for `rows` live rows of `feature_dim`-d F7: PCA has no more directions
+        than either, so a small collection gets shorter codes (none below 8 rows)."""
         if self.neighbour_bits is not None:
             return self.neighbour_bits
-        return min(NEIGHBOUR_BITS, feature_dim // 8 * 8)
+        return min(NEIGHBOUR_BITS, feature_dim // 8 * 8, rows // 8 * 8)
 
 
 @dataclass

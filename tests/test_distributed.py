@@ -98,6 +98,11 @@ def test_sharded_search_equals_the_single_index_in_every_mode(cluster, live_root
                 a = single.search(codes[q], feats[q], 10, mode=mode, pool=pool, radius=radius)
                 b = sharded.search(codes[q], feats[q], 10, mode=mode, pool=pool, radius=radius)
                 assert_same_result(a, b, f"P={partitions} {mode} pool={pool} radius={radius} {q}")
+        # hds's two pools past the places the neighbour pool alone may take, and with H's pool alone
+        for params in (dict(k=40, pool=20, neighbour_pool=30, neighbour_places=5), dict(k=10, neighbour_pool=0)):
+            for q in (slice(None), slice(0, 1)):
+                assert_same_result(single.search(codes[q], feats[q], **params),
+                                   sharded.search(codes[q], feats[q], **params), f"P={partitions} {params} {q}")
 
 
 @pytest.mark.parametrize("kind, params", KINDS[1:])

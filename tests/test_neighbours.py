@@ -150,3 +150,18 @@ def test_eval_ranks_hds_as_query_does(fashion_collection, tmp_path):
     with Collection.open(fashion_collection) as db:
         alone = evaluate(db, db, modes=("hds",), topk=10, pool=15, neighbour_pool=0)[0]
     assert alone["neighbour_pool"] == 0 and alone["map"] != row["map"]
+
+
+def test_rows_of_the_neighbour_pool_alone_take_only_the_first_places(fashion_collection):
+    with Index.open(fashion_collection) as index:
+        rows = np.arange(0, N_IMAGES, 100)
+        codes, feats = index.codes[rows], index.collection.features(rows)
+        deep = index.search(codes, feats, SearchConfig(k=60, pool=15, neighbour_pool=60, neighbour_places=5))
+        top = index.search(codes, feats, SearchConfig(k=5, pool=15, neighbour_pool=60, neighbour_places=5))
+        _, h_pool = index.candidates(codes, 60)
+    np.testing.assert_array_equal(deep.ids[:, :5], top.ids)
+    for q in range(len(rows)):
+        later = deep.rows[q, 5:]
+        assert np.isin(later[later >= 0], h_pool[q]).all()
+        assert (np.diff(deep.distances[q, 5:][later >= 0]) >= 0).all()     # still by L2
+    assert (deep.rows[:, 5:20] >= 0).all()

@@ -39,7 +39,8 @@ import faiss
 import numpy as np
 
 from ..codes import check_bits
-from ..config import BASELINES, MODES, EvalConfig
+from ..config import BASELINES, MODES, EvalConfig, SearchConfig
+from ..engine.kernels import admitted
 from ..errors import HashsearchError
 from ..shards import Collection
 from .baselines import fit_baseline, training_features
@@ -114,9 +115,11 @@ def rank_es(query_feats: np.ndarray, db_feats: np.ndarray, depth: int,
 
 
 def rank_hds(query_codes: np.ndarray, query_feats: np.ndarray, scanner: HammingScanner, db_feats: np.ndarray,
-             pool: int, depth: int, near: np.ndarray | None = None) -> np.ndarray:
+             pool: int, depth: int, near: np.ndarray | None = None,
+             places: int = SearchConfig.neighbour_places) -> np.ndarray:
     """The `pool` nearest rows by Hamming, with the rows of `near` [nq, m] (the neighbour pool) where given,
-    reranked by L2 on F7, each row once; then the rest of the Hamming ranking."""
+    reranked by L2 on F7, each row once, rows of `near` alone taking at most the first `places` places, as
+    Index.search ranks them; then the rest of the Hamming ranking."""
     rows = scanner.topk(query_codes, max(pool, depth))[0]
     head = np.ascontiguousarray(rows[:, :min(pool, rows.shape[1])])
     if near is None:
@@ -127,6 +130,7 @@ def rank_hds(query_codes: np.ndarray, query_feats: np.ndarray, scanner: HammingS
     out = np.empty((len(rows), depth), np.int64)
     for q in range(len(rows)):
         first = ranked[q][np.sort(np.unique(ranked[q], return_index=True)[1])]     # each row once, in L2 order
+        first = first[admitted(first, np.isin(first, head[q]), places)]
         rest = rows[q][~np.isin(rows[q], first)]
         out[q] = np.concatenate([first, rest])[:depth]
     return out

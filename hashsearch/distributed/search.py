@@ -169,7 +169,7 @@ class ShardedIndex(SearchTarget):
         answers = self.partition_answers(query_codes, query_features, search_params(params, **options))
         p = answers.params
         npool = neighbour_pool(answers.collection.manifest["index"], p, answers.collection.items)
-        rows, ham, dist = merge_partitions(answers.parts, p.k, p.mode, p.pool, npool)
+        rows, ham, dist = merge_partitions(answers.parts, p.k, p.mode, p.pool, npool, p.neighbour_places)
         if npool:
             ham = hamming_of_results(check_query_codes(query_codes, answers.collection.bits),
                                      answers.collection.codes(), rows)

@@ -18,7 +18,7 @@ from ..shards import Collection, RowReader
 from ..shards.layout import INDEX_DIR, INDEX_META
 from ..shards.manifest import check_file_entry, read_named_file
 from . import coarse as coarse_mod
-from .neighbours import ENCODE_BLOCK_ROWS, NeighbourProjection, check_neighbour_bits, fit_projection, sample_rows
+from .neighbours import ENCODE_BLOCK_ROWS, NeighbourProjection, fit_projection, sample_rows
 
 _REBUILD = "rebuild it with `hashsearch build-index`"
 
@@ -90,7 +90,6 @@ def write_index_files(coll: Collection, kind: str, txn, *, neighbour_bits: int =
         meta["rows_sha256"] = txn.write(meta["rows_file"], live.astype(np.int64).tobytes())
     if neighbour_bits:
         if projection is None or projection.bits != neighbour_bits:
-            check_neighbour_bits(neighbour_bits, coll.feature_dim)
             projection = fit_projection(coll.features(sample_rows(live)), neighbour_bits)
         meta.update(_write_neighbours(coll, live, kind, projection, txn, nflip=params.get("nflip")))
     meta["build_seconds"] = round(time.perf_counter() - start, 3)

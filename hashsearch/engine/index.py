@@ -41,7 +41,7 @@ from . import coarse as coarse_mod
 from .exhaustive import scan_knn
 from .generation import (Generation, Level, check_index_meta, collection_projection, load_generation, partition_generation, read_index_meta,
                          write_index_files)
-from .kernels import live_first, merge_candidates, merge_partitions, nearest_of_ranges, popcount_distances
+from .kernels import admitted, live_first, merge_candidates, merge_partitions, nearest_of_ranges, popcount_distances
 from .rerank import PerThreadRerankers
 from .threads import MAX_THREADS, QuerySplitter, faiss_threads
 
@@ -246,8 +246,8 @@ class Index(SearchTarget):
                     if npool:
                         _pool_order(rr, query_features[q:q + 1], n_cand[q - a], n_ham[q - a], out, q, width)
                 elif npool:
-                    rr.search(query_features[q:q + 1], union_of_pools(cand[q - a], n_cand[q - a]),
-                              out.distances[q], out.rows[q])
+                    _rank_union(rr, query_features[q:q + 1], cand[q - a], n_cand[q - a], out, q,
+                                params.neighbour_places)
                 else:
                     order = rr.search(query_features[q:q + 1], cand[q - a], out.distances[q], out.rows[q])
                     out.hamming[q, :len(order)] = cand_ham[q - a, order]
@@ -423,7 +423,7 @@ class Index(SearchTarget):
 
 def _neighbour_settings(coll: Collection, settings: IndexConfig) -> dict:
     """The neighbour codes a build writes: their length, and the collection's projection unless refitting."""
-    return {"neighbour_bits": settings.neighbour_bits_for(coll.feature_dim),
+    return {"neighbour_bits": settings.neighbour_bits_for(coll.feature_dim, coll.items),
             "projection": None if settings.refit else collection_projection(coll)}
 
 
@@ -446,6 +446,23 @@ def union_of_pools(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The rows of two candidate lists (-1 padded), each once, sorted, then -1 padded to both's width."""
     rows = np.unique(np.concatenate([a[a >= 0], b[b >= 0]]))
     return np.concatenate([rows, np.full(len(a) + len(b) - len(rows), -1, np.int64)])
+
+
+def _rank_union(rr, query: np.ndarray, cand: np.ndarray, near: np.ndarray, out: SearchResult, q: int,
+                places: int) -> None:
+    """One query's hds results from H's pool and the neighbour pool: the union by L2, where rows found only
+    by the neighbour codes take at most the first `places` places."""
+    union = union_of_pools(cand, near)
+    k = out.rows.shape[1]
+    if k <= places:         # the common case: every place is open to both pools
+        rr.search(query, union, out.distances[q], out.rows[q])
+        return
+    m = int(np.count_nonzero(union >= 0))
+    dist, rows = np.full(m, np.inf, np.float32), np.full(m, -1, np.int64)
+    found = len(rr.search(query, union, dist, rows))
+    keep = admitted(rows[:found], np.isin(rows[:found], cand), places)
+    kept = min(k, int(np.count_nonzero(keep)))
+    out.rows[q, :kept], out.distances[q, :kept] = rows[:found][keep][:kept], dist[:found][keep][:kept]
 
 
 def _pool_order(rr, query: np.ndarray, cand: np.ndarray, cand_ham: np.ndarray, out: SearchResult, q: int,

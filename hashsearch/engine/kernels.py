@@ -69,7 +69,7 @@ def merge_candidates(parts: list[tuple[np.ndarray, np.ndarray]], pool: int):
 
 
 def merge_partitions(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int, mode: str, pool: int,
-                     neighbour_pool: int = 0):
+                     neighbour_pool: int = 0, neighbour_places: int | None = None):
     """One search's answer from its partitions' answers (Index.search_pool), each (hamming, rows, distances)
     [nq, m_i] with rows numbered in the whole collection: (rows, hamming, distances) [nq, k].
 
@@ -78,14 +78,16 @@ def merge_partitions(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: 
     keeps the k first by (Hamming, row); es the k nearest.  Equal L2 distances, which only duplicate
     features give, come in partition order.  With a `neighbour_pool`, each part's last neighbour_pool
     columns are its neighbour pool, by neighbour-code Hamming distance: that pool is cut the same way,
-    the union of both pools is ranked by L2 (ties by row), and the hamming returned is -1 throughout
-    (the caller measures H's distances of the results).
+    the union of both pools is ranked by L2 (ties by row), rows of the neighbour pool alone taking at
+    most the first `neighbour_places` places (admitted), and the hamming returned is -1 throughout (the
+    caller measures H's distances of the results).
     """
     _check_pairs(parts, "merge_partitions", width=3)
     if mode not in ("bcs", "es", "hds") or k <= 0 or pool <= 0 or neighbour_pool < 0:
         raise ValueError(f"merge_partitions: mode {mode!r}, k {k}, pool {pool}, neighbour pool {neighbour_pool}")
     if mode == "hds" and neighbour_pool:
-        return _merge_union(parts, k, max(pool, k), neighbour_pool)
+        places = k if neighbour_places is None else neighbour_places
+        return _merge_union(parts, k, max(pool, k), neighbour_pool, places)
     ham = np.concatenate([h for h, _, _ in parts], axis=1).astype(np.int64)
     rows = np.concatenate([r for _, r, _ in parts], axis=1)
     dist = np.concatenate([d for _, _, d in parts], axis=1)
@@ -106,7 +108,7 @@ def _nearest_codes(ham: np.ndarray, rows: np.ndarray, m: int) -> np.ndarray:
     return np.argsort(key, axis=1, kind="stable")[:, :m]
 
 
-def _merge_union(parts, k: int, width: int, npool: int):
+def _merge_union(parts, k: int, width: int, npool: int, places: int):
     """hds over two pools: each cut across the parts where one index cuts it, then their union by L2."""
     if any(r.shape[1] < npool for _, r, _ in parts):
         raise ValueError(f"merge_partitions: a part is narrower than its neighbour pool of {npool}")
@@ -118,6 +120,7 @@ def _merge_union(parts, k: int, width: int, npool: int):
         order = _nearest_codes(ham, rows, m)
         picked_rows.append(np.take_along_axis(rows, order, 1))
         picked_dist.append(np.take_along_axis(dist, order, 1))
+    h_rows = picked_rows[0]
     rows, dist = np.concatenate(picked_rows, axis=1), np.concatenate(picked_dist, axis=1)
     by_row = np.argsort(rows, axis=1, kind="stable")
     sorted_rows = np.take_along_axis(rows, by_row, 1)
@@ -126,8 +129,17 @@ def _merge_union(parts, k: int, width: int, npool: int):
     np.put_along_axis(repeat, by_row, repeat.copy(), 1)
     gone = repeat | (rows < 0)
     rows = np.where(gone, -1, rows)
-    order = np.lexsort((np.where(gone, _NO_ROW, rows), np.where(gone, np.inf, dist)))[:, :k]
+    order = np.lexsort((np.where(gone, _NO_ROW, rows), np.where(gone, np.inf, dist)))
     rows, dist = np.take_along_axis(rows, order, 1), np.take_along_axis(dist, order, 1)
+    if k > places:
+        out_rows, out_dist = np.full((len(rows), k), -1, np.int64), np.full((len(rows), k), np.inf, np.float32)
+        for q in range(len(rows)):
+            found = rows[q] >= 0
+            keep = admitted(rows[q][found], np.isin(rows[q][found], h_rows[q]), places)
+            kept = min(k, int(np.count_nonzero(keep)))
+            out_rows[q, :kept], out_dist[q, :kept] = rows[q][found][keep][:kept], dist[q][found][keep][:kept]
+        rows, dist = out_rows, out_dist
+    rows, dist = rows[:, :k], dist[:, :k]
     return _padded(rows, np.full(rows.shape, -1, np.int64), dist, k, np.inf)
 
 
@@ -138,6 +150,14 @@ def _padded(rows, ham, dist, k: int, no_distance: float):
         dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=no_distance)
     found = rows >= 0
     return rows, np.where(found, ham, -1).astype(np.int32), np.where(found, dist, no_distance).astype(np.float32)
+
+
+def admitted(ranked: np.ndarray, from_h: np.ndarray, places: int) -> np.ndarray:
+    """Which of one query's candidates, ranked by L2 [m], stay in an hds ranking: those of H's pool
+    (`from_h`), and those found only by the neighbour codes within the first `places` of the ranking."""
+    if ranked.shape != from_h.shape or ranked.ndim != 1:
+        raise ValueError(f"admitted: {ranked.shape} candidates against {from_h.shape} flags")
+    return from_h | (np.arange(len(ranked)) < places)
 
 
 def live_first(ham: np.ndarray, rows: np.ndarray, alive: np.ndarray, pool: int):

@@ -70,16 +70,17 @@ class NeighbourProjection:
         return cls(np.ascontiguousarray(stacked[:-1]), np.ascontiguousarray(stacked[-1]))
 
 
-def check_neighbour_bits(bits: int, feature_dim: int) -> None:
-    # ITQ projects on principal directions: there are no more of them than feature dimensions.
-    if bits % 8 or not 8 <= bits <= feature_dim:
-        raise HashsearchError(f"neighbour bits must be a multiple of 8 from 8 to the feature dimension "
-                              f"({feature_dim}), got {bits}")
+def check_neighbour_bits(bits: int, feature_dim: int, rows: int) -> None:
+    # ITQ projects on principal directions: there are no more of them than feature dimensions or rows.
+    top = min(feature_dim, rows)
+    if bits % 8 or not 8 <= bits <= top:
+        raise HashsearchError(f"neighbour bits must be a multiple of 8 from 8 to {top} (the features' dimension "
+                              f"and the rows to fit, whichever is fewer), got {bits}")
 
 
 def fit_projection(sample: np.ndarray, bits: int, seed: int = 0) -> NeighbourProjection:
     """ITQ on `sample` (float features [n, D]), as a projection."""
-    check_neighbour_bits(bits, sample.shape[1])
+    check_neighbour_bits(bits, sample.shape[1], len(sample))
     itq = fit_itq(sample, bits, seed=seed)
     matrix = (itq.projection @ itq.rotation).astype(np.float32)
     return NeighbourProjection(matrix, (itq.mean @ matrix).astype(np.float32))
