@@ -41,10 +41,11 @@ def test_bench_peers_rows_and_recall(tmp_path):
     codes, feats, _ = make_queries(coll, NQ)
     chosen = rows[0]["params"]
     index = Index.build(coll.root, "multihash", out=tmp_path / "index", hash_bits=10)
-    found = index.search(codes, feats, 10, pool=chosen["pool"], radius=chosen["radius"]).ids
+    found = index.search(codes, feats, 10, pool=chosen["pool"], radius=chosen["radius"],
+                         neighbour_pool=chosen["neighbour pool"]).ids
     assert recall_at_k(found, ground_truth(coll, feats)) == rows[0]["recall_at_10"]
     sweep = {tuple(s["params"]): s["recall_at_10"] for s in rows[0]["sweep"]}
-    assert sweep[(chosen["pool"], chosen["radius"])] == rows[0]["recall_at_10"]
+    assert sweep[(chosen["pool"], chosen["radius"], chosen["neighbour pool"])] == rows[0]["recall_at_10"]
 
 
 def test_unknown_method_is_one_error(tmp_path):

@@ -96,8 +96,10 @@ class _Rerank:
 
 # -- the methods ------------------------------------------------------------------------------------
 class HashsearchMethod:
-    name, params_name = "hashsearch", "pool, radius"
-    knobs = [(8, 12), (16, 12), (32, 12), (64, 12), (32, None), (64, None), (128, None), (256, None)]
+    name, params_name = "hashsearch", "pool, radius, neighbour pool"
+    # H's pool alone (the paper's coarse stage), then with the neighbour codes' pool beside it.
+    knobs = [(8, 12, 0), (16, 12, 0), (32, 12, 0), (32, None, 0), (128, None, 0), (8, None, 16), (8, None, 32),
+             (16, None, 64), (32, None, 128), (64, None, 256), (200, None, 500)]
 
     def build(self, coll: Collection, work: Path) -> int:
         root = linked_copy(coll.root, work / "coll")
@@ -105,8 +107,8 @@ class HashsearchMethod:
         return disk_bytes(root)
 
     def search(self, codes, feats, knob):
-        pool, radius = knob
-        return self.index.search(codes, feats, K, pool=pool, radius=radius).ids
+        pool, radius, neighbour_pool = knob
+        return self.index.search(codes, feats, K, pool=pool, radius=radius, neighbour_pool=neighbour_pool).ids
 
 
 def _multihash_bits(coll: Collection) -> int:
