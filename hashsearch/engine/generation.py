@@ -110,7 +110,10 @@ def _write_neighbours(coll: Collection, live: np.ndarray, kind: str, projection:
     codes = np.empty((coll.n, bits // 8), np.uint8)
     for first, block in coll.iter_feature_blocks(ENCODE_BLOCK_ROWS):
         codes[first:first + len(block)] = projection.encode(block)
-    coarse = coarse_mod.build_coarse(codes[live], bits, kind, nflip=nflip)
+    # Slices of a hash index as wide as keeps it exact to a few bits: neighbour codes are long, and
+    # narrow slices of codes that cluster fill a few huge buckets that every query then scans.
+    hash_bits = max(coarse_mod.default_hash_bits(bits, len(live), kind), min(32, bits // 8)) if kind != "flat" else None
+    coarse = coarse_mod.build_coarse(codes[live], bits, kind, hash_bits=hash_bits, nflip=nflip)
     entry = {"neighbour_bits": bits, "neighbour_coarse": coarse_mod.describe(coarse),
              "neighbour_file": txn.file_name(INDEX_DIR, "neighbours", ".faissindex"),
              "projection_file": txn.file_name(INDEX_DIR, "projection", ".npy")}
