@@ -1,13 +1,17 @@
 """Hierarchical search over a collection (the paper's Section 3.3).
 
   hds  coarse Hamming search for a candidate pool, then exact L2 on F7
-       ranks the pool: the paper's method.
+       ranks the pool: the paper's method.  The pool is H's nearest codes
+       and, where the index has them, the nearest neighbour codes
+       (engine/neighbours.py), whose rows alone may take the first
+       neighbour_places places.
   bcs  Hamming ranking of the codes alone.
   es   exhaustive L2 over all F7 features: the paper's baseline.
 
 The index follows a changing collection without a rebuild.  faiss's binary
 Hash and MultiHash indexes support neither remove_ids nor an IDSelector,
-and MultiHash has no add_with_ids, so the coarse level is three parts:
+and MultiHash has no add_with_ids, so each of the coarse level's indexes (H's
+codes, and the neighbour codes: generation.Level) is three parts:
   base        the faiss index `build-index` wrote, immutable, over the live
               rows of the shards it was built on (which stay a prefix of
               the collection's shards until compaction, which rebuilds it);
@@ -59,9 +63,8 @@ class SearchResult:
 
     @classmethod
     def empty(cls, nq: int, k: int, no_distance: float) -> "SearchResult":
-        rows = np.full((nq, k), -1, np.int64)
-        return cls(rows=rows, ids=rows, hamming=np.full((nq, k), -1, np.int32),
-                   distances=np.full((nq, k), no_distance, np.float32))
+        return cls(rows=np.full((nq, k), -1, np.int64), ids=np.full((nq, k), -1, np.int64),
+                   hamming=np.full((nq, k), -1, np.int32), distances=np.full((nq, k), no_distance, np.float32))
 
 
 
