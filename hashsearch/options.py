@@ -14,6 +14,7 @@ and the HTTP service reads them for its query parameters.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from typing import Any, Callable
@@ -77,13 +78,11 @@ class Options:
     """Base of the config dataclasses: checks every field on construction."""
 
     def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
+        for f, kind in _field_kinds(type(self)):
             value = getattr(self, f.name)
             if value is None:
                 continue
             label = cli_name(f).lstrip("-")
-            kind = _base_type(hints[f.name])
             if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
                 raise HashsearchError(f"{label} must be an integer, got {value!r}")
             if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -96,6 +95,14 @@ class Options:
 
     def given(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_kinds(cls) -> tuple:
+    """(field, base type) of each field of a config class, worked out once: a search builds a SearchConfig
+    per call, and resolving the type hints every time cost more than the search."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f, _base_type(hints[f.name])) for f in dataclasses.fields(cls))
 
 
 def cli_name(f: dataclasses.Field) -> str:

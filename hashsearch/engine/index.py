@@ -478,22 +478,23 @@ def _pool_order(rr, query: np.ndarray, cand: np.ndarray, cand_ham: np.ndarray, o
     out.rows[q, first:first + found], out.hamming[q, first:first + found] = cand[:found], cand_ham[:found]
 
 
+_SEARCH_FIELDS = frozenset(f.name for f in dataclasses.fields(SearchConfig))
+
+
 def search_params(params: SearchConfig | int | None = None, **options) -> SearchConfig:
     """One search's parameters: `params` (a SearchConfig, or k alone) with `options` replacing its fields."""
-    if params is None:
-        params = SearchConfig()
-    elif not isinstance(params, SearchConfig):
-        params, options = SearchConfig(), {"k": params, **options}
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(SearchConfig)})
-    if unknown:
-        raise HashsearchError(f"unknown search parameter {unknown[0]!r}")
-    if not options:
+    if isinstance(params, SearchConfig) and not options:
         return params
+    if params is not None and not isinstance(params, SearchConfig):
+        params, options = None, {"k": params, **options}
+    unknown = options.keys() - _SEARCH_FIELDS
+    if unknown:
+        raise HashsearchError(f"unknown search parameter {sorted(unknown)[0]!r}")
     # numpy's integers are integers here; the range checks are check_query's, which knows the collection
     options = {k: int(v) if isinstance(v, np.integer) else v for k, v in options.items()}
-    if options.get("mode", params.mode) not in MODES:
+    if options.get("mode", "hds") not in MODES:
         raise HashsearchError(f"unknown mode {options['mode']!r}; choose one of {', '.join(MODES)}")
-    return dataclasses.replace(params, **options)
+    return SearchConfig(**options) if params is None else dataclasses.replace(params, **options)
 
 
 def check_query(coll: Collection, coarse: dict, query_codes, query_features, params: SearchConfig):
