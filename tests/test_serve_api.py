@@ -182,3 +182,13 @@ def test_bench_serve_runs_clients_and_writes_without_errors_or_leaks(photo_colle
     assert r["errors"] == 0, r["first_errors"]
     assert r["deletes"] >= 1 and r["deleted_ids_returned"] == 0
     assert sorted(p.name for p in photo_collection.rglob("*")) == before        # it ran on a copy
+
+
+def test_search_takes_the_neighbour_pool_from_the_query_string(server):
+    """neighbour_pool=0 is the paper's pool alone; a bad value is the one-line 400 of every other parameter."""
+    ok = httpx.post(server.url + "/search?k=5&neighbour_pool=0&neighbour_places=3", json={"id": 7})
+    assert ok.status_code == 200 and ok.json()["results"][0]["id"] == 7
+    bad = httpx.post(server.url + "/search?neighbour_pool=-1", json={"id": 7})
+    assert bad.status_code == 400 and "neighbour-pool" in bad.json()["error"]
+    bad = httpx.post(server.url + "/search?neighbour_places=x", json={"id": 7})
+    assert bad.status_code == 400 and "neighbour_places must be an integer" in bad.json()["error"]

@@ -115,10 +115,11 @@ async def authorised(request: Request) -> None:
 
 
 async def search_params(request: Request) -> SearchConfig:
-    """k, pool, radius and mode from the query string; SearchConfig checks their ranges."""
+    """k, pool, radius, neighbour_pool, neighbour_places and mode from the query string; SearchConfig checks
+    their ranges."""
     q = request.query_params
     values = {}
-    for name in ("k", "pool", "radius"):
+    for name in ("k", "pool", "radius", "neighbour_pool", "neighbour_places"):
         if q.get(name) not in (None, ""):
             try:
                 values[name] = int(q[name])
