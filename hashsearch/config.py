@@ -236,6 +236,9 @@ class IndexConfig(Options):
     neighbour_bits: int | None = option(None, "Length of the neighbour codes fitted to F7 for hds's neighbour pool; "
                                               f"0 for none [{NEIGHBOUR_BITS}, or F7's dimension if smaller].",
                                         check=not_negative)
+    # Real neighbour codes of near images differ in tens of bits, which hash indexes (exact on a slice) miss:
+    # flat ranks every code exactly.  Hash kinds pay only where neighbours sit within a few bits (README).
+    neighbour_coarse: str = option("flat", "Index kind over the neighbour codes.", choices=COARSE_KINDS)
     # Kept across builds, so that an index built after adds and deletes answers as the followed one does.
     refit: bool = option(False, "Fit the neighbour codes to the current rows again instead of keeping the "
                                 "collection's.")
@@ -340,6 +343,9 @@ class ExhaustiveBenchConfig(BenchData):
                                check=not_negative)
     neighbour_bits: int | None = option(None, "Neighbour codes of the coarse index, as build-index's "
                                               "--neighbour-bits.", check=not_negative)
+    neighbour_coarse: str = option(IndexConfig.neighbour_coarse, "Index kind over the neighbour codes, as "
+                                                                 "build-index's --neighbour-coarse.",
+                                   choices=COARSE_KINDS)
     neighbour_pool: int = option(SearchConfig.neighbour_pool, "hds's neighbour pool, as query's --neighbour-pool.",
                                  check=not_negative)
 

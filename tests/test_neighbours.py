@@ -165,3 +165,14 @@ def test_rows_of_the_neighbour_pool_alone_take_only_the_first_places(fashion_col
         assert np.isin(later[later >= 0], h_pool[q]).all()
         assert (np.diff(deep.distances[q, 5:][later >= 0]) >= 0).all()     # still by L2
     assert (deep.rows[:, 5:20] >= 0).all()
+
+
+def test_the_neighbour_index_kind_is_chosen_and_kept_by_compact(collection_copy):
+    assert manifest(collection_copy)["index"]["neighbour_coarse"]["kind"] == "flat"       # the default
+    cli("build-index", collection_copy, "--coarse", "multihash", "--neighbour-coarse", "multihash")
+    cli("delete", collection_copy, "--id", 0, "--id", 2, "--id", 4)
+    cli("compact", collection_copy, "--threshold", 0)
+    index = manifest(collection_copy)["index"]
+    assert index["coarse"]["kind"] == index["neighbour_coarse"]["kind"] == "multihash"
+    with Index.open(collection_copy) as opened:
+        assert opened.search(opened.codes[:3], opened.collection.features(np.arange(3)), 5).ids.shape == (3, 5)

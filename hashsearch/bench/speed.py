@@ -213,7 +213,8 @@ def _time_search(setup: dict, cfg: ExhaustiveBenchConfig, batches: list, workdir
     """Build the coarse index in `workdir`, then run _child on it: its output plus the build's costs."""
     coll, nq = setup["coll"], len(setup["codes"])
     params = {k: v for k, v in (("hash_bits", cfg.hash_bits), ("nhash", cfg.nhash), ("nflip", cfg.nflip),
-                                ("neighbour_bits", cfg.neighbour_bits)) if v is not None}
+                                ("neighbour_bits", cfg.neighbour_bits), ("neighbour_coarse", cfg.neighbour_coarse))
+              if v is not None}
     _log(progress, f"building {cfg.coarse} index over {coll.n:,} codes")
     t = time.perf_counter()
     index = Index.build(coll, cfg.coarse, out=workdir / "index", **params)

@@ -20,10 +20,11 @@ def compact(root, threshold: float = CompactConfig.threshold, *, wait: bool = Fa
         if old_index is not None:
             coll = Collection.from_manifest(root, new)
             params = {k: v for k, v in old_index["coarse"].items() if k != "kind"}
+            neighbours = {"neighbour_bits": old_index.get("neighbour_bits", 0),
+                          "neighbour_kind": (old_index.get("neighbour_coarse") or {}).get("kind", "flat"),
+                          "projection": collection_projection(coll)}
             try:
-                new["index"] = write_index_files(coll, old_index["coarse"]["kind"], txn,
-                                                 neighbour_bits=old_index.get("neighbour_bits", 0),
-                                                 projection=collection_projection(coll), **params)
+                new["index"] = write_index_files(coll, old_index["coarse"]["kind"], txn, **neighbours, **params)
             finally:
                 coll.close()
         new = txn.publish(new)

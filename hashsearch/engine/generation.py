@@ -71,12 +71,12 @@ def read_index_meta(index_dir) -> dict | None:
     return check_index_meta(meta, path)
 
 
-def write_index_files(coll: Collection, kind: str, txn, *, neighbour_bits: int = 0,
+def write_index_files(coll: Collection, kind: str, txn, *, neighbour_bits: int = 0, neighbour_kind: str = "flat",
                       projection: NeighbourProjection | None = None, **params) -> dict:
     """Build the coarse index over `coll`'s live rows and write its files through `txn` (a storage
     Transaction, or an OutsideDirectory for `build-index --out`); its metadata.  `neighbour_bits`: the
-    length of the neighbour codes (engine/neighbours.py), 0 for none; `projection`: the one to keep
-    (collection_projection), or None to fit one to the live rows."""
+    length of the neighbour codes (engine/neighbours.py), 0 for none, indexed by a `neighbour_kind` index;
+    `projection`: the one to keep (collection_projection), or None to fit one to the live rows."""
     start = time.perf_counter()
     live = coll.live_rows()
     coarse = coarse_mod.build_coarse(coll.codes()[live], coll.bits, kind, **params)
@@ -91,7 +91,7 @@ def write_index_files(coll: Collection, kind: str, txn, *, neighbour_bits: int =
     if neighbour_bits:
         if projection is None or projection.bits != neighbour_bits:
             projection = fit_projection(coll.features(sample_rows(live)), neighbour_bits)
-        meta.update(_write_neighbours(coll, live, kind, projection, txn, nflip=params.get("nflip")))
+        meta.update(_write_neighbours(coll, live, neighbour_kind, projection, txn))
     meta["build_seconds"] = round(time.perf_counter() - start, 3)
     return meta
 
@@ -103,8 +103,7 @@ def _serialise(coarse, coll: Collection) -> bytes:
         raise HashsearchError(f"cannot serialise the index of {coll.root}: {exc}") from None
 
 
-def _write_neighbours(coll: Collection, live: np.ndarray, kind: str, projection: NeighbourProjection, txn,
-                      nflip) -> dict:
+def _write_neighbours(coll: Collection, live: np.ndarray, kind: str, projection: NeighbourProjection, txn) -> dict:
     """Index the live rows' neighbour codes, and write the index and the projection."""
     bits = projection.bits
     codes = np.empty((coll.n, bits // 8), np.uint8)
@@ -113,7 +112,7 @@ def _write_neighbours(coll: Collection, live: np.ndarray, kind: str, projection:
     # Slices of a hash index as wide as keeps it exact to a few bits: neighbour codes are long, and
     # narrow slices of codes that cluster fill a few huge buckets that every query then scans.
     hash_bits = max(coarse_mod.default_hash_bits(bits, len(live), kind), min(32, bits // 8)) if kind != "flat" else None
-    coarse = coarse_mod.build_coarse(codes[live], bits, kind, hash_bits=hash_bits, nflip=nflip)
+    coarse = coarse_mod.build_coarse(codes[live], bits, kind, hash_bits=hash_bits)
     entry = {"neighbour_bits": bits, "neighbour_coarse": coarse_mod.describe(coarse),
              "neighbour_file": txn.file_name(INDEX_DIR, "neighbours", ".faissindex"),
              "projection_file": txn.file_name(INDEX_DIR, "projection", ".npy")}

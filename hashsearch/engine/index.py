@@ -168,7 +168,7 @@ class Index(SearchTarget):
         directory and the collection is not touched.
         """
         settings = IndexConfig(coarse=kind, **params)      # the same checks as `build-index`'s options
-        params = {k: v for k, v in params.items() if k not in ("neighbour_bits", "refit")}
+        params = {k: v for k, v in params.items() if k not in ("neighbour_bits", "refit", "neighbour_coarse")}
         root = collection.root if isinstance(collection, Collection) else Path(collection)
         if out is not None:
             coll = collection if isinstance(collection, Collection) else Collection.open(root)
@@ -427,6 +427,7 @@ class Index(SearchTarget):
 def _neighbour_settings(coll: Collection, settings: IndexConfig) -> dict:
     """The neighbour codes a build writes: their length, and the collection's projection unless refitting."""
     return {"neighbour_bits": settings.neighbour_bits_for(coll.feature_dim, coll.items),
+            "neighbour_kind": settings.neighbour_coarse,
             "projection": None if settings.refit else collection_projection(coll)}
 
 
