@@ -27,6 +27,6 @@ def compact(root, threshold: float = CompactConfig.threshold, *, wait: bool = Fa
                 new["index"] = write_index_files(coll, old_index["coarse"]["kind"], txn, **neighbours, **params)
             finally:
                 coll.close()
-        new = txn.publish(new)
+        new = txn.publish(new, reclaim=True)
     return {"rewritten": rewritten, "items": new["items"], "deleted": new["deleted"], "shards": len(new["shards"]),
             "generation": new["generation"]}

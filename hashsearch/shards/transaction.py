@@ -10,10 +10,11 @@ build-index, the service's uploads) goes through a transaction:
 
 It holds the collection's write lock throughout, hands out file names that
 no earlier generation used, writes each file atomically, and publishing
-writes the new manifest and then removes the files no generation names any
-more.  Files written by a transaction that never publishes are removed by
-the next writer.  Encoding a new collection streams shards through
-CollectionWriter, which takes the same lock and publishes the same way.
+writes the new manifest.  Files that no generation names any more, and
+those of a transaction that never published, are removed when the next
+writer starts (or at once, for compact).  Encoding a new collection
+streams shards through CollectionWriter, which takes the same lock and
+publishes the same way.
 """
 from __future__ import annotations
 
@@ -62,13 +63,15 @@ class Transaction:
         atomic_write_bytes(path, data)
         return hashlib.sha256(data).hexdigest()
 
-    def publish(self, manifest: dict) -> dict:
-        """Make `manifest` the next generation, then remove what no generation names."""
+    def publish(self, manifest: dict, *, reclaim: bool = False) -> dict:
+        """Make `manifest` the next generation.  The files it no longer names are removed by the next
+        writer, so a reader that pinned the previous generation has long opened them; `reclaim`
+        (compact, whose point is the space) removes them now, and such a reader keeps its open files."""
         if self.published is not None:
             raise HashsearchError(f"a transaction on {self.root} publishes once")
         self.published = publish(self.root, manifest)
-        # The replaced files' space comes back now; a reader that still has them open keeps reading them.
-        remove_unreferenced(self.root, self.published)
+        if reclaim:
+            remove_unreferenced(self.root, self.published)
         return self.published
 
 
