@@ -236,8 +236,8 @@ class IndexConfig(Options):
     neighbour_bits: int | None = option(None, "Length of the neighbour codes fitted to F7 for hds's neighbour pool; "
                                               f"0 for none [{NEIGHBOUR_BITS}, or F7's dimension if smaller].",
                                         check=not_negative)
-    # Real neighbour codes of near images differ in tens of bits, which hash indexes (exact on a slice) miss:
-    # flat ranks every code exactly.  Hash kinds pay only where neighbours sit within a few bits (README).
+    # A hash index finds only codes that match one of its slices exactly, which real images' neighbour codes
+    # mostly do not (README, "Faithful coarse search"): flat ranks every code exactly.
     neighbour_coarse: str = option("flat", "Index kind over the neighbour codes.", choices=COARSE_KINDS)
     # Kept across builds, so that an index built after adds and deletes answers as the followed one does.
     refit: bool = option(False, "Fit the neighbour codes to the current rows again instead of keeping the "

@@ -225,7 +225,8 @@ def _time_search(setup: dict, cfg: ExhaustiveBenchConfig, batches: list, workdir
     _log(progress, f"hierarchical and binary search in a child process ({nq} queries, pool {cfg.pool})")
     child = _run_child({"collection": str(coll.root), "index_dir": str(workdir / "index"),
                         "queries": str(workdir / "queries.npz"), "pool": cfg.pool, "radius": cfg.radius,
-                        "nflip": cfg.nflip, "neighbour_pool": cfg.neighbour_pool, "batches": batches, "out": str(workdir / "child.out.json")}, workdir)
+                        "nflip": cfg.nflip, "neighbour_pool": cfg.neighbour_pool, "batches": batches,
+                        "out": str(workdir / "child.out.json")}, workdir)
     return {**built, **child}
 
 

@@ -93,7 +93,7 @@ class _NotLoaded(HashsearchError):
 class PartitionAnswers(NamedTuple):
     collection: Collection      # the generation they answer for
     parts: list                 # (hamming, rows, distances) [nq, m_i] per partition
-    params: SearchConfig        # k and pool as capped for this generation
+    params: SearchConfig        # k, pool and the neighbour pool as capped for this generation
 
 
 class ShardedIndex(SearchTarget):
@@ -167,10 +167,9 @@ class ShardedIndex(SearchTarget):
     def search(self, query_codes: np.ndarray, query_features: np.ndarray | None = None,
                params: SearchConfig | int | None = None, **options) -> SearchResult:
         answers = self.partition_answers(query_codes, query_features, search_params(params, **options))
-        p = answers.params
-        npool = neighbour_pool(answers.collection.manifest["index"], p, answers.collection.items)
-        rows, ham, dist = merge_partitions(answers.parts, p.k, p.mode, p.pool, npool, p.neighbour_places)
-        if npool:
+        p = answers.params          # as capped for the generation answered, the neighbour pool included
+        rows, ham, dist = merge_partitions(answers.parts, p.k, p.mode, p.pool, p.neighbour_pool, p.neighbour_places)
+        if p.mode == "hds" and p.neighbour_pool:      # the union's merge leaves H's distances to measure
             ham = hamming_of_results(check_query_codes(query_codes, answers.collection.bits),
                                      answers.collection.codes(), rows)
         ids = np.where(rows >= 0, answers.collection.ids()[rows], -1)

@@ -54,7 +54,7 @@ def check_index_meta(meta, where, shards: int | None = None) -> dict:
                                  f"the index's {name} file")
     except Exception as exc:  # noqa: BLE001 - any malformed field means the same thing
         raise HashsearchError(f"unreadable index metadata in {where} ({str(exc) or type(exc).__name__}); "
-                              "rebuild it with `hashsearch build-index`") from None
+                              f"{_REBUILD}") from None
     return meta
 
 
@@ -67,7 +67,7 @@ def read_index_meta(index_dir) -> dict | None:
         with os.fdopen(open_regular(path), "rb") as f:
             meta = json.loads(f.read(1 << 26))
     except (OSError, ValueError) as exc:
-        raise HashsearchError(f"unreadable index metadata {path} ({exc}); rebuild it with `hashsearch build-index`") from None
+        raise HashsearchError(f"unreadable index metadata {path} ({exc}); {_REBUILD}") from None
     return check_index_meta(meta, path)
 
 
@@ -128,6 +128,7 @@ class Level:
     base: coarse_mod.Coarse
     delta: coarse_mod.Coarse | None
     projection: NeighbourProjection | None = None
+    delta_codes: np.ndarray | None = None   # the neighbour codes of the delta's rows, which a refresh extends
 
 
 @dataclass
@@ -170,8 +171,7 @@ def load_generation(coll: Collection, index_dir: Path | None, previous: Generati
     shas = [s.sha256 for s in coll.shards]
     n_base = len(meta["base_shards"])
     if meta["bits"] != coll.bits or shas[:n_base] != meta["base_shards"]:
-        raise HashsearchError(f"the index of {coll.root} was built for other shards; rebuild it with "
-                              "`hashsearch build-index`")
+        raise HashsearchError(f"the index of {coll.root} was built for other shards; {_REBUILD}")
     base_end = int(coll.offsets[n_base])
     if previous is not None and previous.meta == meta:
         base, base_rows, nbase = previous.hamming.base, previous.base_rows, previous.neighbours
@@ -182,11 +182,11 @@ def load_generation(coll: Collection, index_dir: Path | None, previous: Generati
     hamming = Level(base, base.like(codes[base_end:], coll.bits) if base_end < coll.n else None)
     neighbours = None
     if nbase is not None:
-        delta = None
+        delta, delta_codes = None, None
         if base_end < coll.n:       # rows added since build-index: their codes come from their F7
-            new_codes = nbase.projection.encode(coll.features(np.arange(base_end, coll.n)))
-            delta = nbase.base.like(new_codes, nbase.projection.bits)
-        neighbours = Level(nbase.base, delta, nbase.projection)
+            delta_codes = _delta_neighbour_codes(coll, base_end, nbase.projection, previous)
+            delta = nbase.base.like(delta_codes, nbase.projection.bits)
+        neighbours = Level(nbase.base, delta, nbase.projection, delta_codes)
     deleted = coll.deleted_mask() if len(coll.deleted_rows) else None
     if deleted is None:
         base_has_deleted = False
@@ -197,6 +197,21 @@ def load_generation(coll: Collection, index_dir: Path | None, previous: Generati
     delta_deleted = 0 if deleted is None else int(np.count_nonzero(deleted[base_end:]))
     return Generation(coll, meta, hamming, neighbours, base_rows, base_end, deleted, base_has_deleted,
                       delta_deleted, RowReader(coll), codes, coll.ids())
+
+
+def _delta_neighbour_codes(coll: Collection, base_end: int, projection: NeighbourProjection,
+                           previous: Generation | None) -> np.ndarray:
+    """The neighbour codes of rows base_end.. of `coll`.  A refresh after an add encodes only the rows the
+    previous generation lacked: reading every added row's F7 again at each refresh would grow with the delta."""
+    known = None
+    if previous is not None and previous.neighbours is not None and previous.neighbours.delta_codes is not None \
+            and previous.base_end == base_end and previous.neighbours.projection is projection:
+        before = [(s.name, s.sha256) for s in previous.collection.shards]
+        if [(s.name, s.sha256) for s in coll.shards[:len(before)]] == before:   # its rows are still these rows
+            known = previous.neighbours.delta_codes
+    start = base_end + (0 if known is None else len(known))
+    new = projection.encode(coll.features(np.arange(start, coll.n))) if start < coll.n else known[:0]
+    return new if known is None else np.concatenate([known, new])
 
 
 def partition_generation(part: Collection, meta: dict) -> Generation:
@@ -258,7 +273,7 @@ def _read_base(meta: dict, base_dir: Path, base_end: int, coll: Collection):
     index = _deserialise(read_named_file(base_dir, meta, "coarse index", _REBUILD), base_dir)
     if index.ntotal != meta["ntotal"] or index.code_size != code_bytes(coll.bits):
         raise HashsearchError(f"the coarse index of {coll.root} does not hold the {meta['ntotal']} codes it records; "
-                              "rebuild it with `hashsearch build-index`")
+                              f"{_REBUILD}")
     base_rows = None
     if meta.get("rows_file"):
         raw = read_named_file(base_dir, {"file": meta["rows_file"], "sha256": meta["rows_sha256"]}, "index rows",
@@ -266,8 +281,8 @@ def _read_base(meta: dict, base_dir: Path, base_end: int, coll: Collection):
         base_rows = np.frombuffer(raw, np.int64) if len(raw) % 8 == 0 else None
         if base_rows is None or len(base_rows) != index.ntotal or (len(base_rows) and (
                 base_rows[0] < 0 or base_rows[-1] >= base_end or np.any(np.diff(base_rows) <= 0))):
-            raise HashsearchError(f"the index rows of {coll.root} are damaged; rebuild it with `hashsearch build-index`")
+            raise HashsearchError(f"the index rows of {coll.root} are damaged; {_REBUILD}")
     elif index.ntotal != base_end:
         raise HashsearchError(f"the coarse index of {coll.root} holds {index.ntotal} codes for {base_end} rows; "
-                              "rebuild it with `hashsearch build-index`")
+                              f"{_REBUILD}")
     return coarse_mod.Coarse(index), base_rows

@@ -43,8 +43,8 @@ from ..shards.layout import INDEX_DIR
 from ..shards.transaction import OutsideDirectory, transaction
 from . import coarse as coarse_mod
 from .exhaustive import scan_knn
-from .generation import (Generation, Level, check_index_meta, collection_projection, load_generation, partition_generation, read_index_meta,
-                         write_index_files)
+from .generation import (Generation, Level, check_index_meta, collection_projection, load_generation,
+                         partition_generation, read_index_meta, write_index_files)
 from .kernels import admitted, live_first, merge_candidates, merge_partitions, nearest_of_ranges, popcount_distances
 from .rerank import PerThreadRerankers
 from .threads import MAX_THREADS, QuerySplitter, faiss_threads
@@ -238,10 +238,8 @@ class Index(SearchTarget):
         out = SearchResult.empty(nq, width + npool if whole_pool else k, np.inf)
 
         def work(a, b):
-            cand_ham, cand = self._candidates(gen, gen.hamming, query_codes[a:b], width, params.radius, params.nflip)
-            if npool:
-                n_codes = gen.neighbours.projection.encode(query_features[a:b])
-                n_ham, n_cand = self._candidates(gen, gen.neighbours, n_codes, npool, None, None)
+            (cand_ham, cand), (n_ham, n_cand) = self._pools(gen, query_codes[a:b], query_features[a:b], width,
+                                                            npool, params)
             rr = self._rerankers.get(gen.reader)
             for q in range(a, b):
                 if whole_pool:      # each pool in its own order, each candidate with its distance
@@ -290,13 +288,18 @@ class Index(SearchTarget):
         params = search_params(params, **options)
         k, pool, query_codes, query_features = check_query(gen.collection, gen.meta["coarse"], query_codes,
                                                            query_features, dataclasses.replace(params, mode="hds"))
-        _, rows = self._candidates(gen, gen.hamming, query_codes, max(pool, k), params.radius, params.nflip)
         npool = neighbour_pool(gen.meta, params, gen.collection.items)
+        (_, rows), (_, near) = self._pools(gen, query_codes, query_features, max(pool, k), npool, params)
+        return rows if not npool else np.stack([union_of_pools(a, b) for a, b in zip(rows, near)])
+
+    def _pools(self, gen: Generation, query_codes, query_features, width: int, npool: int, params: SearchConfig):
+        """hds's two candidate pools, each (hamming, rows): H's `width` nearest (by radius and nflip where
+        asked), and the neighbour codes' `npool` nearest ((None, None) when npool is 0)."""
+        pool = self._candidates(gen, gen.hamming, query_codes, width, params.radius, params.nflip)
         if not npool:
-            return rows
-        _, near = self._candidates(gen, gen.neighbours, gen.neighbours.projection.encode(query_features), npool,
-                                   None, None)
-        return np.stack([union_of_pools(a, b) for a, b in zip(rows, near)])
+            return pool, (None, None)
+        near_codes = gen.neighbours.projection.encode(query_features)
+        return pool, self._candidates(gen, gen.neighbours, near_codes, npool, None, None)
 
     @staticmethod
     def _check_codes(gen: Generation, query_codes) -> np.ndarray:
@@ -406,9 +409,7 @@ class Index(SearchTarget):
             keep = np.take_along_axis(alive, order, 1)
             dist = np.where(keep, np.take_along_axis(dist, order, 1), np.inf).astype(np.float32)
             rows = np.where(keep, np.take_along_axis(rows, order, 1), -1)
-        found = rows >= 0
-        ham = popcount_distances(query_codes, gen.codes[np.where(found, rows, 0)])
-        return self._result(gen, rows, dist, np.where(found, ham, -1))
+        return self._result(gen, rows, dist, hamming_of_results(query_codes, gen.codes, rows))
 
     def close(self) -> None:
         """Release the shard file handles and search threads; any later call raises."""

@@ -62,8 +62,7 @@ def merge_candidates(parts: list[tuple[np.ndarray, np.ndarray]], pool: int):
     _check_pairs(parts, "merge_candidates")
     ham = np.concatenate([h for h, _ in parts], axis=1).astype(np.int64)
     rows = np.concatenate([r for _, r in parts], axis=1)
-    key = np.where(rows >= 0, (ham << _ROW_BITS) | rows, _NO_ROW)
-    order = np.argsort(key, axis=1, kind="stable")[:, :pool]
+    order = _nearest_codes(ham, rows, pool)
     rows, ham = np.take_along_axis(rows, order, 1), np.take_along_axis(ham, order, 1)
     return np.where(rows >= 0, ham, -1).astype(np.int32), rows
 

@@ -55,12 +55,7 @@ class Transaction:
 
     def write(self, name: str, data: bytes) -> str:
         """Write the collection file `name` (from file_name) atomically; its sha256."""
-        path = self.path(name)
-        try:
-            path.parent.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise HashsearchError(f"cannot write {path}: {exc.strerror or exc}") from None
-        atomic_write_bytes(path, data)
+        _write_new(self.path(name), data)
         return hashlib.sha256(data).hexdigest()
 
     def publish(self, manifest: dict, *, reclaim: bool = False) -> dict:
@@ -103,17 +98,25 @@ def transaction(root, *, wait: bool = False):
         lock.release()
 
 
-def store_file(root, folder: str, name: str, data: bytes, *, wait: bool = True) -> Path:
-    """Keep `data` as `folder/name` in the finished collection at `root`, outside any generation
-    (the service's uploaded images): written once, atomically, never replaced."""
+def store_file(root, folder: str, name: str, data: bytes) -> Path:
+    """Keep `data` as `folder/name` in the collection at `root`, outside any generation (the service's
+    uploaded images, named by their content): written once, atomically, never replaced.  No lock: no
+    generation names these files, and two writers of one name write the same bytes."""
     if os.sep in name or name in ("", ".", ".."):
         raise HashsearchError(f"cannot store {name!r}: not a plain file name")
-    with transaction(root, wait=wait) as txn:
-        path = txn.path(f"{folder}/{name}")
-        if not path.exists():
-            path.parent.mkdir(exist_ok=True)
-            atomic_write_bytes(path, data)
+    path = inside(Path(root), f"{folder}/{name}", "file")
+    if not path.exists():
+        _write_new(path, data)
     return path
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write a collection file atomically, making its folder if this is the folder's first file."""
+    try:
+        path.parent.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise HashsearchError(f"cannot write {path}: {exc.strerror or exc}") from None
+    atomic_write_bytes(path, data)
 
 
 class OutsideDirectory:
