@@ -51,8 +51,10 @@ def code_words(codes: np.ndarray) -> np.ndarray:
     """
     codes = np.asarray(codes, np.uint8)
     pad = -codes.shape[-1] % 8
-    if pad:
-        codes = np.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
+    if pad:     # not np.pad, whose Python bookkeeping costs more than a batch-1 search's distances
+        padded = np.zeros(codes.shape[:-1] + (codes.shape[-1] + pad,), np.uint8)
+        padded[..., :codes.shape[-1]] = codes
+        codes = padded
     return np.ascontiguousarray(codes).view(np.uint64)
 
 

@@ -30,6 +30,11 @@ PRECISIONS = ("auto", *ANY_DEVICE_PRECISIONS)  # auto: float16 on CUDA, float32 
 # pool lose the latter first.
 NEIGHBOUR_BITS = 256
 NEIGHBOUR_POOL = 500
+# A search index holds a collection's F7 in RAM when it is at most this many MiB (50,000 x 512-d float16 is
+# 49 MiB), so the rerank copies each candidate row (~0.1 us) instead of reading it from the page cache
+# (~1-2 us): at a neighbour pool of 500 that is the larger part of a query (README, "Faithful coarse
+# search").  Larger collections (1M x 4096-d is 8 GB) are read row by row and their RSS stays small.
+FEATURES_IN_RAM_MB = 1024
 WAIT_HELP = "If another process is writing the collection, wait for it instead of failing."
 def gpu_share(name: str, value) -> None:
     # Ray places a fraction of one GPU, or whole GPUs: 1.5 is neither.

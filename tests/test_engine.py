@@ -269,3 +269,48 @@ def test_feature_reader_reads_rows_across_shards_in_the_order_asked(coll):
     out = np.zeros((len(rows), DIM), coll.feature_dtype)
     reader.gather(rows, [[memoryview(r).cast("B")] for r in out], out)
     np.testing.assert_array_equal(out, coll.raw_features(rows))
+
+
+def test_features_in_ram_rerank_as_reads_from_the_shards_do(coll, flat, tmp_path):
+    in_ram = Index.open(coll, flat._index_dir)
+    from_disk = Index.open(Collection.open(coll.root), flat._index_dir, features_in_ram_mb=0)   # its own shards
+    assert in_ram._current().reader.in_ram is not None and from_disk._current().reader.in_ram is None
+    codes, feats = make_queries(coll, nq=30)
+    for mode, pool in (("hds", 90), ("hds", coll.n), ("es", 1)):
+        a, b = (i.search(codes, feats, 8, mode=mode, pool=pool) for i in (in_ram, from_disk))
+        np.testing.assert_array_equal(a.rows, b.rows)
+        np.testing.assert_array_equal(a.distances, b.distances)
+    rows = np.array([0, 255, 256, 699, 3, 511, 512, 300, 3], np.int64)     # across the three shards, repeated
+    out = np.zeros((len(rows), DIM), coll.feature_dtype)
+    in_ram._current().reader.read(rows, out)
+    np.testing.assert_array_equal(out, from_disk._current().collection.raw_features(rows))
+
+
+def test_a_shard_truncated_under_a_reader_is_refused_when_its_features_are_read_into_ram(coll, tmp_path):
+    shutil.copytree(coll.root, tmp_path / "c")
+    other = Collection.open(tmp_path / "c")         # its shards checked, then one is cut short under it
+    shard = other.shards[-1]
+    with open(shard.path, "r+b") as f:
+        f.truncate(shard.features_offset + 10 * DIM)
+    with pytest.raises(HashsearchError, match="truncated"):
+        RowReader(other, in_ram=True)
+
+
+@pytest.mark.parametrize("bits", [12, 48, 96, 200])
+def test_flat_coarse_search_of_any_code_width_is_the_brute_force_ranking(bits):
+    from hashsearch.engine.coarse import FAST_FLAT_WIDTHS, Coarse, build_coarse
+    rng = np.random.default_rng(bits)
+    codes = pack_codes(rng.random((3000, bits)) < 0.5)
+    codes[100:140] = codes[7]                                   # ties, which rank by row
+    coarse = Coarse(build_coarse(codes, bits, "flat"))
+    assert coarse.index.code_size in FAST_FLAT_WIDTHS           # searched with a specialised kernel
+    queries = np.concatenate([codes[[7, 2999]], pack_codes(rng.random((5, bits)) < 0.5)])
+    dist, rows = coarse.search(queries, 60)
+    ham = hamming_matrix(queries, codes)
+    for q in range(len(queries)):
+        expect = np.lexsort((np.arange(len(codes)), ham[q]))[:60]
+        np.testing.assert_array_equal(rows[q], expect)
+        np.testing.assert_array_equal(dist[q], ham[q, expect])
+    lims, dist, rows = coarse.range_search(queries, bits // 3)
+    for q in range(len(queries)):
+        np.testing.assert_array_equal(np.sort(rows[lims[q]:lims[q + 1]]), np.flatnonzero(ham[q] < bits // 3))

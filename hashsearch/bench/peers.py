@@ -37,10 +37,11 @@ import numpy as np
 
 from ..config import HeadlineSearch, PeersBenchConfig
 from ..engine import Index, scan_knn
+from ..engine.generation import feature_reader
 from ..engine.rerank import PerThreadRerankers
 from ..engine.threads import MAX_THREADS, QuerySplitter, faiss_threads
 from ..errors import HashsearchError
-from ..shards import SHARD_DIR, Collection, RowReader, linked_copy
+from ..shards import SHARD_DIR, Collection, linked_copy
 from ..shards.manifest import disk_bytes
 from .metrics import recall_at_k
 from .speed import K, bench_data, time_calls
@@ -75,7 +76,7 @@ class _Rerank:
     """Exact L2 on F7 over each query's candidate rows, as Index's fine level does; batches over the cores."""
 
     def __init__(self, coll: Collection):
-        self.coll, self.reader, self.ids = coll, RowReader(coll), coll.ids()
+        self.coll, self.reader, self.ids = coll, feature_reader(coll), coll.ids()
         self.splitter, self.rerankers = QuerySplitter(), PerThreadRerankers()
 
     def top(self, feats: np.ndarray, candidates: np.ndarray, k: int = K) -> np.ndarray:

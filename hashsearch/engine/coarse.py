@@ -100,6 +100,29 @@ def check_nflip(nflip: int | None, hash_bits: int | None = None) -> None:
                               f"at most {MAX_PROBES:,} are allowed (use a smaller --nflip or --hash-bits)")
 
 
+# Code widths in bytes that faiss's flat scan has a specialised Hamming kernel for; other widths take a
+# generic loop about 3x slower (0.75 against 0.18 ms at 200k codes for 6 against 8 bytes, one thread, here).
+# Zero bytes added to every code and query leave each distance as it was.
+FAST_FLAT_WIDTHS = (4, 8, 16, 20, 32, 64)
+
+
+def searchable_flat(index: faiss.IndexBinaryFlat) -> tuple[faiss.IndexBinaryFlat, int]:
+    """A flat index as it is fastest to search, and the zero bytes each query needs appended.
+
+    Padded to the next width with a specialised kernel, and set to select the k nearest by
+    counting sort rather than a heap: 0.11 against 0.23 ms for k=500 over 50k 256-bit codes, and
+    the same results in the same (Hamming, row) order (checked against the heap on tied codes).
+    """
+    width = next((w for w in FAST_FLAT_WIDTHS if w >= index.code_size), index.code_size)
+    pad = width - index.code_size
+    if pad:
+        codes = faiss.vector_to_array(index.xb).reshape(index.ntotal, index.code_size)
+        index = faiss.IndexBinaryFlat(width * 8)
+        index.add(np.pad(codes, ((0, 0), (0, pad))))
+    index.use_heap = False
+    return index, pad
+
+
 class Coarse:
     """A faiss binary index with per-call probing depth (nflip), safe to share between threads.
 
@@ -112,9 +135,9 @@ class Coarse:
     """
 
     def __init__(self, index: faiss.IndexBinary):
-        self.index = index
         self.params = describe(index)
         self.hashed = "nflip" in self.params
+        self.index, self._pad = (index, 0) if self.hashed else searchable_flat(index)
         self.built_nflip = self.params.get("nflip")
         if self.hashed:         # an index file from elsewhere may carry any depth
             check_nflip(self.built_nflip, self.params["hash_bits"])
@@ -128,15 +151,22 @@ class Coarse:
 
     def search(self, codes: np.ndarray, k: int, nflip: int | None = None):
         if not self.hashed:
-            return self.index.search(codes, k)
+            return self.index.search(self._padded(codes), k)
         with self._probing(nflip):
             return self.index.search(codes, k)
 
     def range_search(self, codes: np.ndarray, radius: int, nflip: int | None = None):
         if not self.hashed:
-            return self.index.range_search(codes, radius)
+            return self.index.range_search(self._padded(codes), radius)
         with self._probing(nflip):
             return self.index.range_search(codes, radius)
+
+    def _padded(self, codes: np.ndarray) -> np.ndarray:
+        if not self._pad:
+            return codes
+        out = np.zeros((len(codes), codes.shape[1] + self._pad), np.uint8)
+        out[:, :codes.shape[1]] = codes
+        return out
 
     @contextlib.contextmanager
     def _probing(self, nflip: int | None):

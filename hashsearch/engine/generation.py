@@ -12,6 +12,7 @@ import faiss
 import numpy as np
 
 from ..codes import MAX_BITS, code_bytes
+from ..config import FEATURES_IN_RAM_MB
 from ..errors import HashsearchError
 from ..fileio import open_regular
 from ..shards import Collection, RowReader
@@ -166,7 +167,8 @@ def _index_meta(coll: Collection, index_dir: Path | None) -> tuple[dict, Path]:
     return meta, base_dir
 
 
-def load_generation(coll: Collection, index_dir: Path | None, previous: Generation | None) -> Generation:
+def load_generation(coll: Collection, index_dir: Path | None, previous: Generation | None,
+                    features_in_ram_mb: float = FEATURES_IN_RAM_MB) -> Generation:
     meta, base_dir = _index_meta(coll, index_dir)
     shas = [s.sha256 for s in coll.shards]
     n_base = len(meta["base_shards"])
@@ -196,7 +198,13 @@ def load_generation(coll: Collection, index_dir: Path | None, previous: Generati
         base_has_deleted = bool(deleted[base_rows].any())
     delta_deleted = 0 if deleted is None else int(np.count_nonzero(deleted[base_end:]))
     return Generation(coll, meta, hamming, neighbours, base_rows, base_end, deleted, base_has_deleted,
-                      delta_deleted, RowReader(coll), codes, coll.ids())
+                      delta_deleted, feature_reader(coll, features_in_ram_mb), codes, coll.ids())
+
+
+def feature_reader(coll: Collection, features_in_ram_mb: float = FEATURES_IN_RAM_MB) -> RowReader:
+    """The rerank's reader of `coll`'s F7: from RAM where all of it fits in `features_in_ram_mb`."""
+    size = coll.n * coll.feature_dim * coll.feature_dtype.itemsize
+    return RowReader(coll, in_ram=size <= features_in_ram_mb * (1 << 20))
 
 
 def _delta_neighbour_codes(coll: Collection, base_end: int, projection: NeighbourProjection,
@@ -214,7 +222,7 @@ def _delta_neighbour_codes(coll: Collection, base_end: int, projection: Neighbou
     return new if known is None else np.concatenate([known, new])
 
 
-def partition_generation(part: Collection, meta: dict) -> Generation:
+def partition_generation(part: Collection, meta: dict, features_in_ram_mb: float = FEATURES_IN_RAM_MB) -> Generation:
     """A partition's generation: an index of the kind and settings `meta` records, built in memory over
     the part's live rows (Collection.part), so it has neither delta nor tombstones to skip."""
     settings = {k: v for k, v in meta["coarse"].items() if k != "kind"}
@@ -230,7 +238,7 @@ def partition_generation(part: Collection, meta: dict) -> Generation:
         neighbours = Level(coarse_mod.Coarse(nbase), None, projection)
     deleted = part.deleted_mask() if len(part.deleted_rows) else None
     return Generation(part, meta, Level(base, None), neighbours, None if deleted is None else live, part.n,
-                      deleted, False, 0, RowReader(part), codes, part.ids())
+                      deleted, False, 0, feature_reader(part, features_in_ram_mb), codes, part.ids())
 
 
 def collection_projection(coll: Collection) -> NeighbourProjection | None:

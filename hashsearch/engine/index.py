@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..codes import code_bytes
-from ..config import MODES, IndexConfig, SearchConfig
+from ..config import FEATURES_IN_RAM_MB, MODES, IndexConfig, SearchConfig
 from ..errors import HashsearchError
 from ..shards import Collection, read_manifest
 from ..shards.layout import INDEX_DIR
@@ -128,11 +128,13 @@ class Index(SearchTarget):
     Searches in flight finish on the generation they started on.
     """
 
-    def __init__(self, collection: Collection, index_dir=None, *, partition_of: dict | None = None):
+    def __init__(self, collection: Collection, index_dir=None, *, partition_of: dict | None = None,
+                 features_in_ram_mb: float = FEATURES_IN_RAM_MB):
         self._index_dir = None if index_dir is None else Path(index_dir)
         self._partition = partition_of is not None
-        self._gen = (partition_generation(collection, partition_of) if self._partition
-                     else load_generation(collection, self._index_dir, None))
+        self._in_ram_mb = features_in_ram_mb
+        self._gen = (partition_generation(collection, partition_of, features_in_ram_mb) if self._partition
+                     else load_generation(collection, self._index_dir, None, features_in_ram_mb))
         self._refresh_lock = threading.Lock()
         self._rerankers = PerThreadRerankers()
         self._closed = False
@@ -186,10 +188,12 @@ class Index(SearchTarget):
         return cls(Collection.open(root, previous=coll))
 
     @classmethod
-    def open(cls, collection, index_dir=None) -> "Index":
+    def open(cls, collection, index_dir=None, *, features_in_ram_mb: float = FEATURES_IN_RAM_MB) -> "Index":
+        """The index of `collection` (or of `index_dir`, from `build-index --out`).  The rerank reads F7 from
+        RAM where all of it fits in `features_in_ram_mb` (config.FEATURES_IN_RAM_MB), else from the shards."""
         if not isinstance(collection, Collection):
             collection = Collection.open(collection)
-        return cls(collection, index_dir)
+        return cls(collection, index_dir, features_in_ram_mb=features_in_ram_mb)
 
     @classmethod
     def partition(cls, part: Collection, meta: dict) -> "Index":
@@ -207,7 +211,7 @@ class Index(SearchTarget):
             if read_manifest(root).get("generation", 0) == gen.collection.generation:
                 return False
             coll = Collection.open(root, previous=gen.collection)
-            self._gen = load_generation(coll, self._index_dir, gen)
+            self._gen = load_generation(coll, self._index_dir, gen, self._in_ram_mb)
             return True
 
     # -- searching --------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""Read side of a collection: one pinned generation, codes in RAM, features read by pread.
+"""Read side of a collection: one pinned generation, codes in RAM, features read by pread or held in RAM.
 
 Search needs every code (ceil(K/8) bytes a row: 16 MB for 1M rows at 128 bits)
-but only the F7 rows of a few hundred candidates per query, so features are
-never loaded whole: RowReader reads single rows and iter_feature_blocks streams
-them, both with pread straight from the shard files.  Shards are written
+but only the F7 rows of a few hundred candidates per query.  So features are
+loaded whole only where the index opening the collection asks for it (they fit
+its budget, see config.FEATURES_IN_RAM_MB); otherwise RowReader reads single
+rows and iter_feature_blocks streams them, both with pread straight from the
+shard files.  Shards are written
 contiguous and uncompressed, so each features dataset starts at a fixed
 byte offset in its HDF5 file; a shard written by another tool with chunking
 or compression falls back to h5py reads.
@@ -33,6 +35,8 @@ from .layout import MODEL_FILE, REJECTS
 from .manifest import file_sha256, inside, read_manifest
 
 _COLUMNS = {"codes": np.uint8, "ids": np.int64, "labels": np.int64}
+# One pread of a shard's features read whole: large enough to cost one syscall per 64 MB.
+_READ_BLOCK_BYTES = 1 << 26
 
 
 class _Vanished(Exception):
@@ -105,6 +109,21 @@ class Shard:
         if name not in self._cache:
             self._cache[name] = np.asarray(self.h5[name][...], dtype=_COLUMNS[name])
         return self._cache[name]
+
+    def features_in_ram(self, load: bool) -> np.ndarray | None:
+        """Every feature row of the shard, read once and kept (shards never change); None if not loaded
+        yet and `load` is False."""
+        if "features" not in self._cache and load:
+            out = np.empty((self.rows, self.h5["features"].shape[1]), self.h5["features"].dtype)
+            if self.features_offset is None:
+                out[...] = self.h5["features"][...]
+            else:
+                view = memoryview(out.reshape(-1).view(np.uint8))
+                for start in range(0, len(view), _READ_BLOCK_BYTES):
+                    block = view[start:start + _READ_BLOCK_BYTES]
+                    _pread_exact(self, block, self.features_offset + start)
+            self._cache["features"] = out
+        return self._cache.get("features")
 
     def paths(self, local) -> list[str]:
         ds = self.h5["paths"]
@@ -428,21 +447,25 @@ def _pread_exact(shard: Shard, view: memoryview, offset: int) -> None:
 
 
 class RowReader:
-    """Reads feature rows by pread() into a caller's buffer; shared by every thread of one search index.
+    """Reads feature rows into a caller's buffer; shared by every thread of one search index.
 
-    Why not a memory map: every row read through it maps ~40 KB of page
-    cache into the process (the kernel maps pages around each fault), so a
-    search process's RSS would grow towards the whole features file, and
-    unmapping to bound it makes each later read a minor fault, twice the
-    cost of a pread (~4 us against ~2 us a row, measured).  pread copies
-    straight from the page cache into the rerank buffer and RSS stays flat.
+    From RAM where the shards' features were read whole (`in_ram`, or already by another reader of
+    the same shards): a row then costs a copy, ~0.1 us.  Otherwise by pread() from the page cache,
+    ~1-2 us a row.  Why not a memory map: every row read through it maps ~40 KB of page cache into
+    the process (the kernel maps pages around each fault), so a search process's RSS would grow
+    towards the whole features file, and unmapping to bound it makes each later read a minor fault,
+    twice the cost of a pread (~4 us against ~2 us a row, measured).  pread copies straight from the
+    page cache into the rerank buffer and RSS stays flat; a truncated file is a short read, never
+    the SIGBUS a map gives.
     """
 
-    def __init__(self, collection: Collection):
+    def __init__(self, collection: Collection, *, in_ram: bool = False):
         self.collection = collection
         self.offsets = collection.offsets
         self.row_bytes = collection.feature_dim * collection.feature_dtype.itemsize
         shards = collection.shards
+        held = [s.features_in_ram(in_ram) for s in shards]
+        self.in_ram = held if all(h is not None for h in held) else None
         self.contiguous = all(s.features_offset is not None for s in shards)
         if self.contiguous:
             self.fds = [s.fd for s in shards]
@@ -451,6 +474,9 @@ class RowReader:
 
     def gather(self, rows: np.ndarray, out: list[list[memoryview]], buffer: np.ndarray) -> None:
         """Read the features of `rows` (valid, int64) into buffer[:len(rows)]; out[j] is [view of buffer row j]."""
+        if self.in_ram is not None:
+            self._copy(rows, buffer)
+            return
         if not self.contiguous:
             self._read_h5(rows, buffer)
             return
@@ -466,11 +492,21 @@ class RowReader:
         if got.count(self.row_bytes) != len(got):
             raise HashsearchError(f"short read from a shard of {self.collection.root}: was it truncated?")
 
+    def _copy(self, rows: np.ndarray, buffer: np.ndarray) -> None:
+        if len(self.in_ram) == 1:
+            np.take(self.in_ram[0], rows, axis=0, out=buffer[:len(rows)])
+            return
+        for s, where, local in self.collection._split(rows):
+            buffer[where] = self.in_ram[s][local]
+
     def read(self, rows: np.ndarray, buffer: np.ndarray) -> None:
         """Features of `rows` into buffer[:len(rows)] (any rows, in any order)."""
         if not len(rows):
             return
         self.collection.check_rows(rows)
+        if self.in_ram is not None:
+            self._copy(rows, buffer)
+            return
         if not self.contiguous:
             self._read_h5(rows, buffer)
             return
