@@ -187,6 +187,31 @@ def photo_collection(tmp_path_factory, model) -> Path:
     return root
 
 
+def write_idx(path, arr, gz: bool) -> None:
+    """`arr` as an IDX file of unsigned bytes (MNIST's layout), gzipped as Fashion-MNIST ships it with `gz`."""
+    import gzip
+    import struct
+    arr = np.asarray(arr, dtype=np.uint8)
+    data = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+    with (gzip.open if gz else open)(str(path) + (".gz" if gz else ""), "wb") as f:
+        f.write(data)
+
+
+@pytest.fixture(scope="session")
+def idx_collection(tmp_path_factory, model) -> Path:
+    """40 images in gzipped IDX files, encoded from DIR:train and indexed: items whose stored paths are IDX
+    members, FILE#i, not files.  Read-only."""
+    from hashsearch.encoders.sources import SyntheticSource
+    base = tmp_path_factory.mktemp("idx")
+    source = SyntheticSource(40, size=28)
+    write_idx(base / "train-images-idx3-ubyte", [np.asarray(source.load(i).convert("L")) for i in range(40)], True)
+    write_idx(base / "train-labels-idx1-ubyte", np.arange(40) % 10, True)
+    root = base / "coll"
+    cli("encode", f"{base}:train", "--model", model, "--out", root, "--workers", 0, "--device", "cpu", "--quiet")
+    cli("build-index", root)
+    return root
+
+
 def LiveServer(root, *extra):
     """`hashsearch serve` in its own process on 127.0.0.1 (a context manager that stops it)."""
     from hashsearch.serve.server import ServerProcess

@@ -35,7 +35,9 @@ def writable(photo_collection, tmp_path):
     root = tmp_path / "coll"
     shutil.copytree(photo_collection, root)
     (tmp_path / "token").write_text(TOKEN + "\n")
-    with LiveServer(root, "--token-file", tmp_path / "token", "--max-upload-mb", WRITABLE_UPLOAD_LIMIT_MB) as s:
+    # Two workers whatever the machine's cores: a change made through one must show through the other.
+    with LiveServer(root, "--token-file", tmp_path / "token", "--max-upload-mb", WRITABLE_UPLOAD_LIMIT_MB,
+                    "--workers", 2) as s:
         s.root = root
         yield s
 
@@ -132,7 +134,9 @@ def test_add_and_delete_through_the_api(writable, paths, tmp_path):
     assert httpx.delete(f"{writable.url}/items/{ids[1]}", headers=auth).status_code == 200
     found = httpx.post(writable.url + "/search", params={"k": 10}, files={"image": images[1][1]}).json()
     assert ids[1] not in [h["id"] for h in found["results"]]
-    assert httpx.get(f"{writable.url}/items/{ids[1]}").status_code == 404
+    for _ in range(12):         # new connections, spread over both workers: each has followed the delete
+        assert httpx.get(f"{writable.url}/items/{ids[1]}").status_code == 404
+        assert httpx.post(writable.url + "/search", json={"id": ids[1]}).status_code == 404
     assert httpx.delete(f"{writable.url}/items/{ids[1]}", headers=auth).status_code == 404
     not_image = httpx.post(writable.url + "/items", files={"image": ("x.png", b"nope")}, headers=auth)
     assert not_image.status_code == 415
@@ -177,8 +181,10 @@ def test_serve_refuses_a_bad_token_file_and_a_bad_port_in_one_line(photo_collect
 def test_bench_serve_runs_clients_and_writes_without_errors_or_leaks(photo_collection):
     from hashsearch.bench.serve_load import run_serve_bench
     before = sorted(p.name for p in photo_collection.rglob("*"))
-    r = run_serve_bench(photo_collection, clients=4, seconds=4, writes=True)
-    assert r["requests"] > 0 and r["search_by_id"]["count"] > 0 and r["search_by_image"]["count"] > 0
+    r = run_serve_bench(photo_collection, clients=4, seconds=3, writes=True)
+    by_id, by_image = r["search_by_id"], r["search_by_image"]
+    assert by_id["count"] > 0 and by_image["count"] > 0 and by_id["p50_ms"] <= by_id["p99_ms"]
+    assert by_id["per_second"] > 0 and r["model_images_per_second"] > 0
     assert r["errors"] == 0, r["first_errors"]
     assert r["deletes"] >= 1 and r["deleted_ids_returned"] == 0
     assert sorted(p.name for p in photo_collection.rglob("*")) == before        # it ran on a copy
@@ -192,3 +198,44 @@ def test_search_takes_the_neighbour_pool_from_the_query_string(server):
     assert bad.status_code == 400 and "neighbour-pool" in bad.json()["error"]
     bad = httpx.post(server.url + "/search?neighbour_places=x", json={"id": 7})
     assert bad.status_code == 400 and "neighbour_places must be an integer" in bad.json()["error"]
+
+
+def test_results_are_described_without_reading_the_shards(photo_collection, monkeypatch):
+    """Paths, labels and ids of results come from memory: a per-row h5py read cost more than the search."""
+    import h5py
+    from hashsearch.config import SearchConfig
+    from hashsearch.serve.service import SearchService
+    service = SearchService(photo_collection)
+    try:
+        service.search_id(2, SearchConfig(k=8))
+        reads = []
+        read = h5py.Dataset.__getitem__
+        monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda ds, key: reads.append(ds.name) or read(ds, key))
+        answer = service.search_id(3, SearchConfig(k=8))
+        item = service.item(5)
+        assert len(answer["results"]) == 8 and all(h["path"].endswith(".png") for h in answer["results"])
+        assert item["path"].endswith(".png") and reads == []
+    finally:
+        service.close()
+
+
+def test_thumbnails_for_idx_and_synthetic_items_and_404_for_a_gone_file(idx_collection, collection,
+                                                                        photo_collection):
+    from hashsearch.serve.service import NotFound, SearchService
+    for root, item in ((idx_collection, 7), (collection, 11)):     # FILE#7, synthetic:11
+        service = SearchService(root)
+        try:
+            assert "#" in service.item(item)["path"] or service.item(item)["path"].startswith("synthetic:")
+            image = Image.open(io.BytesIO(service.thumbnail(item)))
+            assert image.format == "JPEG" and image.size[0] > 0
+        finally:
+            service.close()
+    service = SearchService(photo_collection)
+    path = service.item(4)["path"]
+    os.rename(path, path + ".away")         # the item's file goes; the collection still names it
+    try:
+        with pytest.raises(NotFound, match="no image to show: missing file"):
+            service.thumbnail(4)
+    finally:
+        os.rename(path + ".away", path)
+        service.close()

@@ -252,3 +252,27 @@ def test_changing_k_and_mode_searches_again(page, server, items):
     expected = [h["id"] for h in api_search(server, item_id, 3, "bcs")["results"]]
     assert wait_for_results(page, expected[0], k=3) == expected
     expect(page.locator("#k")).to_have_value("3")
+
+
+def test_an_idx_collection_shows_its_thumbnails(page, idx_collection):
+    """Items stored as IDX members (FILE#i, as Fashion-MNIST's are) have thumbnails: every card's image loads."""
+    with LiveServer(idx_collection) as live:
+        open_page(page, live, "?id=6&k=8")
+        wait_for_results(page, 6, k=8)          # waits for every thumbnail to load with pixels
+        assert page.locator("figure.hit .placeholder").count() == 0
+
+
+def test_an_item_whose_file_is_gone_shows_a_placeholder(page, server, items):
+    from playwright.sync_api import expect
+    item_id = sorted(items)[15]
+    expected = [h["id"] for h in api_search(server, item_id, 6, "hds")["results"]]
+    gone = expected[2]
+    os.rename(items[gone], items[gone] + ".away")
+    try:
+        open_page(page, server, f"?id={item_id}&k=6")
+        cards = page.locator("figure.hit")
+        expect(cards).to_have_count(6)
+        expect(page.locator(f"figure.hit[data-id='{gone}'] .placeholder")).to_have_text("no image")
+        assert page.locator("figure.hit .placeholder").count() == 1 and card_ids(page) == expected
+    finally:
+        os.rename(items[gone] + ".away", items[gone])

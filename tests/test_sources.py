@@ -1,12 +1,11 @@
-import gzip
 import os
 import pickle
-import struct
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_idx
 from hashsearch.encoders import sources
 from hashsearch.encoders.images import ImageRejected
 from hashsearch.encoders.sources import FASHION_MNIST_CLASSES, open_source
@@ -33,19 +32,12 @@ def image_dir(tmp_path):
     return root
 
 
-def _write_idx(path, arr, gz):
-    arr = np.asarray(arr, dtype=np.uint8)
-    data = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
-    with (gzip.open if gz else open)(str(path) + (".gz" if gz else ""), "wb") as f:
-        f.write(data)
-
-
 def _idx_dir(root, gz=True, n_train=12, n_test=5):
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        _write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz)
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, gz)
+        write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, gz)
     return root
 
 

@@ -23,6 +23,7 @@ Kinds of SOURCE:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -36,6 +37,7 @@ from PIL import Image
 
 from hashsearch.encoders.images import image_from_array, is_image_name, load_image
 from hashsearch.errors import HashsearchError
+from hashsearch.fileio import open_regular
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -158,7 +160,7 @@ class IdxSource(Source):
 
     def load(self, i: int) -> Image.Image:
         if self._images is None:
-            self._images = _read_idx(self._images_file)
+            self._images = read_idx_images(self._images_file)
         return image_from_array(self._images[i])
 
     def labels(self) -> np.ndarray:
@@ -361,23 +363,39 @@ def _idx_files(root: str, split: str) -> tuple[str, str] | None:
     return found[0], found[1]
 
 
+# The largest IDX file read, decompressed: MNIST's 60,000 training images are 47 MB.
+MAX_IDX_BYTES = 1 << 32
+
+
 def _read_idx(path: str, header_only: bool = False):
-    """An IDX ubyte file as a numpy array (or just its dimensions)."""
+    """An IDX ubyte file as a numpy array (or just its dimensions).  Only a regular file is read (a FIFO is
+    refused, never waited on), and no more bytes than its header announces, up to MAX_IDX_BYTES."""
     try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as raw, \
+                (gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else contextlib.nullcontext(raw)) as f:
             magic = f.read(4)
             if len(magic) < 4 or magic[:3] != b"\0\0\x08":
                 raise HashsearchError(f"not an IDX file of unsigned bytes: {path}")
             dims = struct.unpack(f">{magic[3]}I", f.read(4 * magic[3]))
             if header_only:
                 return dims
-            data = f.read()
+            expected = int(np.prod(dims, dtype=np.int64)) if dims else 0
+            if expected > MAX_IDX_BYTES:
+                raise HashsearchError(f"IDX file {path} announces {expected} bytes, over {MAX_IDX_BYTES}")
+            data = f.read(expected + 1)
     except (OSError, EOFError, struct.error, zlib.error) as e:
         raise HashsearchError(f"cannot read IDX file {path}: {e}") from None
-    expected = int(np.prod(dims))
     if len(data) != expected:
         raise HashsearchError(f"corrupt IDX file {path}: {len(data)} bytes of data, header says {expected}")
     return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+
+
+def read_idx_images(path: str) -> np.ndarray:
+    """The images of an IDX file, uint8 [n, rows, cols]."""
+    images = _read_idx(path)
+    if images.ndim != 3:
+        raise HashsearchError(f"{path} holds an array of shape {images.shape}, not images")
+    return images
 
 
 def _mix64(x: int) -> int:

@@ -1,6 +1,10 @@
 """`hashsearch serve`: load once, then answer on uvicorn until stopped."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+
 from ..config import RaySearchConfig, ServeConfig
 from ..errors import HashsearchError
 from ..fileio import read_regular
@@ -28,15 +32,49 @@ def build_app(collection, config: ServeConfig, index=None):
     return create_app(service, token=token)
 
 
+# How the parent of a multi-worker server tells its spawned workers what to serve.
+_WORKER_SPEC = "HASHSEARCH_SERVE_WORKER"
+
+
 def run_server(collection, config: ServeConfig, log=print, ray: RaySearchConfig | None = None) -> None:
-    """`hashsearch serve`: until interrupted.  `ray` searches over partitions on Ray actors."""
+    """`hashsearch serve`: until interrupted.  `ray` searches over partitions on Ray.
+
+    With several workers, uvicorn spawns that many processes on one listening socket, each with its own
+    service (collection, index, model) following the collection's generations.  The parent builds the
+    app once first, so that a bad collection, index, model or token is one line here, not a worker that
+    dies at start, again and again."""
     import uvicorn
+    from ..config import serve_workers
     from ..retrieval import search_index
-    with search_index(collection, ray=ray) as index:
-        app = build_app(collection, config, index=index)
-        where = f", {ray.partitions} partitions on Ray" if ray is not None and ray.ray else ""
-        log(f"serving {collection} on http://{config.host}:{config.port}/{where}  (API docs at /docs)")
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_keep_alive=5)
+    on_ray = ray is not None and ray.ray
+    workers = serve_workers(config)
+    if on_ray and config.workers not in (None, 1):
+        raise HashsearchError("--ray serves from one process: its partitions already run on the cluster's workers")
+    if on_ray or workers == 1:
+        with search_index(collection, ray=ray) as index:
+            app = build_app(collection, config, index=index)
+            where = f", {ray.partitions} partitions on Ray" if on_ray else ""
+            log(f"serving {collection} on http://{config.host}:{config.port}/{where}  (API docs at /docs)")
+            uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_keep_alive=5)
+        return
+    app = build_app(collection, config)
+    app.state.service.close()
+    del app
+    os.environ[_WORKER_SPEC] = json.dumps({"collection": str(collection), "config": dataclasses.asdict(config),
+                                           "threads": max(1, (os.cpu_count() or 1) // workers)})
+    log(f"serving {collection} on http://{config.host}:{config.port}/ with {workers} worker processes  "
+        f"(API docs at /docs)")
+    uvicorn.run(f"{__name__}:worker_app", factory=True, workers=workers, host=config.host, port=config.port,
+                log_level="warning", timeout_keep_alive=5)
+
+
+def worker_app():
+    """The app of one worker process of a multi-worker server (run_server), from the parent's spec."""
+    spec = json.loads(os.environ[_WORKER_SPEC])
+    # Each worker's model calls get their share of the cores: all of them in every worker would oversubscribe.
+    import torch
+    torch.set_num_threads(spec["threads"])
+    return build_app(spec["collection"], ServeConfig(**spec["config"]))
 
 
 class ServerProcess:

@@ -24,6 +24,7 @@ import numpy as np
 from ..config import SearchConfig, ServeConfig
 from ..engine import Index
 from ..errors import HashsearchError
+from ..encoders.item_images import ItemImages
 from ..retrieval import collection_info, describe_results, query_encoder, stored_query
 from ..shards import UPLOAD_DIR, store_file
 from ..shards.manifest import manifest_stamp
@@ -58,6 +59,7 @@ class MicroBatcher:
         # One model call at a time: two threads in torch at once fight over the same cores.
         self.model_lock = threading.Lock()
         self._pending: list[tuple[object, Future]] = []
+        self._stopped = False
         self._ready = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="hashsearch-encoder", daemon=True)
         self._thread.start()
@@ -69,11 +71,21 @@ class MicroBatcher:
             self._ready.notify()
         return done.result()
 
+    def stop(self) -> None:
+        """End the worker thread (it drops the model) once the images already handed in are encoded."""
+        with self._ready:
+            self._stopped = True
+            self._ready.notify()
+        self._thread.join()
+        self.encoder = None
+
     def _run(self) -> None:
         while True:
             with self._ready:
-                while not self._pending:
+                while not self._pending and not self._stopped:
                     self._ready.wait()
+                if not self._pending:
+                    return
                 deadline = time.monotonic() + self.wait
                 while len(self._pending) < self.max_batch and time.monotonic() < deadline:
                     self._ready.wait(max(deadline - time.monotonic(), 0))
@@ -93,6 +105,7 @@ class SearchService:
         """`index`: one already open on `root` (a distributed ShardedIndex), which the caller closes."""
         self.root = Path(root)
         self.index = index if index is not None else Index.open(self.root)
+        self._owns_index = index is None
         self.max_upload_bytes = int(max_upload_mb * (1 << 20))
         self.writable = os.access(self.root, os.W_OK)
         self._manifest_stamp = manifest_stamp(self.root)
@@ -100,7 +113,16 @@ class SearchService:
         # Loaded now, not at the first upload: the model is the bulk of the server's memory, and a
         # server's footprint should be known when it starts answering.
         self._batcher = MicroBatcher(query_encoder(self.index.collection))
+        self._hold_result_columns()
+        self._images = ItemImages(self.index.collection.manifest.get("source_spec"))
         self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
+        self._thumbnails_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the model's thread, and close the index unless the caller gave it."""
+        self._batcher.stop()
+        if self._owns_index:
+            self.index.close()
 
     # -- generations ------------------------------------------------------------------
     def current(self) -> Index:
@@ -110,8 +132,14 @@ class SearchService:
             with self._refresh_lock:
                 if stamp != self._manifest_stamp:
                     self.index.refresh()
+                    self._hold_result_columns()
                     self._manifest_stamp = stamp
         return self.index
+
+    def _hold_result_columns(self) -> None:
+        # Results are described from RAM, read once per shard here rather than by the first request: a
+        # per-row h5py read of each result's path cost more than the search itself.
+        self.index.collection.hold_paths().labels()
 
     # -- searching --------------------------------------------------------------------
     def search_id(self, item_id: int, params: SearchConfig) -> dict:
@@ -151,21 +179,26 @@ class SearchService:
                 "label": names[label] if 0 <= label < len(names) else label, "generation": index.generation}
 
     def thumbnail(self, item_id: int) -> bytes:
-        path = self.item(item_id)["path"]
-        cached = self._thumbnails.get(item_id)
+        """A JPEG of the item's image, made on first request and cached: from its file, its IDX file or
+        its synthetic source, as encode read it."""
+        path = self.item(item_id)["path"]        # a deleted id is 404 even while its thumbnail is cached
+        with self._thumbnails_lock:
+            cached = self._thumbnails.get(item_id)
         if cached is not None:
             return cached
-        from ..encoders.images import ImageRejected, load_image
+        from ..encoders.images import ImageRejected
         try:
-            image = load_image(path)
+            image = self._images.load(path)
         except ImageRejected as exc:
-            raise NotFound(f"item {item_id} has no image to show ({exc})") from None
+            raise NotFound(f"item {item_id} has no image to show: {exc}") from None
         image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=85)
-        self._thumbnails[item_id] = data = buffer.getvalue()
-        while len(self._thumbnails) > THUMBNAIL_CACHE:
-            self._thumbnails.popitem(last=False)
+        data = buffer.getvalue()
+        with self._thumbnails_lock:
+            self._thumbnails[item_id] = data
+            while len(self._thumbnails) > THUMBNAIL_CACHE:
+                self._thumbnails.popitem(last=False)
         return data
 
     def info(self) -> dict:

@@ -73,7 +73,7 @@ class Shard:
         self.name, self.sha256, self.rows = entry["file"], entry["sha256"], int(entry["rows"])
         self.fd = self.h5 = None
         self.path, self.fd = _open_named(root, self.name, "shard", manifest.get("generation", 0))
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache: dict[str, object] = {}   # columns, features held in RAM, the packed paths
         try:
             self.h5 = h5py.File(self.path, "r")
         except OSError as exc:
@@ -126,8 +126,21 @@ class Shard:
         return self._cache.get("features")
 
     def paths(self, local) -> list[str]:
+        table = self._cache.get("paths")
+        if table is not None:       # no h5py call: a service describes every result through here
+            blob, starts = table
+            return [blob[starts[r]:starts[r + 1]].decode("utf-8", "surrogateescape") for r in local.tolist()]
         ds = self.h5["paths"]
         return [decode_path(ds[int(r)]) for r in local]
+
+    def hold_paths(self) -> None:
+        """Read every stored path once into one packed table (a 1M-row shard's is ~60 MB), from which
+        paths() then answers without touching the file."""
+        if "paths" not in self._cache:
+            encoded = [p.encode("utf-8", "surrogateescape") for p in self.all_paths()]
+            starts = np.zeros(len(encoded) + 1, np.int64)
+            np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=starts[1:])
+            self._cache["paths"] = (b"".join(encoded), starts)
 
     def all_paths(self) -> list[str]:
         return [decode_path(v) for v in self.h5["paths"][...]] if self.rows else []
@@ -350,6 +363,13 @@ class Collection:
             for w, path in zip(where, self.shards[s].paths(local)):
                 out[w] = path
         return out
+
+    def hold_paths(self) -> "Collection":
+        """Keep every shard's paths in RAM, so that paths() never reads the files: what a long-running
+        service wants (the command line reads the few paths it shows instead)."""
+        for shard in self.shards:
+            shard.hold_paths()
+        return self
 
     def _live_row_of_path(self) -> dict[str, int]:
         paths = list(itertools.chain.from_iterable(s.all_paths() for s in self.shards))   # one read a shard
