@@ -10,9 +10,9 @@ or compression falls back to h5py reads.
 
 Opening a collection checks, before any read, that every file its manifest
 names stays inside it, is a regular file, and holds datasets of the types,
-widths and row counts the manifest lists (HDF5 metadata only): a collection
-from elsewhere can't make a reader read outside it, hang on a FIFO, or
-return rows it misreads.
+widths and row counts the manifest lists, each stored in that file itself
+(HDF5 metadata only): a collection from elsewhere can't make a reader read
+outside it, hang on a FIFO, or return rows it misreads.
 """
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ from .layout import MODEL_FILE, REJECTS
 from .manifest import file_sha256, inside, read_manifest
 
 _COLUMNS = {"codes": np.uint8, "ids": np.int64, "labels": np.int64}
+# HDF5 can keep a dataset's bytes in other files: external storage, virtual datasets, external links (and soft
+# links, which lead anywhere in the file).  Those files may be a FIFO, a device, or anything outside the
+# collection, read as its rows; so a shard's datasets must be hard-linked and store their data in the shard.
+_OWN_LAYOUTS = (h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED)
 
 
 class _Vanished(Exception):
@@ -87,9 +91,7 @@ class Shard:
                   "ids": ((self.rows,), np.dtype(np.int64)), "labels": ((self.rows,), np.dtype(np.int64)),
                   "paths": ((self.rows,), None)}
         for name, (shape, dtype) in expect.items():
-            ds = self.h5.get(name)
-            if not isinstance(ds, h5py.Dataset):
-                raise HashsearchError(f"shard {self.name} has no {name} dataset")
+            ds = self._dataset(name)
             if ds.shape != shape:
                 raise HashsearchError(f"shard {self.name}: {name} has shape {ds.shape}, but the manifest says {shape}")
             if dtype is not None and ds.dtype != dtype:
@@ -100,6 +102,21 @@ class Shard:
         if ds.chunks is not None or ds.compression is not None:
             return None
         return ds.id.get_offset()
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        """The dataset `name`, refused unless its bytes lie in this file; only HDF5 metadata is read."""
+        link = self.h5.get(name, getlink=True)     # the link itself: following an external one opens its file
+        if link is not None and not isinstance(link, h5py.HardLink):
+            kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a soft link"
+            raise HashsearchError(f"shard {self.name}: {name} is {kind}, not a dataset of the shard; refused")
+        ds = self.h5.get(name) if link is not None else None
+        if not isinstance(ds, h5py.Dataset):
+            raise HashsearchError(f"shard {self.name} has no {name} dataset")
+        plist = ds.id.get_create_plist()
+        if plist.get_layout() not in _OWN_LAYOUTS or plist.get_external_count():
+            raise HashsearchError(f"shard {self.name}: {name} keeps its data outside the shard file (external "
+                                  "storage or a virtual dataset); refused")
+        return ds
 
     def column(self, name: str) -> np.ndarray:
         if name not in self._cache:

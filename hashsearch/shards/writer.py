@@ -24,10 +24,11 @@ from ..codes import code_bytes
 from ..config import EncodeConfig
 from ..errors import HashsearchError
 from ..fileio import atomic_write, atomic_write_bytes, fsync_dir, open_regular
+from .collection import Shard
 from .layout import GENERATION_DIRS, LOCK_FILE, MANIFEST, MODEL_FILE, REJECTS, SHARD_DIR, shard_name
 from .lock import WriteLock
 from .transaction import lock_finished
-from .manifest import (FEATURE_DTYPES, FORMAT, VERSION, file_sha256, inside, publish,
+from .manifest import (FEATURE_DTYPES, FORMAT, VERSION, file_sha256, publish,
                        read_manifest, remove_unreferenced)
 
 # Manifest keys that describe the collection's files and generations, which writers own;
@@ -71,10 +72,11 @@ def _next_id_of(root: Path, manifest: dict) -> int:
         return manifest["next_id"]
     for entry in reversed(manifest["shards"]):
         if entry["rows"]:
-            path = inside(root, entry["file"], "shard")
-            os.close(open_regular(path))        # never hand h5py a FIFO
-            with h5py.File(path, "r") as f:
-                return int(f["ids"][-1]) + 1
+            shard = Shard(root, entry, manifest)        # checked as a reader checks it, before a byte is read
+            try:
+                return int(shard.column("ids")[-1]) + 1
+            finally:
+                shard.close()
     return 0
 
 
