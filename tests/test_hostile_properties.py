@@ -1331,3 +1331,24 @@ def test_shard_datasets_stored_elsewhere_are_refused(light, where, drawn):
         assert judge(out) == "refused", f"{layout} {name} in shard {shard} was not refused\n{out}"
         assert "refused" in out.stderr, out
     assert manifest_bytes(root) == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "zero"])
+def test_add_with_a_rejects_file_that_is_not_the_collections_own(collection, where, kind):
+    d = where()
+    root = copy_of(collection, d)
+    outside = d / "outside.jsonl"
+    outside.write_text('{"index": 0, "path": "elsewhere", "reason": "kept"}\n')
+    rejects = root / "rejects.jsonl"
+    if kind == "fifo":
+        os.mkfifo(rejects)
+    else:
+        rejects.symlink_to(outside if kind == "symlink" else "/dev/zero")
+    images = d / "images"                # one image add takes, and one it rejects, which it would record
+    save_image(images / "good.png", seed=3)
+    (images / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    before, outside_before = manifest_bytes(root), outside.read_bytes()
+    out = run_in_child(["add", root, images, "--workers", 0, "--device", "cpu", "--quiet"], timeout=30,
+                       memory=4 << 30)
+    assert judge(out) == "refused" and "rejects.jsonl" in out.stderr, out
+    assert manifest_bytes(root) == before and outside.read_bytes() == outside_before

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..codes import code_bytes
 from ..errors import HashsearchError
-from ..fileio import NotRegularFile, open_regular
+from ..fileio import NotRegularFile, open_regular, read_regular
 from .layout import MODEL_FILE, REJECTS
 from .manifest import file_sha256, inside, read_manifest
 
@@ -397,16 +397,12 @@ class Collection:
         return problems
 
     def rejects(self) -> list[dict]:
-        path = self.root / REJECTS
-        if not path.exists():
-            return []
         rejects = []
-        with os.fdopen(open_regular(path), "r", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                try:
-                    rejects.append(json.loads(line))
-                except ValueError:   # a line torn by a crash; the resumed run writes it again
-                    continue
+        for line in reject_lines(self.root):
+            try:
+                rejects.append(json.loads(line))
+            except ValueError:   # a line torn by a crash; the resumed run writes it again
+                continue
         return rejects
 
     def close(self) -> None:
@@ -419,6 +415,27 @@ class Collection:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# A rejected image is a line of about 200 bytes: this is a million of them, and stops an endless file.
+MAX_REJECTS_BYTES = 256 << 20
+
+
+def reject_lines(root: Path) -> list[str]:
+    """The lines of the collection's REJECTS file (none if it has none).  Writers append to it, so it must be
+    the collection's own regular file: a symlink, a FIFO or a device is refused, never followed or waited on."""
+    path = root / REJECTS
+    try:
+        data = read_regular(path, MAX_REJECTS_BYTES, follow=False)
+    except FileNotFoundError:
+        return []
+    except NotRegularFile as exc:
+        raise HashsearchError(f"{REJECTS} of collection {root} is refused: {exc}") from None
+    except ValueError as exc:
+        raise HashsearchError(f"{REJECTS} of collection {root} is refused: {exc}") from None
+    except OSError as exc:
+        raise HashsearchError(f"cannot read {REJECTS} of collection {root}: {exc.strerror or exc}") from None
+    return data.decode("utf-8", "surrogateescape").splitlines()
 
 
 def _read_tombstones(root: Path, manifest: dict) -> np.ndarray:

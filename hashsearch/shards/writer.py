@@ -24,7 +24,7 @@ from ..codes import code_bytes
 from ..config import EncodeConfig
 from ..errors import HashsearchError
 from ..fileio import atomic_write, atomic_write_bytes, fsync_dir, open_regular
-from .collection import Shard
+from .collection import Shard, reject_lines
 from .layout import GENERATION_DIRS, LOCK_FILE, MANIFEST, MODEL_FILE, REJECTS, SHARD_DIR, shard_name
 from .lock import WriteLock
 from .transaction import lock_finished
@@ -55,10 +55,6 @@ def _reject_field(line: str, key: str, missing=float("inf")):
         return json.loads(line)[key]
     except (ValueError, KeyError, TypeError):
         return missing
-
-
-def _reject_lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8", errors="surrogateescape").splitlines() if path.exists() else []
 
 
 def next_shard_number(manifest: dict) -> int:
@@ -170,6 +166,8 @@ class CollectionWriter:
                                                      unfinished="finish its encode before adding to it")
         try:
             writer.manifest["next_id"] = _next_id_of(writer.root, writer.manifest)
+            # A file an earlier add already rejected is tried again, but not recorded twice.
+            writer._known_rejects = {_reject_field(line, "path") for line in reject_lines(writer.root)}
         except BaseException:
             writer.lock.release()
             raise
@@ -177,8 +175,6 @@ class CollectionWriter:
         writer.code_bytes, writer.feature_dim = code_bytes(m["bits"]), m["feature_dim"]
         writer.feature_dtype, writer.shard_size = np.dtype(m["feature_dtype"]), m.get("shard_size", EncodeConfig.shard_size)
         writer._file, writer._rows, writer._capacity, writer._pending_rejects = None, 0, 0, []
-        # A file an earlier add already rejected is tried again, but not recorded twice.
-        writer._known_rejects = {_reject_field(line, "path") for line in _reject_lines(writer.root / REJECTS)}
         return writer
 
     def _open_root(self, overwrite: bool, wait: bool) -> None:
@@ -407,21 +403,26 @@ class CollectionWriter:
         done = [r for r in self._pending_rejects if upto is None or r["index"] < upto]
         if not done:
             return
-        with open(self.root / REJECTS, "a", encoding="utf-8", errors="surrogateescape") as f:
-            for r in done:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(open_regular(self.root / REJECTS, append=True, follow=False), "a", encoding="utf-8",
+                           errors="surrogateescape") as f:
+                for r in done:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise HashsearchError(f"cannot record rejected images in {REJECTS} of {self.root}: "
+                                  f"{exc.strerror or exc}") from None
         self.manifest["rejected"] += len(done)
         self._pending_rejects = [r for r in self._pending_rejects if upto is not None and r["index"] >= upto]
 
     def _truncate_rejects(self, source_end: int) -> None:
         """Forget rejects recorded after the last finished shard: they will be met again."""
-        path = self.root / REJECTS
-        if not path.exists():
+        lines = reject_lines(self.root)
+        if not lines and not (self.root / REJECTS).exists():
             return
-        kept = [line for line in _reject_lines(path) if _reject_field(line, "index") < source_end]
-        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+        kept = [line for line in lines if _reject_field(line, "index") < source_end]
+        atomic_write_bytes(self.root / REJECTS, "".join(line + "\n" for line in kept).encode("utf-8"))
         self.manifest["rejected"] = len(kept)
 
     def __enter__(self):
