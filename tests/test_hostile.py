@@ -197,3 +197,44 @@ def test_outputs_are_checked_before_the_work(tmp_path, collection):
     r = cli("bench", "--exhaustive", "--n", 100, "--dim", 8, "--json", tmp_path / "adir", ok=False)
     assert "is a directory" in r.stderr
     assert not list(tmp_path.glob("**/.*.tmp"))
+
+
+# -- issue 29: a damaged manifest never turns a writer against live data --------------------------------
+def _files(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _edit_manifest(root: Path, **changes) -> None:
+    m = json.loads((root / "manifest.json").read_text())
+    m.update(changes)
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+def test_a_lowered_next_shard_never_overwrites_a_live_shard(tmp_path):
+    from hashsearch.engine.compact import compact
+    from hashsearch.shards import delete_items
+    root = tmp_path / "c"
+    lw.create(root, 400)
+    delete_items(root, ids=[7, 250])
+    compact(root, 0.0)                  # both shards rewritten: shards 2 and 3 live, 0 and 1 retired
+    assert [s["file"] for s in json.loads((root / "manifest.json").read_text())["shards"]] == \
+        ["shards/shard-00002.h5", "shards/shard-00003.h5"]
+    _edit_manifest(root, next_shard=3)
+    before = _files(root)
+    with pytest.raises(HashsearchError, match="next_shard is 3, but it names shard number 3"):
+        lw.append(root, 400, 10)
+    assert _files(root) == before
+
+
+def test_a_lowered_generation_never_rewrites_a_live_tombstone_file(tmp_path):
+    from hashsearch.shards import delete_items
+    root = tmp_path / "c"
+    lw.create(root, 400)
+    delete_items(root, ids=[7])
+    tombstones = json.loads((root / "manifest.json").read_text())["tombstones"]["file"]
+    named = int(tombstones.rsplit("-", 1)[1].split(".")[0])       # tombstones/deleted-GGGGGG.npy
+    _edit_manifest(root, generation=named - 1)          # the next delete would write a file of that name
+    before = _files(root)
+    with pytest.raises(HashsearchError, match="but it names a file of generation"):
+        delete_items(root, ids=[3])
+    assert _files(root) == before

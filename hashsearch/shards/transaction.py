@@ -29,7 +29,7 @@ from ..errors import HashsearchError
 from ..fileio import atomic_write_bytes, fsync_dir
 from .layout import INDEX_META, generation_file
 from .lock import WriteLock
-from .manifest import inside, named_files, publish, read_manifest, remove_unreferenced
+from .manifest import check_counters, inside, named_files, publish, read_manifest, refuse_named, remove_unreferenced
 
 _GENERATION_NAME = re.compile(r"[a-z]+-\d{6}\.[a-z]+")
 
@@ -55,6 +55,7 @@ class Transaction:
 
     def write(self, name: str, data: bytes) -> str:
         """Write the collection file `name` (from file_name) atomically; its sha256."""
+        refuse_named(self.root, self.manifest, name)
         _write_new(self.path(name), data)
         return hashlib.sha256(data).hexdigest()
 
@@ -80,6 +81,7 @@ def lock_finished(root: Path, *, wait: bool = False, unfinished: str = "run the 
         manifest = read_manifest(root)
         if not manifest.get("complete"):
             raise HashsearchError(f"collection {root} is unfinished; {unfinished}")
+        check_counters(root, manifest)
         remove_unreferenced(root, manifest)
     except BaseException:
         lock.release()

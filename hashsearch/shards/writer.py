@@ -28,8 +28,8 @@ from .collection import Shard, reject_lines
 from .layout import GENERATION_DIRS, LOCK_FILE, MANIFEST, MODEL_FILE, REJECTS, SHARD_DIR, shard_name
 from .lock import WriteLock
 from .transaction import lock_finished
-from .manifest import (FEATURE_DTYPES, FORMAT, VERSION, file_sha256, publish,
-                       read_manifest, remove_unreferenced)
+from .manifest import (FEATURE_DTYPES, FORMAT, VERSION, check_counters, file_sha256, next_shard_number, publish,
+                       read_manifest, refuse_named, remove_unreferenced)
 
 # Manifest keys that describe the collection's files and generations, which writers own;
 # the others (model, source, class names, ...) describe its items.
@@ -55,11 +55,6 @@ def _reject_field(line: str, key: str, missing=float("inf")):
         return json.loads(line)[key]
     except (ValueError, KeyError, TypeError):
         return missing
-
-
-def next_shard_number(manifest: dict) -> int:
-    # Compaction retires shard numbers, so a new shard takes a number never used before.
-    return max(manifest.get("next_shard", 0), len(manifest["shards"]))
 
 
 def _next_id_of(root: Path, manifest: dict) -> int:
@@ -97,12 +92,14 @@ def _seal(partial: Path, final: Path) -> str:
     return checksum
 
 
-def copy_shard(src, keep: np.ndarray, root: Path, number: int, source_end: int) -> dict:
+def copy_shard(src, keep: np.ndarray, root: Path, manifest: dict, number: int, source_end: int) -> dict:
     """Write shard `number` holding the rows `keep` (local, increasing) of shard `src`; its manifest entry.
 
     Used by compaction: the new file is complete, fsynced and checksummed
-    before it gets its final name, and nothing names it until a manifest does.
+    before it gets its final name, and nothing names it until a manifest does
+    (`manifest`, the current one, must not name it yet).
     """
+    refuse_named(root, manifest, shard_name(number))
     final = root / shard_name(number)
     partial = final.with_name(f".{final.name}.partial")
     try:
@@ -205,6 +202,7 @@ class CollectionWriter:
                     raise HashsearchError(
                         f"{self.root} already holds a collection with a different {k} "
                         f"({old.get(k)!r}, not {self.manifest.get(k)!r}); use --overwrite to replace it")
+                check_counters(self.root, old)
                 self.manifest = old
                 if not old.get("complete"):
                     self._truncate_rejects(self.resume_from)
@@ -320,6 +318,7 @@ class CollectionWriter:
 
     def _open_shard(self, capacity_hint: int | None) -> None:
         self._number = number = next_shard_number(self.manifest)
+        refuse_named(self.root, self.manifest, shard_name(number))
         self._final = self.root / shard_name(number)
         self._partial = self._final.with_name(f".{self._final.name}.partial")
         cap = self.shard_size if capacity_hint is None else max(1, min(self.shard_size, capacity_hint))
