@@ -238,3 +238,26 @@ def test_a_lowered_generation_never_rewrites_a_live_tombstone_file(tmp_path):
     with pytest.raises(HashsearchError, match="but it names a file of generation"):
         delete_items(root, ids=[3])
     assert _files(root) == before
+
+
+@pytest.mark.parametrize("where", ["other/index", "other/shards/deeper", "other", "own/elsewhere"])
+def test_build_index_out_inside_a_collection_is_refused(tmp_path, where):
+    from hashsearch.shards import Collection
+    for name in ("own", "other"):
+        lw.create(tmp_path / name, 300)
+        Index.build(tmp_path / name, "flat").close()
+    before = {name: _files(tmp_path / name) for name in ("own", "other")}
+    r = cli("build-index", tmp_path / "own", "--out", tmp_path / where, ok=False)
+    assert "inside collection" in r.stderr
+    assert {name: _files(tmp_path / name) for name in ("own", "other")} == before
+    with Collection.open(tmp_path / "other") as coll:
+        assert coll.verify() == []
+    with Index.open(tmp_path / "other") as index:
+        codes, _, _, _ = lw.item_rows(5, 1)
+        assert index.search(codes, None, 1, mode="bcs").ids[0, 0] == 5
+
+
+def test_build_index_out_beside_collections_is_written(tmp_path):
+    lw.create(tmp_path / "c", 300)
+    cli("build-index", tmp_path / "c", "--out", tmp_path / "indexes" / "c")
+    assert (tmp_path / "indexes" / "c" / "index.json").is_file()

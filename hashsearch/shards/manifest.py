@@ -33,7 +33,8 @@ _INT64_MAX = (1 << 63) - 1
 
 __all__ = ["MANIFEST", "FORMAT", "VERSION", "FEATURE_DTYPES", "read_manifest", "write_manifest", "publish",
            "file_sha256", "disk_bytes", "inside", "check_file_entry", "referenced_files", "remove_unreferenced",
-           "named_files", "read_named_file", "manifest_stamp", "next_shard_number", "check_counters", "refuse_named"]
+           "named_files", "read_named_file", "manifest_stamp", "next_shard_number", "check_counters", "refuse_named",
+           "collection_holding"]
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -77,6 +78,25 @@ def inside(root: Path, name, what: str) -> Path:
     if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
         raise HashsearchError(f"collection {root} names {what} {name!r}, which lies outside the collection")
     return path
+
+
+def collection_holding(path: str | os.PathLike) -> Path | None:
+    """The collection whose directory is `path` or one above it, if any (symlinks resolved)."""
+    path = Path(os.path.realpath(path))
+    for folder in (path, *path.parents):
+        if _says_collection(folder / MANIFEST):
+            return folder
+    return None
+
+
+def _says_collection(path: Path) -> bool:
+    # The format tag alone: a damaged collection is still one, and another tool's manifest.json is not.
+    try:
+        with os.fdopen(open_regular(path), "rb") as f:
+            manifest = json.loads(f.read(64 << 20))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
 def read_manifest(root: str | os.PathLike) -> dict:

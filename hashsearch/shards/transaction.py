@@ -29,7 +29,7 @@ from ..errors import HashsearchError
 from ..fileio import atomic_write_bytes, fsync_dir
 from .layout import INDEX_META, generation_file
 from .lock import WriteLock
-from .manifest import check_counters, inside, named_files, publish, read_manifest, refuse_named, remove_unreferenced
+from .manifest import check_counters, collection_holding, inside, named_files, publish, read_manifest, refuse_named, remove_unreferenced
 
 _GENERATION_NAME = re.compile(r"[a-z]+-\d{6}\.[a-z]+")
 
@@ -128,6 +128,12 @@ class OutsideDirectory:
     def __init__(self, root, generation: int):
         self.root = Path(root)
         self.generation = generation
+        # A collection's files are written by its own writers alone: an index written into one (its index/
+        # folder, say) would replace or remove the files its generation names.
+        holder = collection_holding(self.root)
+        if holder is not None:
+            raise HashsearchError(f"cannot write an index to {self.root}: it lies inside collection {holder}; "
+                                  "choose a folder outside every collection")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
