@@ -142,7 +142,8 @@ def encode(source, model_path, out, ray, address, actors, gpus_per_actor, actor_
 @click.argument("source")
 @click_options(EncodeConfig, skip=ADD_SKIPS)
 def add(collection, source, **options):
-    """Encode the new images of SOURCE with COLLECTION's model and add them (paths already present are skipped)."""
+    """Encode the new images of SOURCE with COLLECTION's model and add them (paths already present, or repeated
+    in SOURCE, are skipped)."""
     from .encoders.runner import add_to_collection
     add_to_collection(collection, source, log=click.echo, **options)
 

@@ -261,3 +261,20 @@ def test_build_index_out_beside_collections_is_written(tmp_path):
     lw.create(tmp_path / "c", 300)
     cli("build-index", tmp_path / "c", "--out", tmp_path / "indexes" / "c")
     assert (tmp_path / "indexes" / "c" / "index.json").is_file()
+
+
+def test_an_image_listed_twice_is_added_once(collection_copy, tmp_path):
+    from hashsearch.encoders.runner import add_to_collection
+    from hashsearch.shards import Collection, delete_items
+    from conftest import save_image
+    a, b = save_image(tmp_path / "a.png", seed=7), save_image(tmp_path / "b.png", seed=8)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{a}\n{b}\n./a.png\n{a}\n")         # ./a.png is a too, once made absolute
+    report = add_to_collection(collection_copy, str(listing), workers=0, device="cpu", quiet=True)
+    assert (report["added"], report["skipped"]) == (2, 2)
+    with Collection.open(collection_copy) as coll:
+        paths = coll.paths(coll.live_rows())
+        assert paths.count(str(a)) == 1 and paths.count(str(b)) == 1 and coll.items == COLL_N + 2
+    delete_items(collection_copy, paths=[str(a)])
+    with Collection.open(collection_copy) as coll:
+        assert str(a) not in coll.live_paths() and coll.items == COLL_N + 1
