@@ -29,7 +29,8 @@ from ..errors import HashsearchError
 from ..fileio import atomic_write_bytes, fsync_dir
 from .layout import INDEX_META, generation_file
 from .lock import WriteLock
-from .manifest import check_counters, collection_holding, inside, named_files, publish, read_manifest, refuse_named, remove_unreferenced
+from .manifest import (check_counters, collection_holding, inside, named_files, publish, read_manifest, refuse_named,
+                       remove_unreferenced)
 
 _GENERATION_NAME = re.compile(r"[a-z]+-\d{6}\.[a-z]+")
 
