@@ -278,3 +278,26 @@ def test_an_image_listed_twice_is_added_once(collection_copy, tmp_path):
     delete_items(collection_copy, paths=[str(a)])
     with Collection.open(collection_copy) as coll:
         assert str(a) not in coll.live_paths() and coll.items == COLL_N + 1
+
+
+def test_library_misuse_raises_a_hashsearch_error(hashed):
+    index = Index.open(hashed)
+    codes, feats, _, _ = lw.item_rows(0, 2)
+    wide = codes.astype(np.int64)
+    for bad in ("abc", wide + 256, wide - 256, codes + 0.5, codes.astype(np.float32), [[1, 2], [3]], [[2**70] * 4]):
+        with pytest.raises(HashsearchError, match="query codes"):
+            index.search(bad, feats, 5)
+    for bad in ("abc", [["x"] * lw.DIM] * 2):
+        with pytest.raises(HashsearchError, match="query features"):
+            index.search(codes, bad, 5)
+    # bytes held in a wider integer type are the same codes
+    np.testing.assert_array_equal(index.search(wide, feats, 5).ids, index.search(codes, feats, 5).ids)
+    coll = index.collection
+    for bad in ([1.7], np.array([1.0]), ["1"], [True], [2**64], "abc"):
+        for read in (coll.features, coll.raw_features, coll.paths):
+            with pytest.raises(HashsearchError, match="rows must be integers"):
+                read(bad)
+        with pytest.raises(HashsearchError, match="ids must be integers"):
+            coll.rows_for_ids(bad)
+    np.testing.assert_array_equal(coll.features(np.array([1], np.uint16)), coll.features([1]))
+    assert coll.paths([]) == [] and coll.features([]).shape == (0, lw.DIM)

@@ -21,6 +21,7 @@ import io
 import itertools
 import json
 import os
+import reprlib
 from pathlib import Path
 
 import h5py
@@ -33,6 +34,7 @@ from .layout import MODEL_FILE, REJECTS
 from .manifest import file_sha256, inside, read_manifest
 
 _COLUMNS = {"codes": np.uint8, "ids": np.int64, "labels": np.int64}
+_INT64_MAX = np.iinfo(np.int64).max
 # HDF5 can keep a dataset's bytes in other files: external storage, virtual datasets, external links (and soft
 # links, which lead anywhere in the file).  Those files may be a FIFO, a device, or anything outside the
 # collection, read as its rows; so a shard's datasets must be hard-linked and store their data in the shard.
@@ -59,6 +61,18 @@ def _open_named(root: Path, name, what: str, generation: int) -> tuple[Path, int
         raise HashsearchError(f"{what} {name} of collection {root} is refused: {exc}") from None
     except OSError as exc:
         raise HashsearchError(f"cannot read {what} {name} of collection {root}: {exc.strerror}") from None
+
+
+def integers(values, what: str) -> np.ndarray:
+    """`values`, ids or rows, as int64 [n]; any integer type will do, but a float (1.7 would be row 1), text,
+    a bool or a number past 64 bits raises."""
+    try:
+        array = np.asarray(values)
+    except (OverflowError, ValueError, TypeError):
+        array = None
+    if array is None or (array.size and (array.dtype.kind not in "iu" or array.max() > _INT64_MAX)):
+        raise HashsearchError(f"{what} must be integers that fit in 64 bits, got {reprlib.repr(values)}")
+    return array.astype(np.int64).ravel()
 
 
 def decode_path(value) -> str:
@@ -305,10 +319,7 @@ class Collection:
     def rows_for_ids(self, ids, *, what: str = "id", live: bool = False) -> np.ndarray:
         """Collection rows of the given ids; an id not stored (or, with live=True, deleted) raises."""
         all_ids = self.ids()
-        try:
-            ids = np.asarray(ids, np.int64).ravel()
-        except (OverflowError, ValueError, TypeError):
-            raise HashsearchError(f"ids must be integers that fit in 64 bits, got {ids!r}") from None
+        ids = integers(ids, "ids")
         rows = np.minimum(np.searchsorted(all_ids, ids), max(self.n - 1, 0))
         missing = ids[all_ids[rows] != ids] if self.n else ids
         if len(missing):
@@ -333,7 +344,7 @@ class Collection:
 
     def raw_features(self, rows) -> np.ndarray:
         """Feature rows in their stored dtype, in the order asked."""
-        rows = np.asarray(rows, np.int64).ravel()
+        rows = integers(rows, "rows")
         out = np.empty((len(rows), self.feature_dim), self.feature_dtype)
         RowReader(self).read(rows, out)
         return out
@@ -342,7 +353,7 @@ class Collection:
         return self.raw_features(rows).astype(np.float32)
 
     def paths(self, rows) -> list[str]:
-        rows = np.asarray(rows, np.int64).ravel()
+        rows = integers(rows, "rows")
         out = [""] * len(rows)
         for s, where, local in self._split(rows):
             for w, path in zip(where, self.shards[s].paths(local)):
