@@ -1352,3 +1352,25 @@ def test_add_with_a_rejects_file_that_is_not_the_collections_own(collection, whe
                        memory=4 << 30)
     assert judge(out) == "refused" and "rejects.jsonl" in out.stderr, out
     assert manifest_bytes(root) == before and outside.read_bytes() == outside_before
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_checkpoint_with_non_finite_weights_is_refused(checkpoint, where, value):
+    import torch
+    from hashsearch import Encoder, HashsearchError
+    from hashsearch.encoders.checkpoint import read_weights
+    d = where()
+    payload = {k: v for k, v in checkpoint.items() if k != "name"}
+    payload["state_dict"] = dict(payload["state_dict"])
+    weight = payload["state_dict"]["latent.weight"].clone()
+    weight[0, 0] = value            # bit 0 of every code would be 0
+    payload["state_dict"]["latent.weight"] = weight
+    torch.save(payload, d / "model.pt")
+    with pytest.raises(HashsearchError, match="latent.weight holds NaN or infinite values"):
+        Encoder.from_checkpoint(d / "model.pt", device="cpu")
+    out = run_in_process(["encode", "synthetic:4", "--model", d / "model.pt", "--out", d / "c", "--workers", 0,
+                          "--device", "cpu", "--quiet"])
+    assert judge(out) == "refused" and "latent.weight" in out.stderr and not (d / "c").exists()
+    torch.save({"conv.weight": torch.full((2, 2), value)}, d / "backbone.pt")      # --weights of a backbone
+    with pytest.raises(HashsearchError, match="conv.weight holds NaN or infinite values"):
+        read_weights(d / "backbone.pt")
