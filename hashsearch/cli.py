@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -49,9 +50,16 @@ def main(ctx, debug):
     ctx.obj = {"debug": debug}
 
 
-def readable(path: str) -> str:
-    """A stored path for the terminal: bytes of a name that is not UTF-8 shown as \\xNN escapes."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+# C0 and C1 controls and Unicode's line breaks: a newline in a stored name would split a table's row in two,
+# and an escape sequence would drive the terminal.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def readable(text) -> str:
+    """A stored path or name for the terminal, on one line: the bytes of a name that is not UTF-8 and
+    control characters shown as escapes (\\xNN, \\n, \\u2028)."""
+    text = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), text)
 
 
 def _existing(path, what="path"):
@@ -208,11 +216,11 @@ def query(collection, images, ids, model_path, index_dir, as_json, ray, address,
         click.echo(json.dumps(report, indent=2))
         return
     for q in report["queries"]:
-        click.echo(f"query: {q['query']}")
+        click.echo(f"query: {readable(q['query'])}")
         click.echo(f"  {'rank':>4}  {'id':>8}  {'ham':>4}  {'distance':>10}  {'label':<12} path")
         for r in q["results"]:
             dist = "" if r["distance"] is None else f"{r['distance']:.4f}"
-            click.echo(f"  {r['rank']:>4}  {r['id']:>8}  {r['hamming']:>4}  {dist:>10}  {str(r['label']):<12} "
+            click.echo(f"  {r['rank']:>4}  {r['id']:>8}  {r['hamming']:>4}  {dist:>10}  {readable(r['label']):<12} "
                        f"{readable(r['path'])}")
 
 
@@ -242,9 +250,9 @@ def info(collection, as_json, verify):
     else:
         for key, value in report.items():
             if key != "problems":
-                click.echo(f"{key:>16}: {value}")
+                click.echo(f"{key:>16}: {readable(value)}")
         for problem in report.get("problems", []):
-            click.echo(f"{'problem':>16}: {problem}")
+            click.echo(f"{'problem':>16}: {readable(problem)}")
     if verify and report["problems"]:
         sys.exit(1)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -301,3 +302,24 @@ def test_library_misuse_raises_a_hashsearch_error(hashed):
             coll.rows_for_ids(bad)
     np.testing.assert_array_equal(coll.features(np.array([1], np.uint16)), coll.features([1]))
     assert coll.paths([]) == [] and coll.features([]).shape == (0, lw.DIM)
+
+
+def test_control_characters_in_stored_names_are_escaped_in_tables(tmp_path):
+    from hashsearch.shards import CollectionWriter
+    root, n = tmp_path / "c", 20
+    codes, feats, labels, paths = lw.item_rows(0, n)
+    paths[3], paths[4] = "item-3\n   99  forged row", "item-4\x1b[2J"
+    meta = {"source": "x", "source_spec": "list\n          forged: line", "class_names": [f"c{i}\r" for i in range(16)]}
+    with CollectionWriter(root, bits=lw.BITS, feature_dim=lw.DIM, shard_size=lw.SHARD, meta=meta) as w:
+        w.add(codes, feats, np.arange(n), labels, paths, source_end=n)
+        w.finish(n)
+    Index.build(root, "flat").close()
+    table = cli("query", root, "--id", 3, "-k", n, "--mode", "bcs").stdout
+    assert len(table.splitlines()) == 2 + n, table             # the query, the header, a row a result
+    assert "item-3\\n   99  forged row" in table and "item-4\\x1b[2J" in table and "c3\\r" in table
+    assert not any(c in table for c in "\r\x1b")
+    info = cli("info", root).stdout
+    assert all(re.fullmatch(r" *[a-z_]+: .*", line) for line in info.splitlines()), info
+    assert "list\\n          forged: line" in info
+    report = json.loads(cli("query", root, "--id", 3, "-k", n, "--mode", "bcs", "--json").stdout)
+    assert {r["path"] for r in report["queries"][0]["results"]} >= {paths[3], paths[4]}     # JSON keeps them whole
