@@ -132,10 +132,10 @@ def train(source, out, **options):
 @click.option("--out", required=True, help="Collection directory to write (or resume).")
 @click_options(EncodeConfig)
 @click_options(RayEncodeConfig)
-def encode(source, model_path, out, ray, address, actors, gpus_per_actor, actor_workers, **options):
+def encode(source, model_path, out, ray, address, start_timeout, actors, gpus_per_actor, actor_workers, **options):
     """Encode SOURCE into a collection of codes and F7 features (with --ray, on Ray actors)."""
-    distributed = RayEncodeConfig(ray=ray, address=address, actors=actors, gpus_per_actor=gpus_per_actor,
-                                  actor_workers=actor_workers)
+    distributed = RayEncodeConfig(ray=ray, address=address, start_timeout=start_timeout, actors=actors,
+                                  gpus_per_actor=gpus_per_actor, actor_workers=actor_workers)
     _existing(model_path, "model")
     if distributed.ray:
         from .distributed.encode import encode_on_ray
@@ -207,11 +207,13 @@ def build_index(collection, coarse, out, wait, **params):
 @click.option("--index", "index_dir", help="Index directory [the collection's own].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click_options(RaySearchConfig)
-def query(collection, images, ids, model_path, index_dir, as_json, ray, address, partitions, **search):
+def query(collection, images, ids, model_path, index_dir, as_json, ray, address, start_timeout, partitions,
+          **search):
     """Find the k nearest items of COLLECTION to each query (with --ray, over partitions on Ray actors)."""
     from .retrieval import run_query
+    distributed = RaySearchConfig(ray=ray, address=address, start_timeout=start_timeout, partitions=partitions)
     report = run_query(collection, images=images, ids=_parse_ids(ids), model_path=model_path, index_dir=index_dir,
-                       ray=RaySearchConfig(ray=ray, address=address, partitions=partitions), **search)
+                       ray=distributed, **search)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -229,11 +231,11 @@ def query(collection, images, ids, model_path, index_dir, as_json, ray, address,
 @click.argument("collection")
 @click_options(ServeConfig)
 @click_options(RaySearchConfig)
-def serve(collection, ray, address, partitions, **options):
+def serve(collection, ray, address, start_timeout, partitions, **options):
     """Serve COLLECTION over HTTP: a JSON API (docs at /docs) and a search page at /; --ray searches on Ray."""
     from .serve.server import run_server
     run_server(collection, ServeConfig(**options), log=click.echo,
-               ray=RaySearchConfig(ray=ray, address=address, partitions=partitions))
+               ray=RaySearchConfig(ray=ray, address=address, start_timeout=start_timeout, partitions=partitions))
 
 
 # -- info -----------------------------------------------------------------------------

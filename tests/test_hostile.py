@@ -323,3 +323,57 @@ def test_control_characters_in_stored_names_are_escaped_in_tables(tmp_path):
     assert "list\\n          forged: line" in info
     report = json.loads(cli("query", root, "--id", 3, "-k", n, "--mode", "bcs", "--json").stdout)
     assert {r["path"] for r in report["queries"][0]["results"]} >= {paths[3], paths[4]}     # JSON keeps them whole
+
+
+class _NeverStartingRay:
+    """A connected Ray whose actors never start, as when its worker processes cannot (plasma's mmap failing
+    under `ulimit -v`): a wait returns nothing ready, and an unbounded get would never return."""
+
+    class exceptions:
+        class RayError(Exception):
+            pass
+        RayTaskError = RayActorError = ActorUnavailableError = RayError
+
+    def __init__(self):
+        self.waits = []
+
+    def is_initialized(self):
+        return True
+
+    def cluster_resources(self):
+        return {"CPU": 2.0}
+
+    def remote(self, *args, **kw):      # ray.remote(cls), actor_class.remote(...), actor.method.remote(...)
+        return self
+
+    def options(self, **kw):
+        return self
+
+    def __getattr__(self, name):        # actor methods, and their .remote()
+        return self
+
+    def wait(self, refs, *, num_returns, timeout):
+        self.waits.append(timeout)      # what Ray's wait returns once the timeout has passed
+        return [], list(refs)
+
+    def get(self, refs, timeout=None):
+        raise AssertionError("an actor that never starts was waited on without a bound")
+
+    def kill(self, actor, no_restart=True):
+        pass
+
+
+def test_ray_actors_that_never_start_are_one_error_in_bounded_time(hashed, model, tmp_path, monkeypatch):
+    from hashsearch.config import RayConfig
+    from hashsearch.distributed import cluster, encode, search
+    ray = _NeverStartingRay()
+    for module in (cluster, encode, search):
+        monkeypatch.setattr(module, "import_ray", lambda **kw: ray)
+    r = cli("query", hashed, "--id", 3, "--ray", ok=False)
+    assert "2 of 2 partition actors did not start within 120 s" in r.stderr
+    r = cli("query", hashed, "--id", 3, "--ray", "--start-timeout", 0.2, ok=False)
+    assert "2 of 2 partition actors did not start within 0.2 s" in r.stderr
+    r = cli("encode", "synthetic:4", "--model", model, "--out", tmp_path / "c", "--ray", "--start-timeout", 0.2,
+            "--device", "cpu", "--quiet", ok=False)
+    assert "2 of 2 encoder actors did not start within 0.2 s" in r.stderr and not (tmp_path / "c").exists()
+    assert ray.waits == [RayConfig.start_timeout, 0.2, 0.2] and RayConfig.start_timeout == 120
