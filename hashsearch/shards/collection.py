@@ -440,9 +440,7 @@ def reject_lines(root: Path) -> list[str]:
         data = read_regular(path, MAX_REJECTS_BYTES, follow=False)
     except FileNotFoundError:
         return []
-    except NotRegularFile as exc:
-        raise HashsearchError(f"{REJECTS} of collection {root} is refused: {exc}") from None
-    except ValueError as exc:
+    except (NotRegularFile, ValueError) as exc:         # ValueError: larger than MAX_REJECTS_BYTES
         raise HashsearchError(f"{REJECTS} of collection {root} is refused: {exc}") from None
     except OSError as exc:
         raise HashsearchError(f"cannot read {REJECTS} of collection {root}: {exc.strerror or exc}") from None
