@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -49,9 +50,16 @@ def main(ctx, debug):
     ctx.obj = {"debug": debug}
 
 
-def readable(path: str) -> str:
-    """A stored path for the terminal: bytes of a name that is not UTF-8 shown as \\xNN escapes."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+# C0 and C1 controls and Unicode's line breaks: a newline in a stored name would split a table's row in two,
+# and an escape sequence would drive the terminal.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def readable(text) -> str:
+    """A stored path or name for the terminal, on one line: the bytes of a name that is not UTF-8 and
+    control characters shown as escapes (\\xNN, \\n, \\u2028)."""
+    text = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), text)
 
 
 def _existing(path, what="path"):
@@ -124,10 +132,10 @@ def train(source, out, **options):
 @click.option("--out", required=True, help="Collection directory to write (or resume).")
 @click_options(EncodeConfig)
 @click_options(RayEncodeConfig)
-def encode(source, model_path, out, ray, address, actors, gpus_per_actor, actor_workers, **options):
+def encode(source, model_path, out, ray, address, start_timeout, actors, gpus_per_actor, actor_workers, **options):
     """Encode SOURCE into a collection of codes and F7 features (with --ray, on Ray actors)."""
-    distributed = RayEncodeConfig(ray=ray, address=address, actors=actors, gpus_per_actor=gpus_per_actor,
-                                  actor_workers=actor_workers)
+    distributed = RayEncodeConfig(ray=ray, address=address, start_timeout=start_timeout, actors=actors,
+                                  gpus_per_actor=gpus_per_actor, actor_workers=actor_workers)
     _existing(model_path, "model")
     if distributed.ray:
         from .distributed.encode import encode_on_ray
@@ -142,7 +150,8 @@ def encode(source, model_path, out, ray, address, actors, gpus_per_actor, actor_
 @click.argument("source")
 @click_options(EncodeConfig, skip=ADD_SKIPS)
 def add(collection, source, **options):
-    """Encode the new images of SOURCE with COLLECTION's model and add them (paths already present are skipped)."""
+    """Encode the new images of SOURCE with COLLECTION's model and add them (paths already present, or repeated
+    in SOURCE, are skipped)."""
     from .encoders.runner import add_to_collection
     add_to_collection(collection, source, log=click.echo, **options)
 
@@ -198,20 +207,22 @@ def build_index(collection, coarse, out, wait, **params):
 @click.option("--index", "index_dir", help="Index directory [the collection's own].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click_options(RaySearchConfig)
-def query(collection, images, ids, model_path, index_dir, as_json, ray, address, partitions, **search):
+def query(collection, images, ids, model_path, index_dir, as_json, ray, address, start_timeout, partitions,
+          **search):
     """Find the k nearest items of COLLECTION to each query (with --ray, over partitions on Ray actors)."""
     from .retrieval import run_query
+    distributed = RaySearchConfig(ray=ray, address=address, start_timeout=start_timeout, partitions=partitions)
     report = run_query(collection, images=images, ids=_parse_ids(ids), model_path=model_path, index_dir=index_dir,
-                       ray=RaySearchConfig(ray=ray, address=address, partitions=partitions), **search)
+                       ray=distributed, **search)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     for q in report["queries"]:
-        click.echo(f"query: {q['query']}")
+        click.echo(f"query: {readable(q['query'])}")
         click.echo(f"  {'rank':>4}  {'id':>8}  {'ham':>4}  {'distance':>10}  {'label':<12} path")
         for r in q["results"]:
             dist = "" if r["distance"] is None else f"{r['distance']:.4f}"
-            click.echo(f"  {r['rank']:>4}  {r['id']:>8}  {r['hamming']:>4}  {dist:>10}  {str(r['label']):<12} "
+            click.echo(f"  {r['rank']:>4}  {r['id']:>8}  {r['hamming']:>4}  {dist:>10}  {readable(r['label']):<12} "
                        f"{readable(r['path'])}")
 
 
@@ -220,11 +231,11 @@ def query(collection, images, ids, model_path, index_dir, as_json, ray, address,
 @click.argument("collection")
 @click_options(ServeConfig)
 @click_options(RaySearchConfig)
-def serve(collection, ray, address, partitions, **options):
+def serve(collection, ray, address, start_timeout, partitions, **options):
     """Serve COLLECTION over HTTP: a JSON API (docs at /docs) and a search page at /; --ray searches on Ray."""
     from .serve.server import run_server
     run_server(collection, ServeConfig(**options), log=click.echo,
-               ray=RaySearchConfig(ray=ray, address=address, partitions=partitions))
+               ray=RaySearchConfig(ray=ray, address=address, start_timeout=start_timeout, partitions=partitions))
 
 
 # -- info -----------------------------------------------------------------------------
@@ -241,9 +252,9 @@ def info(collection, as_json, verify):
     else:
         for key, value in report.items():
             if key != "problems":
-                click.echo(f"{key:>16}: {value}")
+                click.echo(f"{key:>16}: {readable(value)}")
         for problem in report.get("problems", []):
-            click.echo(f"{'problem':>16}: {problem}")
+            click.echo(f"{'problem':>16}: {readable(problem)}")
     if verify and report["problems"]:
         sys.exit(1)
 

@@ -202,11 +202,18 @@ class RayConfig(Options):
     # A cluster started here listens on 127.0.0.1 only; reaching other machines is the user's explicit choice.
     address: str | None = option(None, "Ray cluster to join: auto, or HOST:PORT of its head [start one on this "
                                        "machine, on 127.0.0.1 only].")
+    # Ray waits without end, and without a word, for actors whose worker processes cannot start (plasma's mmap
+    # failing under a memory limit, say).  An actor starts in seconds, an encoder's with its model loaded: one
+    # that has not in two minutes is not coming, or the cluster's CPUs are held by other work.
+    start_timeout: float = option(120.0, "Seconds the Ray actors may take to start before the run stops and says "
+                                         "why.", check=in_range(0.1, 86_400))
 
     def __post_init__(self):
         super().__post_init__()
         if self.address is not None and not self.ray:
             raise HashsearchError("--address is for --ray runs; add --ray")
+        if self.start_timeout != RayConfig.start_timeout and not self.ray:
+            raise HashsearchError("--start-timeout is for --ray runs; add --ray")
 
 
 @dataclass

@@ -5,6 +5,7 @@ encoders.images) and must start fast.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -98,14 +99,26 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def open_regular(path: str | os.PathLike) -> int:
-    """A read-only descriptor of `path`, which must be a regular file (symlinks are followed).
+def open_regular(path: str | os.PathLike, *, append: bool = False, follow: bool = True) -> int:
+    """A descriptor of `path`, which must be a regular file: read-only, or with `append` for appending (the
+    file is created if missing).  follow=False refuses a symlink too: a collection's own files, where one would
+    lead reads or writes outside the collection.
 
     O_NONBLOCK makes opening a FIFO return at once instead of waiting for a
-    writer, and fstat on the open descriptor checks the very file that will be
-    read, so a FIFO or a device is refused before a single byte is read.
+    writer (or, to append, fail at once without a reader), and fstat on the open
+    descriptor checks the very file that will be used, so a FIFO or a device is
+    refused before a single byte is read or written.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT) if append else os.O_RDONLY
+    flags |= os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow:
+            raise NotRegularFile(f"{path} is a symbolic link") from None
+        if exc.errno == errno.ENXIO:            # a FIFO opened to write, with no reader
+            raise NotRegularFile(f"{path} is a FIFO") from None
+        raise
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -117,9 +130,9 @@ def open_regular(path: str | os.PathLike) -> int:
     return fd
 
 
-def read_regular(path: str | os.PathLike, max_bytes: int) -> bytes:
+def read_regular(path: str | os.PathLike, max_bytes: int, *, follow: bool = True) -> bytes:
     """The bytes of the regular file `path`; more than `max_bytes` raises ValueError without reading them all."""
-    fd = open_regular(path)
+    fd = open_regular(path, follow=follow)
     with os.fdopen(fd, "rb") as f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:

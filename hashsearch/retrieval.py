@@ -41,7 +41,7 @@ def search_index(collection, index_dir=None, ray: RaySearchConfig | None = None)
     if index_dir is not None:
         raise HashsearchError("--index cannot be combined with --ray: partitions take the collection's own index settings")
     from .distributed import ShardedIndex, ray_cluster
-    with ray_cluster(ray.address), ShardedIndex(collection, ray.partitions) as index:
+    with ray_cluster(ray.address), ShardedIndex(collection, ray.partitions, start_timeout=ray.start_timeout) as index:
         yield index
 
 

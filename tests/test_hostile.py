@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -197,3 +198,182 @@ def test_outputs_are_checked_before_the_work(tmp_path, collection):
     r = cli("bench", "--exhaustive", "--n", 100, "--dim", 8, "--json", tmp_path / "adir", ok=False)
     assert "is a directory" in r.stderr
     assert not list(tmp_path.glob("**/.*.tmp"))
+
+
+# -- issue 29: a damaged manifest never turns a writer against live data --------------------------------
+def _files(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _edit_manifest(root: Path, **changes) -> None:
+    m = json.loads((root / "manifest.json").read_text())
+    m.update(changes)
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+def test_a_lowered_next_shard_never_overwrites_a_live_shard(tmp_path):
+    from hashsearch.engine.compact import compact
+    from hashsearch.shards import delete_items
+    root = tmp_path / "c"
+    lw.create(root, 400)
+    delete_items(root, ids=[7, 250])
+    compact(root, 0.0)                  # both shards rewritten: shards 2 and 3 live, 0 and 1 retired
+    assert [s["file"] for s in json.loads((root / "manifest.json").read_text())["shards"]] == \
+        ["shards/shard-00002.h5", "shards/shard-00003.h5"]
+    _edit_manifest(root, next_shard=3)
+    before = _files(root)
+    with pytest.raises(HashsearchError, match="next_shard is 3, but it names shard number 3"):
+        lw.append(root, 400, 10)
+    assert _files(root) == before
+
+
+def test_a_lowered_generation_never_rewrites_a_live_tombstone_file(tmp_path):
+    from hashsearch.shards import delete_items
+    root = tmp_path / "c"
+    lw.create(root, 400)
+    delete_items(root, ids=[7])
+    tombstones = json.loads((root / "manifest.json").read_text())["tombstones"]["file"]
+    named = int(tombstones.rsplit("-", 1)[1].split(".")[0])       # tombstones/deleted-GGGGGG.npy
+    _edit_manifest(root, generation=named - 1)          # the next delete would write a file of that name
+    before = _files(root)
+    with pytest.raises(HashsearchError, match="but it names a file of generation"):
+        delete_items(root, ids=[3])
+    assert _files(root) == before
+
+
+@pytest.mark.parametrize("where", ["other/index", "other/shards/deeper", "other", "own/elsewhere"])
+def test_build_index_out_inside_a_collection_is_refused(tmp_path, where):
+    from hashsearch.shards import Collection
+    for name in ("own", "other"):
+        lw.create(tmp_path / name, 300)
+        Index.build(tmp_path / name, "flat").close()
+    before = {name: _files(tmp_path / name) for name in ("own", "other")}
+    r = cli("build-index", tmp_path / "own", "--out", tmp_path / where, ok=False)
+    assert "inside collection" in r.stderr
+    assert {name: _files(tmp_path / name) for name in ("own", "other")} == before
+    with Collection.open(tmp_path / "other") as coll:
+        assert coll.verify() == []
+    with Index.open(tmp_path / "other") as index:
+        codes, _, _, _ = lw.item_rows(5, 1)
+        assert index.search(codes, None, 1, mode="bcs").ids[0, 0] == 5
+
+
+def test_build_index_out_beside_collections_is_written(tmp_path):
+    lw.create(tmp_path / "c", 300)
+    cli("build-index", tmp_path / "c", "--out", tmp_path / "indexes" / "c")
+    assert (tmp_path / "indexes" / "c" / "index.json").is_file()
+
+
+def test_an_image_listed_twice_is_added_once(collection_copy, tmp_path):
+    from hashsearch.encoders.runner import add_to_collection
+    from hashsearch.shards import Collection, delete_items
+    from conftest import save_image
+    a, b = save_image(tmp_path / "a.png", seed=7), save_image(tmp_path / "b.png", seed=8)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{a}\n{b}\n./a.png\n{a}\n")         # ./a.png is a too, once made absolute
+    report = add_to_collection(collection_copy, str(listing), workers=0, device="cpu", quiet=True)
+    assert (report["added"], report["skipped"]) == (2, 2)
+    with Collection.open(collection_copy) as coll:
+        paths = coll.paths(coll.live_rows())
+        assert paths.count(str(a)) == 1 and paths.count(str(b)) == 1 and coll.items == COLL_N + 2
+    delete_items(collection_copy, paths=[str(a)])
+    with Collection.open(collection_copy) as coll:
+        assert str(a) not in coll.live_paths() and coll.items == COLL_N + 1
+
+
+def test_library_misuse_raises_a_hashsearch_error(hashed):
+    index = Index.open(hashed)
+    codes, feats, _, _ = lw.item_rows(0, 2)
+    wide = codes.astype(np.int64)
+    for bad in ("abc", wide + 256, wide - 256, codes + 0.5, codes.astype(np.float32), [[1, 2], [3]], [[2**70] * 4]):
+        with pytest.raises(HashsearchError, match="query codes"):
+            index.search(bad, feats, 5)
+    for bad in ("abc", [["x"] * lw.DIM] * 2):
+        with pytest.raises(HashsearchError, match="query features"):
+            index.search(codes, bad, 5)
+    # bytes held in a wider integer type are the same codes
+    np.testing.assert_array_equal(index.search(wide, feats, 5).ids, index.search(codes, feats, 5).ids)
+    coll = index.collection
+    for bad in ([1.7], np.array([1.0]), ["1"], [True], [2**64], "abc"):
+        for read in (coll.features, coll.raw_features, coll.paths):
+            with pytest.raises(HashsearchError, match="rows must be integers"):
+                read(bad)
+        with pytest.raises(HashsearchError, match="ids must be integers"):
+            coll.rows_for_ids(bad)
+    np.testing.assert_array_equal(coll.features(np.array([1], np.uint16)), coll.features([1]))
+    assert coll.paths([]) == [] and coll.features([]).shape == (0, lw.DIM)
+
+
+def test_control_characters_in_stored_names_are_escaped_in_tables(tmp_path):
+    from hashsearch.shards import CollectionWriter
+    root, n = tmp_path / "c", 20
+    codes, feats, labels, paths = lw.item_rows(0, n)
+    paths[3], paths[4] = "item-3\n   99  forged row", "item-4\x1b[2J"
+    meta = {"source": "x", "source_spec": "list\n          forged: line", "class_names": [f"c{i}\r" for i in range(16)]}
+    with CollectionWriter(root, bits=lw.BITS, feature_dim=lw.DIM, shard_size=lw.SHARD, meta=meta) as w:
+        w.add(codes, feats, np.arange(n), labels, paths, source_end=n)
+        w.finish(n)
+    Index.build(root, "flat").close()
+    table = cli("query", root, "--id", 3, "-k", n, "--mode", "bcs").stdout
+    assert len(table.splitlines()) == 2 + n, table             # the query, the header, a row a result
+    assert "item-3\\n   99  forged row" in table and "item-4\\x1b[2J" in table and "c3\\r" in table
+    assert not any(c in table for c in "\r\x1b")
+    info = cli("info", root).stdout
+    assert all(re.fullmatch(r" *[a-z_]+: .*", line) for line in info.splitlines()), info
+    assert "list\\n          forged: line" in info
+    report = json.loads(cli("query", root, "--id", 3, "-k", n, "--mode", "bcs", "--json").stdout)
+    assert {r["path"] for r in report["queries"][0]["results"]} >= {paths[3], paths[4]}     # JSON keeps them whole
+
+
+class _NeverStartingRay:
+    """A connected Ray whose actors never start, as when its worker processes cannot (plasma's mmap failing
+    under `ulimit -v`): a wait returns nothing ready, and an unbounded get would never return."""
+
+    class exceptions:
+        class RayError(Exception):
+            pass
+        RayTaskError = RayActorError = ActorUnavailableError = RayError
+
+    def __init__(self):
+        self.waits = []
+
+    def is_initialized(self):
+        return True
+
+    def cluster_resources(self):
+        return {"CPU": 2.0}
+
+    def remote(self, *args, **kw):      # ray.remote(cls), actor_class.remote(...), actor.method.remote(...)
+        return self
+
+    def options(self, **kw):
+        return self
+
+    def __getattr__(self, name):        # actor methods, and their .remote()
+        return self
+
+    def wait(self, refs, *, num_returns, timeout):
+        self.waits.append(timeout)      # what Ray's wait returns once the timeout has passed
+        return [], list(refs)
+
+    def get(self, refs, timeout=None):
+        raise AssertionError("an actor that never starts was waited on without a bound")
+
+    def kill(self, actor, no_restart=True):
+        pass
+
+
+def test_ray_actors_that_never_start_are_one_error_in_bounded_time(hashed, model, tmp_path, monkeypatch):
+    from hashsearch.config import RayConfig
+    from hashsearch.distributed import cluster, encode, search
+    ray = _NeverStartingRay()
+    for module in (cluster, encode, search):
+        monkeypatch.setattr(module, "import_ray", lambda **kw: ray)
+    r = cli("query", hashed, "--id", 3, "--ray", ok=False)
+    assert "2 of 2 partition actors did not start within 120 s" in r.stderr
+    r = cli("query", hashed, "--id", 3, "--ray", "--start-timeout", 0.2, ok=False)
+    assert "2 of 2 partition actors did not start within 0.2 s" in r.stderr
+    r = cli("encode", "synthetic:4", "--model", model, "--out", tmp_path / "c", "--ray", "--start-timeout", 0.2,
+            "--device", "cpu", "--quiet", ok=False)
+    assert "2 of 2 encoder actors did not start within 0.2 s" in r.stderr and not (tmp_path / "c").exists()
+    assert ray.waits == [RayConfig.start_timeout, 0.2, 0.2] and RayConfig.start_timeout == 120

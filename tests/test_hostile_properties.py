@@ -19,7 +19,8 @@ a timeout; the others run in-process (click's CliRunner) under an alarm.
 that atomically replaces its output replaces the link, never the device.
 
 The defects these properties found are section 4, one plain test each (they
-were xfail(strict=True) until fixed).  Run with --hypothesis-show-statistics
+were xfail(strict=True) until fixed).  Section 5 draws shards whose HDF5
+datasets keep their bytes elsewhere (issue 29).  Run with --hypothesis-show-statistics
 to see how often each outcome came up.
 """
 from __future__ import annotations
@@ -1232,3 +1233,144 @@ def test_huge_worker_count_is_refused(collection, model, where, command):
     assert not isinstance(r.exception, TooManyWorkers), r.exception
     out = Outcome([str(a) for a in argv], r.exit_code, r.stdout, r.stderr, None)
     assert judge(out) in ("ok", "refused")
+
+
+# -- 5. shards whose datasets keep their bytes elsewhere (issue 29) --------------------------------------
+# HDF5 can store a dataset's bytes in other files (external storage, virtual datasets) or link a name to a
+# dataset of another file (external links) or to anywhere in the file (soft links).  The bytes elsewhere are
+# the right ones, or an endless device, or a FIFO: any such shard is refused before a byte is read.
+STORAGE_LAYOUTS = ("external", "external-zero", "external-fifo", "virtual")     # fixed-size data only
+LINK_LAYOUTS = ("external-link", "external-link-fifo", "soft-link")
+BLOCKING_LAYOUTS = {"external-fifo", "external-link-fifo"}
+SHARD_DATASETS = ("codes", "features", "ids", "labels", "paths")
+
+
+@st.composite
+def shard_layouts(draw):
+    layout = draw(st.sampled_from(STORAGE_LAYOUTS + LINK_LAYOUTS), label="layout")
+    names = SHARD_DATASETS if layout in LINK_LAYOUTS else SHARD_DATASETS[:4]
+    return draw(st.integers(0, 1), label="shard"), draw(st.sampled_from(names), label="dataset"), layout
+
+
+def _stored_elsewhere(f, name: str, values: np.ndarray, layout: str, outside: Path) -> None:
+    """Dataset `name` of the open HDF5 file `f`, holding `values` (or, for a device, its bytes), as `layout`."""
+    import h5py
+    if layout in ("external", "external-zero", "external-fifo"):
+        target = outside / f"{name}.bin"
+        if layout == "external":
+            target.write_bytes(values.tobytes())
+        elif layout == "external-zero":
+            target.symlink_to("/dev/zero")
+        else:
+            os.mkfifo(target)
+        f.create_dataset(name, values.shape, values.dtype, external=[(str(target), 0, values.nbytes)])
+    elif layout == "virtual":
+        source = outside / f"{name}.h5"
+        with h5py.File(source, "w") as src:
+            src[name] = values
+        space = h5py.VirtualLayout(values.shape, values.dtype)
+        space[...] = h5py.VirtualSource(str(source), name, values.shape)
+        f.create_virtual_dataset(name, space)
+    elif layout == "soft-link":
+        f.create_dataset(f"hidden/{name}", data=values)
+        f[name] = h5py.SoftLink(f"/hidden/{name}")
+    else:
+        target = outside / f"{name}.h5"
+        if layout == "external-link":
+            with h5py.File(target, "w") as src:
+                src.create_dataset(name, data=values)
+        else:
+            os.mkfifo(target)
+        f[name] = h5py.ExternalLink(str(target), name)
+
+
+def keep_elsewhere(root: Path, shard: int, name: str, layout: str, outside: Path) -> None:
+    """Rewrite shard `shard` of the collection at `root` with dataset `name` stored as `layout`, and its
+    checksum in the manifest to match: what a collection made by someone else could hold."""
+    import h5py
+    from hashsearch.shards.manifest import file_sha256
+    m = json.loads((root / "manifest.json").read_text())
+    path = root / m["shards"][shard]["file"]
+    new = path.with_name("rewritten.h5")
+    with h5py.File(path, "r") as src, h5py.File(new, "w") as dst:
+        for other in SHARD_DATASETS:
+            if other != name:
+                src.copy(other, dst)
+        values = src[name][...]
+        if name == "paths":
+            values = values.astype(h5py.string_dtype("utf-8"))
+        _stored_elsewhere(dst, name, values, layout, outside)
+    os.replace(new, path)
+    m["shards"][shard]["sha256"] = file_sha256(path)
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+@settings(PROPERTY_SETTINGS, max_examples=20)
+@given(drawn=shard_layouts())
+@example(drawn=(0, "features", "external"))
+@example(drawn=(1, "codes", "external-zero"))
+@example(drawn=(0, "features", "external-fifo"))
+@example(drawn=(0, "ids", "virtual"))
+@example(drawn=(1, "paths", "external-link"))
+@example(drawn=(0, "codes", "external-link-fifo"))
+@example(drawn=(0, "labels", "soft-link"))
+def test_shard_datasets_stored_elsewhere_are_refused(light, where, drawn):
+    shard, name, layout = drawn
+    d = where()
+    root = copy_of(light, d)
+    outside = d / "outside"
+    outside.mkdir()
+    keep_elsewhere(root, shard, name, layout, outside)
+    before = manifest_bytes(root)
+    blocking = layout in BLOCKING_LAYOUTS
+    # A FIFO is run once, in a child: each child costs seconds, and one hang is enough to see.
+    commands = [["info", root, "--verify", "--json"]] if blocking else \
+        [["info", root, "--verify", "--json"], ["query", root, "--id", 0, "--json"], ["delete", root, "--id", 3]]
+    for argv in commands:
+        out = run(argv, blocking)
+        assert judge(out) == "refused", f"{layout} {name} in shard {shard} was not refused\n{out}"
+        assert "refused" in out.stderr, out
+    assert manifest_bytes(root) == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "zero"])
+def test_add_with_a_rejects_file_that_is_not_the_collections_own(collection, where, kind):
+    d = where()
+    root = copy_of(collection, d)
+    outside = d / "outside.jsonl"
+    outside.write_text('{"index": 0, "path": "elsewhere", "reason": "kept"}\n')
+    rejects = root / "rejects.jsonl"
+    if kind == "fifo":
+        os.mkfifo(rejects)
+    else:
+        rejects.symlink_to(outside if kind == "symlink" else "/dev/zero")
+    images = d / "images"                # one image add takes, and one it rejects, which it would record
+    save_image(images / "good.png", seed=3)
+    (images / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    before, outside_before = manifest_bytes(root), outside.read_bytes()
+    out = run_in_child(["add", root, images, "--workers", 0, "--device", "cpu", "--quiet"], timeout=30,
+                       memory=4 << 30)
+    assert judge(out) == "refused" and "rejects.jsonl" in out.stderr, out
+    assert manifest_bytes(root) == before and outside.read_bytes() == outside_before
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_checkpoint_with_non_finite_weights_is_refused(checkpoint, where, value):
+    import torch
+    from hashsearch import Encoder, HashsearchError
+    from hashsearch.encoders.checkpoint import read_weights
+    d = where()
+    payload = {k: v for k, v in checkpoint.items() if k != "name"}
+    payload["state_dict"] = dict(payload["state_dict"])
+    weight = payload["state_dict"]["latent.weight"].clone()
+    weight[0, 0] = value            # bit 0 of every code would be 0
+    payload["state_dict"]["latent.weight"] = weight
+    torch.save(payload, d / "model.pt")
+    with pytest.raises(HashsearchError, match="latent.weight holds NaN or infinite values"):
+        Encoder.from_checkpoint(d / "model.pt", device="cpu")
+    out = run_in_process(["encode", "synthetic:4", "--model", d / "model.pt", "--out", d / "c", "--workers", 0,
+                          "--device", "cpu", "--quiet"])
+    assert judge(out) == "refused" and "latent.weight" in out.stderr and not (d / "c").exists()
+    torch.save({"conv.weight": torch.full((2, 2), value)}, d / "backbone.pt")      # --weights of a backbone
+    with pytest.raises(HashsearchError, match="conv.weight holds NaN or infinite values"):
+        read_weights(d / "backbone.pt")

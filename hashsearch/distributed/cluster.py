@@ -106,6 +106,16 @@ def task_error(exc) -> HashsearchError | None:
     return cause if isinstance(cause, HashsearchError) else None
 
 
+def wait_started(ray, actors: list, timeout: float, what: str) -> None:
+    """Return once every actor has started (its __init__ done or failed), or raise after `timeout` seconds
+    saying why none came: Ray itself keeps retrying a worker process that cannot start, for ever."""
+    _, waiting = ray.wait([a.__ray_ready__.remote() for a in actors], num_returns=len(actors), timeout=timeout)
+    if waiting:
+        raise HashsearchError(f"{len(waiting)} of {len(actors)} {what} actors did not start within {timeout:g} s: Ray "
+                              "cannot start their worker processes (short of memory? see raylet.err in Ray's "
+                              "session logs), or other work holds the cluster's CPUs; --start-timeout waits longer")
+
+
 def check_resources(ray, cpus: float, gpus: float, actors: int) -> None:
     """Actors the cluster cannot place would wait for ever: say so now instead."""
     have = ray.cluster_resources()

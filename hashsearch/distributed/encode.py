@@ -32,7 +32,7 @@ from ..encoders.encoder import Encoder
 from ..encoders.runner import describe_encoder, encode_collection, encoded_batches
 from ..encoders.sources import open_source
 from ..errors import HashsearchError
-from .cluster import MAX_RESTARTS, check_resources, cluster_cpus, import_ray, ray_cluster, task_error
+from .cluster import MAX_RESTARTS, check_resources, cluster_cpus, import_ray, ray_cluster, task_error, wait_started
 
 # Batches a chunk: enough to amortise starting the actor's loader workers, few enough that
 # every actor gets chunks on a small SOURCE.
@@ -62,11 +62,14 @@ class RayMapper:
     """encode's mapper on Ray: `actors` EncoderWorker actors with `gpus_per_actor` GPUs each."""
 
     def __init__(self, model_path, source_spec: str, cfg: EncodeConfig, *, actors: int, gpus_per_actor: float = 0,
-                 actor_workers: int = RayEncodeConfig.actor_workers):
+                 actor_workers: int = RayEncodeConfig.actor_workers,
+                 start_timeout: float = RayEncodeConfig.start_timeout):
         ray = self._ray = import_ray()
         if not ray.is_initialized():
             raise HashsearchError("RayMapper needs a Ray connection: open one with hashsearch.distributed.ray_cluster")
-        RayEncodeConfig(ray=True, actors=actors, gpus_per_actor=gpus_per_actor, actor_workers=actor_workers)
+        RayEncodeConfig(ray=True, actors=actors, gpus_per_actor=gpus_per_actor, actor_workers=actor_workers,
+                        start_timeout=start_timeout)
+        self.start_timeout = start_timeout
         read_checkpoint(model_path)     # a bad checkpoint is its own error here, not an actor that dies loading it
         self.cfg = cfg
         # Fractional CPUs, so that the actors fit on a cluster of fewer CPUs (whole ones would wait forever).
@@ -85,6 +88,7 @@ class RayMapper:
     def describe(self) -> dict:
         """The model, as every actor loaded it; each must see the same SOURCE."""
         if self._described is None:
+            wait_started(self._ray, self.actors, self.start_timeout, "encoder")
             described = [self._get(a.describe.remote(), "loading the model") for a in self.actors]
             if any(d != described[0] for d in described):
                 raise HashsearchError(f"the encoder actors see different models or SOURCEs at {self.source_spec} "
@@ -146,7 +150,7 @@ def encode_on_ray(model_path, source_spec: str, out, *, log=print, ray: RayEncod
     cfg = EncodeConfig(**options)
     with ray_cluster(ray.address):
         mapper = RayMapper(model_path, source_spec, cfg, actors=ray.actors, gpus_per_actor=ray.gpus_per_actor,
-                           actor_workers=ray.actor_workers)
+                           actor_workers=ray.actor_workers, start_timeout=ray.start_timeout)
         try:
             return encode_collection(model_path, source_spec, out, log=log, mapper=mapper, **options)
         finally:

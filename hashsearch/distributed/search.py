@@ -34,7 +34,7 @@ from ..engine.index import (Index, SearchResult, SearchTarget, check_query, chec
                             merge_partitions, neighbour_pool, search_params)
 from ..errors import HashsearchError
 from ..shards import Collection, GenerationGone, read_manifest
-from .cluster import MAX_RESTARTS, check_resources, cluster_cpus, import_ray, task_error
+from .cluster import MAX_RESTARTS, check_resources, cluster_cpus, import_ray, task_error, wait_started
 
 # An actor keeps the generation searches are starting on and the one before, for searches in flight.
 _KEEP_GENERATIONS = 2
@@ -104,11 +104,11 @@ class ShardedIndex(SearchTarget):
     """
 
     def __init__(self, collection, partitions: int = RaySearchConfig.partitions, *,
-                 cpus_per_actor: float | None = None):
+                 cpus_per_actor: float | None = None, start_timeout: float = RaySearchConfig.start_timeout):
         self._ray = ray = import_ray()
         if not ray.is_initialized():
             raise HashsearchError("ShardedIndex needs a Ray connection: open one with hashsearch.distributed.ray_cluster")
-        RaySearchConfig(ray=True, partitions=partitions)       # the same checks as --partitions
+        RaySearchConfig(ray=True, partitions=partitions, start_timeout=start_timeout)    # --partitions' checks
         self.root = Path(collection.root if isinstance(collection, Collection) else collection)
         self.partitions = partitions
         # Fractional CPUs, so that P actors fit on a cluster of fewer CPUs (whole ones would wait forever).
@@ -121,6 +121,7 @@ class ShardedIndex(SearchTarget):
         self._refresh_lock = threading.Lock()
         self._closed = False
         self._state = None
+        self._start_timeout = start_timeout
         try:
             self._state = self._load(collection if isinstance(collection, Collection) else Collection.open(self.root))
         except BaseException:
@@ -137,6 +138,8 @@ class ShardedIndex(SearchTarget):
         count = min(self.partitions, max(1, len(coll.shards))) if refreshing else self.partitions
         plan = plan_partitions([s.rows for s in coll.shards], count, self.root)
         first_rows = [int(coll.offsets[a]) for a, _ in plan]
+        if not refreshing:      # the actors' first call: bad partitions are refused before any wait
+            wait_started(self._ray, self.actors, self._start_timeout, "partition")
         self._get([a.load.remote(manifest, s, e) for a, (s, e) in zip(self.actors, plan)])
         return coll, plan, first_rows
 

@@ -173,6 +173,9 @@ def read_weights(path) -> dict:
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
     if not isinstance(state, dict):
         raise HashsearchError(f"weights file {path} holds a {type(state).__name__}, not a state_dict")
+    bad = _non_finite(state)
+    if bad is not None:
+        raise HashsearchError(f"weights file {path} is damaged ({bad} holds NaN or infinite values)")
     return state
 
 
@@ -181,9 +184,21 @@ def _checked(path, payload: dict, what: str) -> dict:
         problem = "no config or state_dict"
     else:
         problem = config_problem(payload["config"])
+        bad = _non_finite(payload["state_dict"]) if problem is None else None
+        if bad is not None:
+            problem = f"{bad} holds NaN or infinite values"
     if problem is not None:
         raise HashsearchError(f"{what} {path} is a damaged hashsearch checkpoint ({problem})")
     return payload
+
+
+def _non_finite(state: dict) -> str | None:
+    """The first weight holding NaN or inf: one such latent weight makes its bit 0 for every image, and
+    training that diverged leaves many, which would encode a whole collection to one code."""
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return str(name)
+    return None
 
 
 def save_checkpoint(path, model: HashNet, config: dict, train_state: dict | None = None) -> None:

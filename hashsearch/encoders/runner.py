@@ -129,7 +129,7 @@ def _encode_with(mapper, model_path, source, out, cfg: EncodeConfig, log) -> dic
 def add_to_collection(root, source_spec: str, *, log=print, encoder: Encoder | None = None, **options) -> dict:
     """`hashsearch add`: encode the new images of SOURCE with the collection's own model and append them.
 
-    Items whose path the collection already holds are skipped, so running the
+    Items whose path the collection already holds, or that SOURCE repeats, are skipped, so running the
     same add again (after a kill, or on a folder that has grown) adds only what
     is new.  Every finished shard is published at once as a new generation.
     `options` are EncodeConfig's fields but ADD_SKIPS, which the collection fixes.
@@ -155,7 +155,7 @@ def add_to_collection(root, source_spec: str, *, log=print, encoder: Encoder | N
         source = open_source(source_spec, data_dir=cfg.data_dir, limit=cfg.limit)
         with Collection.open(root, allow_empty=True) as coll:
             present, first_id, before = coll.live_paths(), coll.next_id, coll.items
-        new = [i for i in range(len(source)) if source.path(i) not in present]
+        new = _new_items(source, present)
         skipped = len(source) - len(new)
         labels = _labels_in(manifest, source)
         position = np.full(len(source), -1, np.int64)
@@ -171,9 +171,22 @@ def add_to_collection(root, source_spec: str, *, log=print, encoder: Encoder | N
     added = manifest["items"] - before
     if not cfg.quiet:
         rate = len(new) / max(time.perf_counter() - began, 1e-9)
-        log(f"added {added} items to {root} ({rate:.0f} img/s); {skipped} already present; "
+        log(f"added {added} items to {root} ({rate:.0f} img/s); {skipped} already present or repeated; "
             f"now {manifest['items']} items, generation {manifest['generation']}")
     return {"added": int(added), "skipped": skipped, "generation": manifest["generation"], "items": manifest["items"]}
+
+
+def _new_items(source, present: set) -> list[int]:
+    """Positions of SOURCE's items to add: those whose path the collection lacks, each path once.  A path
+    names one item (`delete --path` deletes by it), so a repeat within SOURCE is skipped, as a path the
+    collection already holds is, and counted with them."""
+    new, taken = [], set()
+    for i in range(len(source)):
+        path = source.path(i)
+        if path not in present and path not in taken:
+            taken.add(path)
+            new.append(i)
+    return new
 
 
 def _labels_in(manifest: dict, source) -> np.ndarray:

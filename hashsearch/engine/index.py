@@ -513,7 +513,8 @@ def check_query(coll: Collection, coarse: dict, query_codes, query_features, par
         return k, pool, query_codes, None
     if query_features is None:
         raise HashsearchError(f"mode {params.mode} needs query features")
-    query_features = np.ascontiguousarray(np.atleast_2d(query_features), dtype=np.float32)
+    query_features = np.ascontiguousarray(np.atleast_2d(_numbers(query_features, "query features", "iuf")),
+                                          dtype=np.float32)
     if query_features.shape != (len(query_codes), coll.feature_dim):
         raise HashsearchError(f"query features have shape {query_features.shape}; expected "
                               f"({len(query_codes)}, {coll.feature_dim})")
@@ -521,13 +522,32 @@ def check_query(coll: Collection, coarse: dict, query_codes, query_features, par
 
 
 def check_query_codes(query_codes, bits: int) -> np.ndarray:
-    """Query codes as a contiguous uint8 [nq, ceil(bits/8)] array, or the error saying what they are."""
-    query_codes = np.ascontiguousarray(np.atleast_2d(query_codes), dtype=np.uint8)
+    """Query codes as a contiguous uint8 [nq, ceil(bits/8)] array, or the error saying what they are.
+
+    Bytes of any integer type will do; a value past 255 or a float would be wrapped or truncated into
+    another code, so they raise.
+    """
+    codes = _numbers(query_codes, "query codes", "iu")
+    if codes.size and codes.dtype != np.uint8 and (codes.min() < 0 or codes.max() > 255):
+        raise HashsearchError(f"query codes must be bytes from 0 to 255, got values from {codes.min()} to "
+                              f"{codes.max()}")
+    query_codes = np.ascontiguousarray(np.atleast_2d(codes), dtype=np.uint8)
     width = code_bytes(bits)
     if query_codes.ndim != 2 or query_codes.shape[1] != width:
         raise HashsearchError(f"query codes have shape {query_codes.shape}; this collection's codes have "
                               f"{bits} bits in {width} bytes")
     return query_codes
+
+
+def _numbers(values, what: str, kinds: str) -> np.ndarray:
+    """`values` as an array of one of numpy's `kinds` ("i", "u", "f"), or the error saying what they are."""
+    try:
+        array = np.asarray(values)
+    except (OverflowError, ValueError, TypeError):       # ragged lists, objects numpy cannot hold
+        raise HashsearchError(f"{what} must be an array of numbers, got {type(values).__name__}") from None
+    if array.size and array.dtype.kind not in kinds:
+        raise HashsearchError(f"{what} must be {'integers' if kinds == 'iu' else 'numbers'}, got {array.dtype} values")
+    return array
 
 
 def check_probe(radius, nflip, bits: int, coarse: dict) -> None:

@@ -12,9 +12,9 @@ or compression falls back to h5py reads.
 
 Opening a collection checks, before any read, that every file its manifest
 names stays inside it, is a regular file, and holds datasets of the types,
-widths and row counts the manifest lists (HDF5 metadata only): a collection
-from elsewhere can't make a reader read outside it, hang on a FIFO, or
-return rows it misreads.
+widths and row counts the manifest lists, each stored in that file itself
+(HDF5 metadata only): a collection from elsewhere can't make a reader read
+outside it, hang on a FIFO, or return rows it misreads.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import io
 import itertools
 import json
 import os
+import reprlib
 from pathlib import Path
 
 import h5py
@@ -30,13 +31,18 @@ import numpy as np
 
 from ..codes import code_bytes
 from ..errors import HashsearchError
-from ..fileio import NotRegularFile, open_regular
+from ..fileio import NotRegularFile, open_regular, read_regular
 from .layout import MODEL_FILE, REJECTS
 from .manifest import file_sha256, inside, read_manifest
 
 _COLUMNS = {"codes": np.uint8, "ids": np.int64, "labels": np.int64}
 # One pread of a shard's features read whole: large enough to cost one syscall per 64 MB.
 _READ_BLOCK_BYTES = 1 << 26
+_INT64_MAX = np.iinfo(np.int64).max
+# HDF5 can keep a dataset's bytes in other files: external storage, virtual datasets, external links (and soft
+# links, which lead anywhere in the file).  Those files may be a FIFO, a device, or anything outside the
+# collection, read as its rows; so a shard's datasets must be hard-linked and store their data in the shard.
+_OWN_LAYOUTS = (h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED)
 
 
 class _Vanished(Exception):
@@ -59,6 +65,18 @@ def _open_named(root: Path, name, what: str, generation: int) -> tuple[Path, int
         raise HashsearchError(f"{what} {name} of collection {root} is refused: {exc}") from None
     except OSError as exc:
         raise HashsearchError(f"cannot read {what} {name} of collection {root}: {exc.strerror}") from None
+
+
+def integers(values, what: str) -> np.ndarray:
+    """`values`, ids or rows, as int64 [n]; any integer type will do, but a float (1.7 would be row 1), text,
+    a bool or a number past 64 bits raises."""
+    try:
+        array = np.asarray(values)
+    except (OverflowError, ValueError, TypeError):
+        array = None
+    if array is None or (array.size and (array.dtype.kind not in "iu" or array.max() > _INT64_MAX)):
+        raise HashsearchError(f"{what} must be integers that fit in 64 bits, got {reprlib.repr(values)}")
+    return array.astype(np.int64).ravel()
 
 
 def decode_path(value) -> str:
@@ -91,9 +109,7 @@ class Shard:
                   "ids": ((self.rows,), np.dtype(np.int64)), "labels": ((self.rows,), np.dtype(np.int64)),
                   "paths": ((self.rows,), None)}
         for name, (shape, dtype) in expect.items():
-            ds = self.h5.get(name)
-            if not isinstance(ds, h5py.Dataset):
-                raise HashsearchError(f"shard {self.name} has no {name} dataset")
+            ds = self._dataset(name)
             if ds.shape != shape:
                 raise HashsearchError(f"shard {self.name}: {name} has shape {ds.shape}, but the manifest says {shape}")
             if dtype is not None and ds.dtype != dtype:
@@ -104,6 +120,21 @@ class Shard:
         if ds.chunks is not None or ds.compression is not None:
             return None
         return ds.id.get_offset()
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        """The dataset `name`, refused unless its bytes lie in this file; only HDF5 metadata is read."""
+        link = self.h5.get(name, getlink=True)     # the link itself: following an external one opens its file
+        if link is not None and not isinstance(link, h5py.HardLink):
+            kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a soft link"
+            raise HashsearchError(f"shard {self.name}: {name} is {kind}, not a dataset of the shard; refused")
+        ds = self.h5.get(name) if link is not None else None
+        if not isinstance(ds, h5py.Dataset):
+            raise HashsearchError(f"shard {self.name} has no {name} dataset")
+        plist = ds.id.get_create_plist()
+        if plist.get_layout() not in _OWN_LAYOUTS or plist.get_external_count():
+            raise HashsearchError(f"shard {self.name}: {name} keeps its data outside the shard file (external "
+                                  "storage or a virtual dataset); refused")
+        return ds
 
     def column(self, name: str) -> np.ndarray:
         if name not in self._cache:
@@ -320,10 +351,7 @@ class Collection:
     def rows_for_ids(self, ids, *, what: str = "id", live: bool = False) -> np.ndarray:
         """Collection rows of the given ids; an id not stored (or, with live=True, deleted) raises."""
         all_ids = self.ids()
-        try:
-            ids = np.asarray(ids, np.int64).ravel()
-        except (OverflowError, ValueError, TypeError):
-            raise HashsearchError(f"ids must be integers that fit in 64 bits, got {ids!r}") from None
+        ids = integers(ids, "ids")
         rows = np.minimum(np.searchsorted(all_ids, ids), max(self.n - 1, 0))
         missing = ids[all_ids[rows] != ids] if self.n else ids
         if len(missing):
@@ -348,7 +376,7 @@ class Collection:
 
     def raw_features(self, rows) -> np.ndarray:
         """Feature rows in their stored dtype, in the order asked."""
-        rows = np.asarray(rows, np.int64).ravel()
+        rows = integers(rows, "rows")
         out = np.empty((len(rows), self.feature_dim), self.feature_dtype)
         RowReader(self).read(rows, out)
         return out
@@ -357,7 +385,7 @@ class Collection:
         return self.raw_features(rows).astype(np.float32)
 
     def paths(self, rows) -> list[str]:
-        rows = np.asarray(rows, np.int64).ravel()
+        rows = integers(rows, "rows")
         out = [""] * len(rows)
         for s, where, local in self._split(rows):
             for w, path in zip(where, self.shards[s].paths(local)):
@@ -419,16 +447,12 @@ class Collection:
         return problems
 
     def rejects(self) -> list[dict]:
-        path = self.root / REJECTS
-        if not path.exists():
-            return []
         rejects = []
-        with os.fdopen(open_regular(path), "r", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                try:
-                    rejects.append(json.loads(line))
-                except ValueError:   # a line torn by a crash; the resumed run writes it again
-                    continue
+        for line in reject_lines(self.root):
+            try:
+                rejects.append(json.loads(line))
+            except ValueError:   # a line torn by a crash; the resumed run writes it again
+                continue
         return rejects
 
     def close(self) -> None:
@@ -441,6 +465,25 @@ class Collection:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# A rejected image is a line of about 200 bytes: this is a million of them, and stops an endless file.
+MAX_REJECTS_BYTES = 256 << 20
+
+
+def reject_lines(root: Path) -> list[str]:
+    """The lines of the collection's REJECTS file (none if it has none).  Writers append to it, so it must be
+    the collection's own regular file: a symlink, a FIFO or a device is refused, never followed or waited on."""
+    path = root / REJECTS
+    try:
+        data = read_regular(path, MAX_REJECTS_BYTES, follow=False)
+    except FileNotFoundError:
+        return []
+    except (NotRegularFile, ValueError) as exc:         # ValueError: larger than MAX_REJECTS_BYTES
+        raise HashsearchError(f"{REJECTS} of collection {root} is refused: {exc}") from None
+    except OSError as exc:
+        raise HashsearchError(f"cannot read {REJECTS} of collection {root}: {exc.strerror or exc}") from None
+    return data.decode("utf-8", "surrogateescape").splitlines()
 
 
 def _read_tombstones(root: Path, manifest: dict) -> np.ndarray:

@@ -18,7 +18,8 @@ from ..fileio import read_regular
 from .collection import Collection
 from .layout import TOMBSTONE_DIR
 from .transaction import Transaction, transaction
-from .writer import copy_shard, next_shard_number
+from .manifest import next_shard_number
+from .writer import copy_shard
 
 
 def _with_tombstones(txn: Transaction, manifest: dict, ids: np.ndarray, rows_stored: int) -> dict:
@@ -93,7 +94,7 @@ def rewrite_shards(txn: Transaction, threshold: float = CompactConfig.threshold)
             rewritten += 1
             keep = np.flatnonzero(~dead)
             if len(keep):
-                shards.append(copy_shard(shard, keep, coll.root, number, entry.get("source_end", 0)))
+                shards.append(copy_shard(shard, keep, coll.root, manifest, number, entry.get("source_end", 0)))
                 number += 1
         stored = sum(e["rows"] for e in shards)
         new = _with_tombstones(txn, {**manifest, "shards": shards, "next_shard": number},

@@ -13,6 +13,9 @@ Only hashsearch.shards writes any of them.
 """
 from __future__ import annotations
 
+import os
+import re
+
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
 MODEL_FILE = "model.pt"
@@ -35,3 +38,19 @@ def generation_file(folder: str, stem: str, generation: int, suffix: str) -> str
     """The name of a file first named by `generation`: a new generation never reuses an older one's names.
     `stem` and `suffix` are lowercase words (transaction.py recognises these names by that)."""
     return f"{folder}/{stem}-{generation:06d}{suffix}"
+
+
+_SHARD_NUMBER = re.compile(rf"{SHARD_DIR}/shard-(\d{{5,}})\.h5")
+_GENERATION = re.compile(r"[^/]+/[a-z]+-(\d{6,})\.[a-z]+")
+
+
+def shard_number(name: str) -> int | None:
+    """The number shard_name gave `name`, or None for a name it did not make."""
+    match = _SHARD_NUMBER.fullmatch(os.path.normpath(name))
+    return int(match[1]) if match else None
+
+
+def generation_of(name: str) -> int | None:
+    """The generation generation_file gave `name`, or None for a name it did not make."""
+    match = _GENERATION.fullmatch(os.path.normpath(name))
+    return int(match[1]) if match else None

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..codes import MAX_BITS
 from ..errors import HashsearchError
 from ..fileio import atomic_write_bytes, fsync_dir, open_regular
-from .layout import GENERATION_DIRS, MANIFEST
+from .layout import GENERATION_DIRS, MANIFEST, generation_of, shard_number
 
 FORMAT = "hashsearch-collection"
 # 2: generations, tombstones, next_id and the index named by the manifest.  Version 1 manifests read as generation 0.
@@ -33,7 +33,8 @@ _INT64_MAX = (1 << 63) - 1
 
 __all__ = ["MANIFEST", "FORMAT", "VERSION", "FEATURE_DTYPES", "read_manifest", "write_manifest", "publish",
            "file_sha256", "disk_bytes", "inside", "check_file_entry", "referenced_files", "remove_unreferenced",
-           "named_files", "read_named_file", "manifest_stamp"]
+           "named_files", "read_named_file", "manifest_stamp", "next_shard_number", "check_counters", "refuse_named",
+           "collection_holding"]
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -77,6 +78,25 @@ def inside(root: Path, name, what: str) -> Path:
     if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
         raise HashsearchError(f"collection {root} names {what} {name!r}, which lies outside the collection")
     return path
+
+
+def collection_holding(path: str | os.PathLike) -> Path | None:
+    """The collection whose directory is `path` or one above it, if any (symlinks resolved)."""
+    path = Path(os.path.realpath(path))
+    for folder in (path, *path.parents):
+        if _says_collection(folder / MANIFEST):
+            return folder
+    return None
+
+
+def _says_collection(path: Path) -> bool:
+    # The format tag alone: a damaged collection is still one, and another tool's manifest.json is not.
+    try:
+        with os.fdopen(open_regular(path), "rb") as f:
+            manifest = json.loads(f.read(64 << 20))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
 def read_manifest(root: str | os.PathLike) -> dict:
@@ -177,6 +197,31 @@ def referenced_files(manifest: dict) -> set[str]:
         if isinstance(manifest.get(key), dict):
             names |= named_files(manifest[key])
     return {os.path.normpath(n) for n in names}
+
+
+def next_shard_number(manifest: dict) -> int:
+    # Compaction retires shard numbers, so a new shard takes a number never used before.
+    return max(manifest.get("next_shard", 0), len(manifest["shards"]))
+
+
+def check_counters(root, manifest: dict) -> None:
+    """A writer's refusal of a manifest whose counters are below what its own files show: the next shard
+    number or generation would name a file it holds, and a writer would overwrite live data."""
+    shards = [n for n in (shard_number(entry["file"]) for entry in manifest["shards"]) if n is not None]
+    if shards and next_shard_number(manifest) <= max(shards):
+        raise HashsearchError(f"damaged manifest {Path(root) / MANIFEST}: next_shard is "
+                              f"{manifest.get('next_shard')!r}, but it names shard number {max(shards)}")
+    generations = [g for g in map(generation_of, referenced_files(manifest)) if g is not None]
+    if generations and manifest.get("generation", 0) < max(generations):
+        raise HashsearchError(f"damaged manifest {Path(root) / MANIFEST}: generation is "
+                              f"{manifest.get('generation', 0)}, but it names a file of generation {max(generations)}")
+
+
+def refuse_named(root, manifest: dict, name: str) -> None:
+    """A writer's last check before it creates `name`: never a file the current generation names."""
+    if os.path.normpath(name) in referenced_files(manifest):
+        raise HashsearchError(f"collection {root}: {name} is a file of its current generation and is never "
+                              "written again; its manifest is damaged")
 
 
 def read_named_file(root: Path, entry: dict, what: str, remedy: str) -> bytes:

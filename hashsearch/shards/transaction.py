@@ -29,7 +29,8 @@ from ..errors import HashsearchError
 from ..fileio import atomic_write_bytes, fsync_dir
 from .layout import INDEX_META, generation_file
 from .lock import WriteLock
-from .manifest import inside, named_files, publish, read_manifest, remove_unreferenced
+from .manifest import (check_counters, collection_holding, inside, named_files, publish, read_manifest, refuse_named,
+                       remove_unreferenced)
 
 _GENERATION_NAME = re.compile(r"[a-z]+-\d{6}\.[a-z]+")
 
@@ -55,6 +56,7 @@ class Transaction:
 
     def write(self, name: str, data: bytes) -> str:
         """Write the collection file `name` (from file_name) atomically; its sha256."""
+        refuse_named(self.root, self.manifest, name)
         _write_new(self.path(name), data)
         return hashlib.sha256(data).hexdigest()
 
@@ -80,6 +82,7 @@ def lock_finished(root: Path, *, wait: bool = False, unfinished: str = "run the 
         manifest = read_manifest(root)
         if not manifest.get("complete"):
             raise HashsearchError(f"collection {root} is unfinished; {unfinished}")
+        check_counters(root, manifest)
         remove_unreferenced(root, manifest)
     except BaseException:
         lock.release()
@@ -126,6 +129,12 @@ class OutsideDirectory:
     def __init__(self, root, generation: int):
         self.root = Path(root)
         self.generation = generation
+        # A collection's files are written by its own writers alone: an index written into one (its index/
+        # folder, say) would replace or remove the files its generation names.
+        holder = collection_holding(self.root)
+        if holder is not None:
+            raise HashsearchError(f"cannot write an index to {self.root}: it lies inside collection {holder}; "
+                                  "choose a folder outside every collection")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

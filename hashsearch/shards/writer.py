@@ -24,11 +24,12 @@ from ..codes import code_bytes
 from ..config import EncodeConfig
 from ..errors import HashsearchError
 from ..fileio import atomic_write, atomic_write_bytes, fsync_dir, open_regular
+from .collection import Shard, reject_lines
 from .layout import GENERATION_DIRS, LOCK_FILE, MANIFEST, MODEL_FILE, REJECTS, SHARD_DIR, shard_name
 from .lock import WriteLock
 from .transaction import lock_finished
-from .manifest import (FEATURE_DTYPES, FORMAT, VERSION, file_sha256, inside, publish,
-                       read_manifest, remove_unreferenced)
+from .manifest import (FEATURE_DTYPES, FORMAT, VERSION, check_counters, file_sha256, next_shard_number, publish,
+                       read_manifest, refuse_named, remove_unreferenced)
 
 # Manifest keys that describe the collection's files and generations, which writers own;
 # the others (model, source, class names, ...) describe its items.
@@ -56,25 +57,17 @@ def _reject_field(line: str, key: str, missing=float("inf")):
         return missing
 
 
-def _reject_lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8", errors="surrogateescape").splitlines() if path.exists() else []
-
-
-def next_shard_number(manifest: dict) -> int:
-    # Compaction retires shard numbers, so a new shard takes a number never used before.
-    return max(manifest.get("next_shard", 0), len(manifest["shards"]))
-
-
 def _next_id_of(root: Path, manifest: dict) -> int:
     """The first id never used; written before next_id existed, ids grew with the rows, so the last row's + 1."""
     if "next_id" in manifest:
         return manifest["next_id"]
     for entry in reversed(manifest["shards"]):
         if entry["rows"]:
-            path = inside(root, entry["file"], "shard")
-            os.close(open_regular(path))        # never hand h5py a FIFO
-            with h5py.File(path, "r") as f:
-                return int(f["ids"][-1]) + 1
+            shard = Shard(root, entry, manifest)        # checked as a reader checks it, before a byte is read
+            try:
+                return int(shard.column("ids")[-1]) + 1
+            finally:
+                shard.close()
     return 0
 
 
@@ -99,12 +92,14 @@ def _seal(partial: Path, final: Path) -> str:
     return checksum
 
 
-def copy_shard(src, keep: np.ndarray, root: Path, number: int, source_end: int) -> dict:
+def copy_shard(src, keep: np.ndarray, root: Path, manifest: dict, number: int, source_end: int) -> dict:
     """Write shard `number` holding the rows `keep` (local, increasing) of shard `src`; its manifest entry.
 
     Used by compaction: the new file is complete, fsynced and checksummed
-    before it gets its final name, and nothing names it until a manifest does.
+    before it gets its final name, and nothing names it until a manifest does
+    (`manifest`, the current one, must not name it yet).
     """
+    refuse_named(root, manifest, shard_name(number))
     final = root / shard_name(number)
     partial = final.with_name(f".{final.name}.partial")
     try:
@@ -168,6 +163,8 @@ class CollectionWriter:
                                                      unfinished="finish its encode before adding to it")
         try:
             writer.manifest["next_id"] = _next_id_of(writer.root, writer.manifest)
+            # A file an earlier add already rejected is tried again, but not recorded twice.
+            writer._known_rejects = {_reject_field(line, "path") for line in reject_lines(writer.root)}
         except BaseException:
             writer.lock.release()
             raise
@@ -175,8 +172,6 @@ class CollectionWriter:
         writer.code_bytes, writer.feature_dim = code_bytes(m["bits"]), m["feature_dim"]
         writer.feature_dtype, writer.shard_size = np.dtype(m["feature_dtype"]), m.get("shard_size", EncodeConfig.shard_size)
         writer._file, writer._rows, writer._capacity, writer._pending_rejects = None, 0, 0, []
-        # A file an earlier add already rejected is tried again, but not recorded twice.
-        writer._known_rejects = {_reject_field(line, "path") for line in _reject_lines(writer.root / REJECTS)}
         return writer
 
     def _open_root(self, overwrite: bool, wait: bool) -> None:
@@ -207,6 +202,7 @@ class CollectionWriter:
                     raise HashsearchError(
                         f"{self.root} already holds a collection with a different {k} "
                         f"({old.get(k)!r}, not {self.manifest.get(k)!r}); use --overwrite to replace it")
+                check_counters(self.root, old)
                 self.manifest = old
                 if not old.get("complete"):
                     self._truncate_rejects(self.resume_from)
@@ -322,6 +318,7 @@ class CollectionWriter:
 
     def _open_shard(self, capacity_hint: int | None) -> None:
         self._number = number = next_shard_number(self.manifest)
+        refuse_named(self.root, self.manifest, shard_name(number))
         self._final = self.root / shard_name(number)
         self._partial = self._final.with_name(f".{self._final.name}.partial")
         cap = self.shard_size if capacity_hint is None else max(1, min(self.shard_size, capacity_hint))
@@ -405,21 +402,26 @@ class CollectionWriter:
         done = [r for r in self._pending_rejects if upto is None or r["index"] < upto]
         if not done:
             return
-        with open(self.root / REJECTS, "a", encoding="utf-8", errors="surrogateescape") as f:
-            for r in done:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(open_regular(self.root / REJECTS, append=True, follow=False), "a", encoding="utf-8",
+                           errors="surrogateescape") as f:
+                for r in done:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise HashsearchError(f"cannot record rejected images in {REJECTS} of {self.root}: "
+                                  f"{exc.strerror or exc}") from None
         self.manifest["rejected"] += len(done)
         self._pending_rejects = [r for r in self._pending_rejects if upto is not None and r["index"] >= upto]
 
     def _truncate_rejects(self, source_end: int) -> None:
         """Forget rejects recorded after the last finished shard: they will be met again."""
-        path = self.root / REJECTS
-        if not path.exists():
+        lines = reject_lines(self.root)
+        if not lines and not (self.root / REJECTS).exists():
             return
-        kept = [line for line in _reject_lines(path) if _reject_field(line, "index") < source_end]
-        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+        kept = [line for line in lines if _reject_field(line, "index") < source_end]
+        atomic_write_bytes(self.root / REJECTS, "".join(line + "\n" for line in kept).encode("utf-8"))
         self.manifest["rejected"] = len(kept)
 
     def __enter__(self):
