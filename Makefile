@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= demo-out
 
-.PHONY: install data browser demo test clean
+.PHONY: install data browser loadgen demo test clean
 
 install: $(VENV)/.installed
 
@@ -37,12 +37,24 @@ browser:
 		echo "chromium is missing: install it to run the browser tests"; exit 1; \
 	fi
 
+# Debian's wrk and hey: independent HTTP load generators, to check `bench serve`'s figures against.
+loadgen:
+	@if command -v wrk >/dev/null 2>&1 && command -v hey >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk hey >/dev/null; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk hey >/dev/null; \
+	else \
+		echo "wrk and hey are missing: install them to check bench serve against an independent load generator"; exit 1; \
+	fi
+
 demo: install data
 	$(PY) -m hashsearch.demo --out $(DEMO_OUT)
 
 test: install
 	-@$(MAKE) --no-print-directory data
 	-@$(MAKE) --no-print-directory browser
+	-@$(MAKE) --no-print-directory loadgen
 	$(PY) -m pytest -q
 
 clean:

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import MODES, SearchConfig
 from ..errors import HashsearchError
-from .service import NotAnImage, NotFound, ReadOnly, SearchService, TooLarge
+from .service import NoModel, NotAnImage, NotFound, ReadOnly, SearchService, TooLarge
 
 STATIC = Path(__file__).with_name("static")
 # A request that takes longer is answered 503: search is milliseconds, an add of a few images seconds.
@@ -74,6 +74,8 @@ def _status(exc: HashsearchError) -> int:
         return 403
     if isinstance(exc, TooLarge):
         return 413
+    if isinstance(exc, NoModel):
+        return 409
     return 400
 
 

@@ -112,7 +112,9 @@ class SearchService:
         self._refresh_lock = threading.Lock()
         # Loaded now, not at the first upload: the model is the bulk of the server's memory, and a
         # server's footprint should be known when it starts answering.
-        self._batcher = MicroBatcher(query_encoder(self.index.collection))
+        # A collection without a model (one made by `bench`, say) is still searched by id; uploads are refused.
+        has_model = self.index.collection.model_path is not None
+        self._batcher = MicroBatcher(query_encoder(self.index.collection)) if has_model else None
         self._hold_result_columns()
         self._images = ItemImages(self.index.collection.manifest.get("source_spec"))
         self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
@@ -120,7 +122,8 @@ class SearchService:
 
     def close(self) -> None:
         """Stop the model's thread, and close the index unless the caller gave it."""
-        self._batcher.stop()
+        if self._batcher is not None:
+            self._batcher.stop()
         if self._owns_index:
             self.index.close()
 
@@ -158,7 +161,7 @@ class SearchService:
         except ImageRejected as exc:
             raise NotAnImage(f"{name or 'the upload'} is not a usable image: {exc}") from None
         index = self.current()
-        codes, feats = self._batcher.encode(image)
+        codes, feats = self._model().encode(image)
         return self._search(index, name or "upload", codes, feats, params)
 
     def _search(self, index: Index, name: str, codes, feats, params: SearchConfig) -> dict:
@@ -230,7 +233,7 @@ class SearchService:
         with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as listing:
             listing.write("".join(f"{p}\n" for p in paths))
             listing.flush()
-            add_to_collection(self.root, listing.name, encoder=_Locked(self._batcher), workers=0, quiet=True,
+            add_to_collection(self.root, listing.name, encoder=_Locked(self._model()), workers=0, quiet=True,
                               wait=True, log=lambda *_: None)
         index = self.current()
         rows = index.collection.rows_for_paths(paths)
@@ -246,6 +249,12 @@ class SearchService:
         manifest = delete_items(self.root, ids=[item_id], wait=True)
         self.current()
         return {"deleted": item_id, "generation": manifest["generation"]}
+
+    def _model(self) -> MicroBatcher:
+        if self._batcher is None:
+            raise NoModel(f"collection {self.root} has no model.pt: it is searched by id, and images cannot be "
+                          "encoded for it")
+        return self._batcher
 
     def _check_size(self, name: str, data: bytes) -> None:
         if len(data) > self.max_upload_bytes:
@@ -268,6 +277,10 @@ class _Locked:
     def encode_batch(self, batch):
         with self._batcher.model_lock:
             return self._batcher.encoder.encode_batch(batch)
+
+
+class NoModel(HashsearchError):
+    """An upload to a collection that has no model to encode it."""
 
 
 class NotAnImage(HashsearchError):
