@@ -239,3 +239,18 @@ def test_thumbnails_for_idx_and_synthetic_items_and_404_for_a_gone_file(idx_coll
     finally:
         os.rename(path + ".away", path)
         service.close()
+
+
+def test_a_collection_without_a_model_is_searched_by_id_and_refuses_uploads(photo_collection, tmp_path, paths):
+    from hashsearch.config import SearchConfig
+    from hashsearch.serve.service import NoModel, SearchService
+    root = tmp_path / "coll"
+    shutil.copytree(photo_collection, root)
+    (root / "model.pt").unlink()
+    service = SearchService(root)
+    try:
+        assert service.search_id(3, SearchConfig(k=4))["results"][0]["id"] == 3
+        with pytest.raises(NoModel, match="no model.pt"):
+            service.search_image(png_bytes(paths[3]), "q.png", SearchConfig(k=4))
+    finally:
+        service.close()
