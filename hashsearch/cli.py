@@ -232,7 +232,7 @@ def query(collection, images, ids, model_path, index_dir, as_json, ray, address,
 @click_options(ServeConfig)
 @click_options(RaySearchConfig)
 def serve(collection, ray, address, start_timeout, partitions, **options):
-    """Serve COLLECTION over HTTP: a JSON API (docs at /docs) and a search page at /; --ray searches on Ray."""
+    """Serve COLLECTION over HTTP: a JSON API (described at /openapi.json) and a search page at /; --ray searches on Ray."""
     from .serve.server import run_server
     run_server(collection, ServeConfig(**options), log=click.echo,
                ray=RaySearchConfig(ray=ray, address=address, start_timeout=start_timeout, partitions=partitions))

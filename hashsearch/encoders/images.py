@@ -61,6 +61,20 @@ def read_image_file(path: str) -> bytes:
     return data
 
 
+# The extension an image of each format is stored under, whatever name it came with.
+_FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
+
+
+def image_suffix(data: bytes) -> str:
+    """The file extension of the image format `data` holds, as its content says (not a client's file name)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+    except Exception:  # noqa: BLE001 - a broken file can make any plugin raise anything
+        raise ImageRejected("not an image or unsupported format") from None
+    return _FORMAT_SUFFIX.get(fmt, ".img")
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Fully decoded RGB image from the bytes of an image file; raises ImageRejected with a reason."""
     # Both are process-wide PIL settings; set them on every call so another

@@ -210,7 +210,9 @@ class Index(SearchTarget):
             root = gen.collection.root
             if read_manifest(root).get("generation", 0) == gen.collection.generation:
                 return False
-            coll = Collection.open(root, previous=gen.collection)
+            # Every item deleted is a state a followed collection passes through, not an error: searches
+            # of it find nothing until items are added.
+            coll = Collection.open(root, previous=gen.collection, allow_empty=True)
             self._gen = load_generation(coll, self._index_dir, gen, self._in_ram_mb)
             return True
 
@@ -232,6 +234,8 @@ class Index(SearchTarget):
         gen = self._current()
         k, pool, query_codes, query_features = check_query(gen.collection, gen.meta["coarse"], query_codes,
                                                            query_features, params)
+        if gen.collection.items == 0:
+            return SearchResult.empty(len(query_codes), k, np.nan if params.mode == "bcs" else np.inf)
         if params.mode == "es":
             return self._exhaustive(gen, query_codes, query_features, k)
         if params.mode == "bcs":

@@ -6,6 +6,7 @@
     POST   /items                  multipart `image` (repeatable): add; needs the bearer token
     DELETE /items/{id}             delete; needs the bearer token
     GET    /info, /health          what `info --json` says; liveness with the generation
+    GET    /openapi.json           the API's OpenAPI description
     GET    /                       the search page (static/index.html, app.js, style.css; nothing from elsewhere)
 
 Errors are JSON {"error": "..."} with the status that says what went wrong;
@@ -35,6 +36,11 @@ STATIC = Path(__file__).with_name("static")
 REQUEST_TIMEOUT_SECONDS = 120
 # Room for the multipart framing around an upload of the largest allowed size.
 MULTIPART_OVERHEAD_BYTES = 1 << 16
+# A body that is not an upload: {"id": 123} is a dozen bytes, so a few KB is room enough, and a JSON nest too
+# deep for the parser does not fit in it.
+SMALL_BODY_BYTES = 4096
+# Images one POST /items may add; its body is bounded by this many of the largest allowed upload.
+MAX_IMAGES_PER_ADD = 16
 
 
 class FastJSON(JSONResponse):
@@ -45,6 +51,63 @@ class FastJSON(JSONResponse):
         return orjson.dumps(content)
 
 
+def body_limit(scope, max_upload_bytes: int) -> int:
+    """The most bytes a request's body may hold: an upload's size for a multipart search, MAX_IMAGES_PER_ADD
+    of them for an add, SMALL_BODY_BYTES for anything else."""
+    content_type = dict(scope["headers"]).get(b"content-type", b"")
+    if not content_type.startswith(b"multipart/"):
+        return SMALL_BODY_BYTES
+    images = MAX_IMAGES_PER_ADD if scope["path"] == "/items" else 1
+    return images * max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Answers 413 to a request whose body passes its limit (body_limit), counted as it streams: a
+    Content-Length is checked before a byte is read, and a chunked body is cut off at the limit, before a
+    multipart parser spools it to disk or a JSON parser holds it in memory."""
+
+    def __init__(self, app, limit_for):
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_for(scope)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await self._refuse(limit, scope, receive, send)
+        received, started = 0, False
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge()
+            return message
+
+        async def sending(message):
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted, sending)
+        except _BodyTooLarge:
+            if not started:
+                await self._refuse(limit, scope, receive, send)
+
+    @staticmethod
+    async def _refuse(limit: int, scope, receive, send):
+        await FastJSON({"error": f"the request body is over its {limit}-byte limit"}, status_code=413)(
+            scope, receive, send)
+
+
 class _Refused(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -53,12 +116,16 @@ class _Refused(Exception):
 
 def create_app(service: SearchService, *, token: str | None = None) -> FastAPI:
     """The API over `service`; changes need `token` as a bearer token, and without one they are refused."""
+    # No /docs or /redoc: FastAPI builds them from a CDN's scripts, and this server's pages fetch nothing
+    # from elsewhere.  The OpenAPI description itself is at /openapi.json.
     app = FastAPI(title="hashsearch", description="Image search with deep binary hash codes.",
-                  version=__import__("hashsearch").__version__, default_response_class=FastJSON)
+                  version=__import__("hashsearch").__version__, default_response_class=FastJSON,
+                  docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.token = token
     for error, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error, handler)
+    app.add_middleware(BodyLimit, limit_for=lambda scope: body_limit(scope, service.max_upload_bytes))
     app.add_middleware(TimeLimit, seconds=REQUEST_TIMEOUT_SECONDS)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -165,11 +232,9 @@ def is_multipart(request: Request) -> bool:
 
 
 async def read_upload(request: Request, limit: int, field: str = "image") -> list[tuple[str, bytes]]:
-    """Every file in the multipart `field`, as (name, bytes); none of them over `limit` bytes."""
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD_BYTES:
-        raise _Refused(413, f"the upload is over the {limit}-byte limit")
-    form = await request.form(max_part_size=limit + 1)
+    """Every file in the multipart `field`, as (name, bytes); none of them over `limit` bytes (the whole body
+    is bounded by BodyLimit)."""
+    form = await request.form(max_files=MAX_IMAGES_PER_ADD, max_part_size=limit + 1)
     files = [f for f in form.getlist(field) if hasattr(f, "read")]
     out = []
     for f in files:
@@ -190,7 +255,7 @@ async def read_one_image(request: Request, limit: int) -> tuple[str, bytes]:
 async def read_item_id(request: Request) -> int:
     """The id of a JSON body {"id": ID}."""
     try:
-        body = await request.json()
+        body = orjson.loads(await request.body())     # a nest too deep is a JSONDecodeError, not a RecursionError
     except ValueError:
         raise _Refused(400, "send a multipart 'image' or a JSON body {\"id\": ID}") from None
     item = body.get("id") if isinstance(body, dict) else None

@@ -54,7 +54,7 @@ def run_server(collection, config: ServeConfig, log=print, ray: RaySearchConfig 
         with search_index(collection, ray=ray) as index:
             app = build_app(collection, config, index=index)
             where = f", {ray.partitions} partitions on Ray" if on_ray else ""
-            log(f"serving {collection} on http://{config.host}:{config.port}/{where}  (API docs at /docs)")
+            log(f"serving {collection} on http://{config.host}:{config.port}/{where}  (OpenAPI at /openapi.json)")
             uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_keep_alive=5)
         return
     app = build_app(collection, config)
@@ -63,7 +63,7 @@ def run_server(collection, config: ServeConfig, log=print, ray: RaySearchConfig 
     os.environ[_WORKER_SPEC] = json.dumps({"collection": str(collection), "config": dataclasses.asdict(config),
                                            "threads": max(1, (os.cpu_count() or 1) // workers)})
     log(f"serving {collection} on http://{config.host}:{config.port}/ with {workers} worker processes  "
-        f"(API docs at /docs)")
+        f"(OpenAPI at /openapi.json)")
     uvicorn.run(f"{__name__}:worker_app", factory=True, workers=workers, host=config.host, port=config.port,
                 log_level="warning", timeout_keep_alive=5)
 

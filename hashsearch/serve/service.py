@@ -116,7 +116,9 @@ class SearchService:
         has_model = self.index.collection.model_path is not None
         self._batcher = MicroBatcher(query_encoder(self.index.collection)) if has_model else None
         self._hold_result_columns()
-        self._images = ItemImages(self.index.collection.manifest.get("source_spec"))
+        source = self.index.collection.manifest.get("source_spec")
+        self._images = ItemImages(source)
+        self._shown = ShownPaths(self.root, source)
         self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
         self._thumbnails_lock = threading.Lock()
 
@@ -166,7 +168,10 @@ class SearchService:
 
     def _search(self, index: Index, name: str, codes, feats, params: SearchConfig) -> dict:
         result = index.search(codes, feats, params)
-        return describe_results(index, [name], result)[0] | {"generation": index.generation}
+        answer = describe_results(index, [name], result)[0]
+        for hit in answer["results"]:
+            hit["path"] = self._shown(hit["path"])
+        return answer | {"generation": index.generation}
 
     # -- items ----------------------------------------------------------------------------
     def item(self, item_id: int) -> dict:
@@ -178,13 +183,15 @@ class SearchService:
             raise NotFound(str(exc)) from None
         names = coll.manifest.get("class_names") or []
         label = int(coll.labels()[row])
-        return {"id": item_id, "path": coll.paths([row])[0], "code": index.codes[row].tobytes().hex(),
+        return {"id": item_id, "path": self._shown(coll.paths([row])[0]), "code": index.codes[row].tobytes().hex(),
                 "label": names[label] if 0 <= label < len(names) else label, "generation": index.generation}
 
     def thumbnail(self, item_id: int) -> bytes:
         """A JPEG of the item's image, made on first request and cached: from its file, its IDX file or
         its synthetic source, as encode read it."""
-        path = self.item(item_id)["path"]        # a deleted id is 404 even while its thumbnail is cached
+        self.item(item_id)          # a deleted id is 404 even while its thumbnail is cached
+        coll = self.current().collection
+        path = coll.paths(coll.rows_for_ids([item_id]))[0]
         with self._thumbnails_lock:
             cached = self._thumbnails.get(item_id)
         if cached is not None:
@@ -206,7 +213,8 @@ class SearchService:
 
     def info(self) -> dict:
         self.current()
-        return collection_info(self.root)
+        report = collection_info(self.root)
+        return report | {"path": self.root.name, "source": self._shown(report["source"] or "")}
 
     def health(self) -> dict:
         index = self.current()
@@ -215,7 +223,7 @@ class SearchService:
     # -- changing the collection ------------------------------------------------------------
     def add(self, uploads: list[tuple[str, bytes]]) -> dict:
         """Store the uploaded images in the collection's uploads/ folder and add them; their new ids, in order."""
-        from ..encoders.images import ImageRejected, decode_image
+        from ..encoders.images import ImageRejected, decode_image, image_suffix
         from ..encoders.runner import add_to_collection
         self._check_writable()
         if not uploads:
@@ -227,7 +235,8 @@ class SearchService:
                 decode_image(data)
             except ImageRejected as exc:
                 raise NotAnImage(f"{name or 'an upload'} is not a usable image: {exc}") from None
-            stored = f"{hashlib.sha256(data).hexdigest()[:32]}{Path(name or 'x.jpg').suffix.lower()[:6]}"
+            # Named by content, under the extension of the format it holds: never one a client chose.
+            stored = f"{hashlib.sha256(data).hexdigest()[:32]}{image_suffix(data)}"
             paths.append(str(store_file(self.root, UPLOAD_DIR, stored, data).resolve()))
         # The SOURCE `add` reads: a list of the stored files, which lives outside the collection.
         with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as listing:
@@ -240,13 +249,13 @@ class SearchService:
         return {"ids": index.ids[rows].tolist(), "generation": index.generation}
 
     def delete(self, item_id: int) -> dict:
-        from ..shards import delete_items
+        """Delete a live item; an id that is not one is 404, also when a concurrent request deleted it first."""
+        from ..shards import NotAnItem, delete_items
         self._check_writable()
         try:
-            self.current().collection.rows_for_ids([item_id], live=True)
-        except HashsearchError as exc:
+            manifest = delete_items(self.root, ids=[item_id], wait=True)
+        except NotAnItem as exc:
             raise NotFound(str(exc)) from None
-        manifest = delete_items(self.root, ids=[item_id], wait=True)
         self.current()
         return {"deleted": item_id, "generation": manifest["generation"]}
 
@@ -277,6 +286,31 @@ class _Locked:
     def encode_batch(self, batch):
         with self._batcher.model_lock:
             return self._batcher.encoder.encode_batch(batch)
+
+
+class ShownPaths:
+    """A stored path as the service shows it to anyone: relative to the collection or to its source's root
+    where it lies in one, else its file name.  Where the server keeps its files is nobody's business."""
+
+    def __init__(self, root: Path, source_spec: str | None):
+        roots = [root]
+        spec = source_spec or ""
+        folder, sep, split = spec.rpartition(":")
+        if os.path.isdir(spec):
+            roots.append(spec)
+        elif os.path.isfile(spec):                  # a list file: its paths are relative to its folder
+            roots.append(os.path.dirname(os.path.abspath(spec)))
+        elif sep and os.path.isdir(folder):         # IDX files: DIR:train
+            roots.append(folder)
+        # Stored paths are absolute as given (encode) or resolved (uploads): both spellings of each root.
+        spelled = {f(r) for r in roots for f in (os.path.abspath, os.path.realpath)}
+        self.prefixes = sorted((r.rstrip(os.sep) + os.sep for r in spelled), key=len, reverse=True)
+
+    def __call__(self, path: str) -> str:
+        for prefix in self.prefixes:
+            if path.startswith(prefix):
+                return path[len(prefix):]
+        return os.path.basename(path) if os.sep in path else path
 
 
 class NoModel(HashsearchError):

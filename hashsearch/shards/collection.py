@@ -49,6 +49,10 @@ class _Vanished(Exception):
     """A file the manifest named is gone because a writer published a newer generation meanwhile."""
 
 
+class NotAnItem(HashsearchError):
+    """An id that is not a live item: never stored, or deleted (by another request a moment ago, say)."""
+
+
 class GenerationGone(HashsearchError):
     """The generation asked for was replaced and its files removed: open the newest one instead."""
 
@@ -355,11 +359,11 @@ class Collection:
         rows = np.minimum(np.searchsorted(all_ids, ids), max(self.n - 1, 0))
         missing = ids[all_ids[rows] != ids] if self.n else ids
         if len(missing):
-            raise HashsearchError(f"{what} {int(missing[0])} is not in collection {self.root}")
+            raise NotAnItem(f"{what} {int(missing[0])} is not in collection {self.root}")
         if live and len(self.deleted_rows):
             gone = np.isin(rows, self.deleted_rows)
             if gone.any():
-                raise HashsearchError(f"{what} {int(ids[gone][0])} was deleted from collection {self.root}")
+                raise NotAnItem(f"{what} {int(ids[gone][0])} was deleted from collection {self.root}")
         return rows
 
     def check_rows(self, rows: np.ndarray) -> None:
