@@ -259,3 +259,84 @@ def test_a_collection_without_a_model_is_searched_by_id_and_refuses_uploads(phot
             service.search_image(png_bytes(paths[3]), "q.png", SearchConfig(k=4))
     finally:
         service.close()
+
+
+# -- hostile input, round 2 ----------------------------------------------------------------------
+def _send_chunked(url: str, path: str, content_type: str, total: int, piece: int = 1 << 16,
+                  first: bytes = b"") -> tuple[int, int]:
+    """POST `first`, then `total` bytes, to `path` as a chunked body, stopping once the server answers:
+    (status, bytes sent)."""
+    import select
+    import socket
+    host, port = url.rsplit("//", 1)[1].split(":")
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        if first:
+            sock.sendall(f"{len(first):x}\r\n".encode() + first + b"\r\n")
+        chunk = f"{piece:x}\r\n".encode() + b"{" * piece + b"\r\n"
+        try:
+            while sent < total and not select.select([sock], [], [], 0)[0]:
+                sock.sendall(chunk)
+                sent += piece
+        except OSError:         # the server answered and closed while we were still sending
+            pass
+        answer = sock.recv(4096).decode("latin-1")
+    return int(answer.split()[1]), sent
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "multipart/form-data; boundary=xyz", "text/plain"])
+def test_a_chunked_body_is_cut_off_at_its_limit(writable, content_type):
+    # a well-formed start of a file part: the multipart parser would spool all the rest to disk
+    part = (b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n") if content_type.startswith("multipart/") else b""
+    status, sent = _send_chunked(writable.url, "/search", content_type, total=64 << 20, first=part)
+    assert status == 413
+    assert sent < 16 << 20          # refused long before the 64 MB were sent (the upload limit here is 1 MB)
+
+
+def test_a_json_nest_too_deep_is_a_400(server):
+    r = httpx.post(server.url + "/search", content=b"[" * 2000 + b"]" * 2000,      # deeper than a parser recurses
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON body" in r.json()["error"]
+    r = httpx.post(server.url + "/search", content=b'{"id": 1, "pad": "' + b"x" * 10_000 + b'"}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_concurrent_deletes_of_one_id_are_one_200_and_the_rest_404(writable):
+    from concurrent.futures import ThreadPoolExecutor
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with ThreadPoolExecutor(10) as pool:
+        codes = list(pool.map(lambda _: httpx.delete(f"{writable.url}/items/9", headers=auth, timeout=60).status_code,
+                              range(10)))
+    assert sorted(codes) == [200] + [404] * 9, codes
+
+
+def test_deleting_the_last_item_leaves_an_empty_collection_that_is_served(writable, paths, tmp_path):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    ids = sorted(paths)
+    (tmp_path / "ids").write_text(" ".join(map(str, ids[1:])))
+    cli("delete", writable.root, "--ids-file", tmp_path / "ids")
+    assert httpx.delete(f"{writable.url}/items/{ids[0]}", headers=auth).status_code == 200
+    health = httpx.get(writable.url + "/health")
+    assert health.status_code == 200 and health.json()["items"] == 0
+    found = httpx.post(writable.url + "/search", files={"image": ("q.png", png_bytes(paths[ids[0]]))})
+    assert found.status_code == 200 and found.json()["results"] == []
+    assert httpx.get(writable.url + "/info").json()["items"] == 0
+
+
+def test_uploads_go_only_into_the_collections_own_folder_under_their_formats_extension(writable, paths, tmp_path):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    png = png_bytes(paths[3])
+    r = httpx.post(writable.url + "/items", files={"image": ("page.html", png)}, headers=auth, timeout=120)
+    assert r.status_code == 200, r.text
+    assert [p.suffix for p in (writable.root / "uploads").iterdir()] == [".png"]      # not the client's .html
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.rmtree(writable.root / "uploads")
+    (writable.root / "uploads").symlink_to(outside)
+    r = httpx.post(writable.url + "/items", files={"image": ("b.png", png_bytes(paths[4]))}, headers=auth)
+    assert r.status_code == 400 and "outside the collection" in r.json()["error"]
+    assert list(outside.iterdir()) == []
