@@ -236,11 +236,13 @@ def duplicates(collection, json_path, html_path, **options):
         click.echo(format_group(group, readable))
     click.echo(f"{len(report['groups'])} group(s) of {report['items']} live items "
                f"({report['pairs']} pairs within {config.max_distance} of each other)", err=True)
+    # stdout holds the groups alone, one a line, for scripts; what was written is said on stderr
     if json_path:
-        _write_json(json_path, report)
+        atomic_write_bytes(json_path, (json.dumps(report, indent=2) + "\n").encode())
+        click.echo(f"wrote {json_path}", err=True)
     if html_path:
         atomic_write_bytes(html_path, html_contact_sheet(report).encode())
-        click.echo(f"wrote {html_path}")
+        click.echo(f"wrote {html_path}", err=True)
 
 
 # -- serve ------------------------------------------------------------------------------
