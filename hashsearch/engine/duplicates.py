@@ -1,14 +1,15 @@
 """Near-duplicate pairs and groups of a collection, from its neighbour codes and F7 (numpy in, numpy out).
 
-  1. Candidates: every pair of items whose neighbour codes (engine/neighbours.py: ITQ fitted to F7, so
-     Hamming distance follows L2) lie within `radius`: a Hamming self-join with faiss's range_search,
-     a block of query rows at a time so that memory stays bounded.  Up to EXACT_JOIN_ROWS items the
+  1. Candidates: each item with each of its JOIN_NEIGHBOURS nearest neighbour codes (engine/neighbours.py:
+     ITQ fitted to F7, so Hamming distance follows L2) that lies within `radius`: a Hamming self-join by
+     faiss's k-nearest search, a block of query rows at a time.  Up to EXACT_JOIN_ROWS items the
      join scans every code (IndexBinaryFlat) and is exact; past that, all-pairs costs n^2 (about 1000 s
      at 1M on this project's 2-core machine), so the codes are put in an IndexBinaryIVF and each item
      is joined against the items of its JOIN_PROBES nearest cells only.  Near-duplicates lie far closer
      than any cell's width, so they share a cell almost always; the README gives the share kept.
   2. Exact check: each candidate pair's L2 distance on F7, read through a callable (the collection's
-     reader), in blocks; pairs within `max_distance` are the duplicates.  Distances are in units of the
+     reader), block by block as the join yields them, so memory holds only the pairs kept; pairs within
+     `max_distance` are the duplicates.  Distances are in units of the
      collection's median F7 length (`feature_scale`), so that one threshold serves models whose F7
      differ in scale.
   3. Groups: connected components of the pairs.  Chaining (a~b, b~c, ... where a and z look nothing
@@ -39,7 +40,10 @@ EXACT_JOIN_ROWS = 100_000
 JOIN_CELL_ROWS = 1000
 JOIN_PROBES = 8
 JOIN_TRAIN_ROWS = 100_000
-# Query rows per range_search: their results and their pairs stay a few MB.
+# Each item's candidates are its nearest codes, this many at most: without a cap, items of a dense region
+# (a class, a burst of shots) within the radius of thousands of others make candidates grow as n^2.
+JOIN_NEIGHBOURS = 64
+# Query rows per search: their candidates stay a few MB.
 JOIN_BLOCK_ROWS = 8192
 # Pairs checked per feature read: at most twice as many F7 rows, 128 MB of 4096-d float32.
 CHECK_BLOCK_PAIRS = 4096
@@ -56,7 +60,7 @@ class Duplicates:
     centres: np.ndarray     # int64 [groups], each group's most central position
     to_centre: np.ndarray   # float32 [n], each grouped position's distance to its group's centre, nan for none
     scale: float            # the median F7 length the distances are measured in
-    candidates: int         # pairs the Hamming join found, before the L2 check
+    candidates: int         # candidate pairs checked by L2 (a pair found from both ends counts twice)
 
     def groups(self, min_group: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each group of at least `min_group`, largest first: (positions, distance of each to the centre),
@@ -86,10 +90,18 @@ def find_duplicates(codes: np.ndarray, features: Callable[[np.ndarray], np.ndarr
     check_thresholds(max_distance, radius, codes.shape[1] * 8)
     if not np.isfinite(scale) or scale <= 0:
         raise HashsearchError(f"the unit of distance must be positive, got {scale}")
-    candidates = hamming_join(codes, int(radius), queries)
-    dist = pair_distances(candidates, features, scale)
-    keep = dist <= max_distance
-    pairs, dist = candidates[keep], dist[keep]
+    kept, kept_dist, candidates = [], [], 0
+    for block in candidate_blocks(codes, int(radius), queries):     # checked a block at a time: memory
+        dist = pair_distances(block, features, scale)                # holds the pairs kept, not the candidates
+        keep = dist <= max_distance
+        kept.append(block[keep])
+        kept_dist.append(dist[keep])
+        candidates += len(block)
+    pairs = np.concatenate(kept) if kept else np.zeros((0, 2), np.int64)
+    dist = np.concatenate(kept_dist) if kept else np.zeros(0, np.float32)
+    # Both ends of a pair may find it: keep it once.
+    pairs, first = np.unique(pairs, axis=0, return_index=True)
+    dist = dist[first]
     labels, centres = group_pairs(len(codes), pairs, dist)
     return Duplicates(pairs, dist, labels, centres, distances_to_centres(pairs, dist, labels, centres),
                       float(scale), len(candidates))
@@ -124,26 +136,28 @@ def _join_index(codes: np.ndarray):
     return index
 
 
-def hamming_join(codes: np.ndarray, radius: int, queries: np.ndarray | None = None) -> np.ndarray:
-    """Pairs of positions (int64 [m, 2], i < j, each once, sorted) whose codes differ in at most `radius`
-    bits; with `queries`, only the pairs holding one of those positions."""
+def candidate_blocks(codes: np.ndarray, radius: int, queries: np.ndarray | None = None):
+    """Yield blocks of candidate pairs (int64 [m, 2], i < j): each query position with each of its
+    JOIN_NEIGHBOURS nearest codes that lies within `radius` bits.  A pair may come twice, from both ends."""
     n = len(codes)
     queries = np.arange(n) if queries is None else np.unique(np.asarray(queries, np.int64))
     if n < 2 or not len(queries):
-        return np.zeros((0, 2), np.int64)
+        return
     index = _join_index(codes)
-    parts = []
+    k = min(JOIN_NEIGHBOURS + 1, n)         # + 1: an item finds itself
     with faiss_threads(MAX_THREADS):
         for a in range(0, len(queries), JOIN_BLOCK_ROWS):
             q = queries[a:a + JOIN_BLOCK_ROWS]
-            lims, _, found = index.range_search(codes[q], radius + 1)    # faiss keeps distances < radius + 1
-            mine = np.repeat(q, np.diff(lims).astype(np.int64))
-            found = found.astype(np.int64, copy=False)
-            pair = np.stack([np.minimum(mine, found), np.maximum(mine, found)], 1)
-            parts.append(pair[pair[:, 0] != pair[:, 1]])
-    pairs = np.concatenate(parts)
-    # Both ends of a pair find it when both are queries: keep it once.
-    return np.unique(pairs, axis=0) if len(pairs) else pairs
+            dist, found = index.search(codes[q], k)
+            near = (found >= 0) & (dist <= radius) & (found != q[:, None])
+            mine, found = np.broadcast_to(q[:, None], found.shape)[near], found[near].astype(np.int64)
+            yield np.stack([np.minimum(mine, found), np.maximum(mine, found)], 1)
+
+
+def hamming_join(codes: np.ndarray, radius: int, queries: np.ndarray | None = None) -> np.ndarray:
+    """Every candidate pair of `candidate_blocks`, each once, sorted."""
+    blocks = list(candidate_blocks(codes, radius, queries))
+    return np.unique(np.concatenate(blocks), axis=0) if blocks else np.zeros((0, 2), np.int64)
 
 
 def pair_distances(pairs: np.ndarray, features: Callable[[np.ndarray], np.ndarray], scale: float) -> np.ndarray:
