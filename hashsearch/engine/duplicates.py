@@ -104,7 +104,7 @@ def find_duplicates(codes: np.ndarray, features: Callable[[np.ndarray], np.ndarr
     dist = dist[first]
     labels, centres = group_pairs(len(codes), pairs, dist)
     return Duplicates(pairs, dist, labels, centres, distances_to_centres(pairs, dist, labels, centres),
-                      float(scale), len(candidates))
+                      float(scale), candidates)
 
 
 def feature_scale(features: Callable[[np.ndarray], np.ndarray], n: int, seed: int = 0) -> float:
