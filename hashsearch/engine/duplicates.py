@@ -3,7 +3,7 @@
   1. Candidates: each item with each of its JOIN_NEIGHBOURS nearest neighbour codes (engine/neighbours.py:
      ITQ fitted to F7, so Hamming distance follows L2) that lies within `radius`: a Hamming self-join by
      faiss's k-nearest search, a block of query rows at a time.  Up to EXACT_JOIN_ROWS items the
-     join scans every code (IndexBinaryFlat) and is exact; past that, all-pairs costs n^2 (about 1000 s
+     join scans every code (IndexBinaryFlat), so an item's nearest codes are exactly those; past that, all-pairs costs n^2 (about 1000 s
      at 1M on this project's 2-core machine), so the codes are put in an IndexBinaryIVF and each item
      is joined against the items of its JOIN_PROBES nearest cells only.  Near-duplicates lie far closer
      than any cell's width, so they share a cell almost always; the README gives the share kept.
