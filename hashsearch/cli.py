@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .config import (ADD_SKIPS, WAIT_HELP, CompactConfig, EncodeBenchConfig, EncodeConfig, EvalConfig,
+from .config import (ADD_SKIPS, WAIT_HELP, CompactConfig, DuplicatesBenchConfig, DuplicatesConfig, EncodeBenchConfig, EncodeConfig, EvalConfig,
                      ExhaustiveBenchConfig, IndexConfig, LiveBenchConfig, PeersBenchConfig, RayEncodeConfig, RaySearchConfig,
                      SearchConfig, ServeBenchConfig, ServeConfig, ShardedBenchConfig, TrainConfig)
 from .errors import HashsearchError
@@ -226,6 +226,36 @@ def query(collection, images, ids, model_path, index_dir, as_json, ray, address,
                        f"{readable(r['path'])}")
 
 
+# -- duplicates -------------------------------------------------------------------------
+@main.command()
+@click.argument("collection")
+@click_options(DuplicatesConfig)
+@click.option("--json", "json_path", help="Write the groups to this JSON file.")
+@click.option("--html", "html_path", help="Write a contact sheet of the groups, with thumbnails, to this HTML file.")
+def duplicates(collection, json_path, html_path, **options):
+    """Groups of near-duplicate items of COLLECTION: one group a line, its most central item first."""
+    from .engine import Index
+    from .duplicates_report import describe_groups, format_group, html_contact_sheet
+    for path, what in ((json_path, "--json"), (html_path, "--html")):
+        if path:
+            check_output_file(path, what)
+    config = DuplicatesConfig(**options)
+    with Index.open(collection) as index:
+        found = index.duplicates(config)
+        report = describe_groups(index.collection, found, config)
+    for group in report["groups"]:
+        click.echo(format_group(group, readable))
+    click.echo(f"{len(report['groups'])} group(s) of {report['items']} live items "
+               f"({report['pairs']} pairs within {config.max_distance} of each other)", err=True)
+    # stdout holds the groups alone, one a line, for scripts; what was written is said on stderr
+    if json_path:
+        atomic_write_bytes(json_path, (json.dumps(report, indent=2) + "\n").encode())
+        click.echo(f"wrote {json_path}", err=True)
+    if html_path:
+        atomic_write_bytes(html_path, html_contact_sheet(report).encode())
+        click.echo(f"wrote {html_path}", err=True)
+
+
 # -- serve ------------------------------------------------------------------------------
 @main.command()
 @click.argument("collection")
@@ -398,6 +428,18 @@ def bench_peers(json_path, plot_path, **options):
     if plot_path:
         plot_peers(result, plot_path)
         click.echo(f"wrote {plot_path}")
+
+
+@bench.command("duplicates")
+@click.argument("source")
+@click.option("--model", "model_path", required=True, help="Checkpoint to encode the test set with.")
+@click_options(DuplicatesBenchConfig)
+@_json_results
+def bench_duplicates(source, model_path, json_path, **options):
+    """Pair precision, recall and time of `duplicates` on SOURCE's images with planted edited copies."""
+    from .bench.duplicates import format_duplicates_report, run_duplicates_bench
+    _existing(model_path, "model")
+    _report(json_path, lambda: run_duplicates_bench(source, model_path, **options), format_duplicates_report)
 
 
 bench_sharded = _config_bench("sharded", ShardedBenchConfig, "Partitioned search on a local Ray cluster against one "

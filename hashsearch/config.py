@@ -37,6 +37,38 @@ NEIGHBOUR_POOL = 500
 # search").  Larger collections (1M x 4096-d is 8 GB) are read row by row and their RSS stays small.
 FEATURES_IN_RAM_MB = 1024
 WAIT_HELP = "If another process is writing the collection, wait for it instead of failing."
+
+
+# `hashsearch duplicates` (engine/duplicates.py).  A pair is two items whose F7 lie within DUPLICATE_DISTANCE
+# of each other, measured in units of the collection's median F7 length, so that one default serves models
+# whose F7 differ in scale.  Chosen on CIFAR-10's test images with planted edited copies (README,
+# "Near-duplicate groups"): the largest threshold measured at which both models' pairs are at least 95 %
+# true (0.975 and 1.000); at 0.3 one model's fall to 0.949.  False groups are what users of photo
+# libraries complain of first, so precision rules the default.
+DUPLICATE_DISTANCE = 0.25
+# Candidates are the pairs whose neighbour codes lie within this Hamming radius: on the same test set every
+# pair within 0.3 of each other in F7 lay within 64 of 256 bits, with either model (at 0.35, 10 of 628 of the
+# small model's did not); a wider radius only adds candidates to check.
+DUPLICATE_RADIUS = 64
+
+
+def threshold(name: str, value) -> None:
+    # 0 finds only identical F7; a negative or non-finite one would find nothing, or everything.
+    not_negative(name, value)
+
+
+@dataclass
+class DuplicatesConfig(Options):
+    max_distance: float = option(DUPLICATE_DISTANCE, "Pairs whose F7 lie within this L2 distance, in units of "
+                                                     "the collection's median F7 length.", check=threshold)
+    radius: int = option(DUPLICATE_RADIUS, "Candidate pairs: neighbour codes within this Hamming radius.",
+                         check=not_negative)
+    min_group: int = option(2, "Report groups of at least this many items.", check=in_range(2, 1 << 31))
+    limit_groups: int | None = option(None, "Report only the N largest groups.", check=positive)
+    since: int | None = option(None, "Only groups holding an item added after this generation (only the new "
+                                     "items are joined against the rest).", check=not_negative)
+
+
 def gpu_share(name: str, value) -> None:
     # Ray places a fraction of one GPU, or whole GPUs: 1.5 is neither.
     not_negative(name, value)
@@ -361,6 +393,21 @@ class ExhaustiveBenchConfig(BenchData):
                                    choices=COARSE_KINDS)
     neighbour_pool: int = option(SearchConfig.neighbour_pool, "hds's neighbour pool, as query's --neighbour-pool.",
                                  check=not_negative)
+
+
+@dataclass
+class DuplicatesBenchConfig(Options):
+    # A tenth of the images with 1-3 copies each: about 2,000 planted pairs among 12,000 images of CIFAR-10.
+    share: float = option(0.1, "Share of SOURCE's images that get 1 to 3 edited copies.", check=fraction)
+    seed: int = option(0, "Which images are edited, and how.", check=seed_range)
+    distances: str = option("0.1,0.2,0.25,0.3,0.35,0.4,0.5", "Thresholds (duplicates' --max-distance) to "
+                                                             "score, comma-separated.")
+    work: str | None = option(None, "Folder for the test set, its collection and the synthetic one, reused by a "
+                                    "later run [a temporary one, removed].")
+    synthetic_n: int = option(0, "Also time `hashsearch duplicates` on a synthetic collection of this many "
+                                 "items with planted duplicates (0: skip).", check=not_negative)
+    synthetic_dim: int = option(512, "F7 dimension of the synthetic collection (the small backbone's).",
+                                check=positive)
 
 
 @dataclass

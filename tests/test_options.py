@@ -30,6 +30,8 @@ COMMANDS = [
     (("bench", "serve"), cfg.ServeBenchConfig, ()),
     (("bench", "sharded"), cfg.ShardedBenchConfig, ()),
     (("bench", "peers"), cfg.PeersBenchConfig, ()),
+    (("bench", "duplicates"), cfg.DuplicatesBenchConfig, ()),
+    (("duplicates",), cfg.DuplicatesConfig, ()),
     (("serve",), cfg.ServeConfig, ()),
     (("serve",), cfg.RaySearchConfig, ()),
 ]
@@ -61,7 +63,8 @@ def test_no_command_declares_a_default_of_its_own():
     from_configs = {(tuple(p), f.name) for p, c, skip in COMMANDS for f in dataclasses.fields(c) if f.name not in skip}
     own_defaults = []
     for path in [("train",), ("encode",), ("add",), ("delete",), ("compact",), ("build-index",), ("query",), ("info",),
-                 ("eval",), ("bench", "exhaustive"), ("bench", "encode"), ("bench", "live"), ("bench", "serve"), ("bench", "sharded"), ("bench", "peers"), ("serve",)]:
+                 ("eval",), ("bench", "exhaustive"), ("bench", "encode"), ("bench", "live"), ("bench", "serve"), ("bench", "sharded"), ("bench", "peers"), ("bench", "duplicates"),
+                 ("duplicates",), ("serve",)]:
         for p in command(path).params:
             unset = type(p.default).__name__ == "Sentinel"       # click 8.3's "no default given"
             if p.param_type_name == "option" and (path, p.name) not in from_configs \

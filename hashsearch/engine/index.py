@@ -419,6 +419,12 @@ class Index(SearchTarget):
             rows = np.where(keep, np.take_along_axis(rows, order, 1), -1)
         return self._result(gen, rows, dist, hamming_of_results(query_codes, gen.codes, rows))
 
+    def duplicates(self, params=None, **options):
+        """The near-duplicate pairs and groups of the live items (engine/duplicates.py): `params`, a
+        DuplicatesConfig, with `options` (max_distance, radius, since) replacing its fields."""
+        from .duplicates import collection_duplicates
+        return collection_duplicates(self._current(), params, **options)
+
     def close(self) -> None:
         """Release the shard file handles and search threads; any later call raises."""
         if self._closed:

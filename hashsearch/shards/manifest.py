@@ -63,10 +63,37 @@ def manifest_stamp(root: str | os.PathLike) -> tuple:
 
 def publish(root: str | os.PathLike, manifest: dict) -> dict:
     """Write `manifest` as the next generation (the caller holds the collection's lock)."""
-    manifest["generation"] = int(manifest.get("generation", 0)) + 1
+    before = int(manifest.get("generation", 0))
+    manifest["generation"] = before + 1
+    _mark_additions(manifest, before)
     manifest["version"] = VERSION
     write_manifest(root, manifest)
     return manifest
+
+
+def _mark_additions(manifest: dict, before: int) -> None:
+    """Keep `added`: [generation, next_id after it] wherever next_id grew, so that `duplicates --since G`
+    knows which ids came after generation G.  A new collection starts it at [0, 0]; one written before
+    this record starts it at the first generation published since."""
+    marks = manifest.get("added")
+    if marks is None:
+        marks = [[0, 0]] if before == 0 else []
+    next_id = int(manifest.get("next_id", 0))
+    if not marks or next_id > marks[-1][1]:
+        marks = [*marks, [manifest["generation"], next_id]]
+    manifest["added"] = marks
+
+
+def first_id_after(manifest: dict, generation: int, root) -> int:
+    """The first id of the items added after `generation` (ids grow with every addition)."""
+    if generation >= int(manifest.get("generation", 0)):
+        return int(manifest.get("next_id", 0))
+    marks = [m for m in manifest.get("added") or [] if m[0] <= generation]
+    if not marks:
+        first = (manifest.get("added") or [[manifest.get("generation", 0)]])[0][0]
+        raise HashsearchError(f"collection {root} records what each generation added only from generation "
+                              f"{first} on; give a generation from {first} up")
+    return int(marks[-1][1])
 
 
 def inside(root: Path, name, what: str) -> Path:
@@ -156,6 +183,9 @@ def _check_manifest(m: dict) -> None:
     for key in ("generation", "items", "rejected", "deleted", "next_id", "next_shard", "shard_size"):
         _need(key not in m or _is_int(m[key]), f"{key} {m.get(key)!r} is not a non-negative integer")
     _need(isinstance(m.get("complete", False), bool), "complete is not true or false")
+    added = m.get("added", [])
+    _need(isinstance(added, list) and all(isinstance(a, list) and len(a) == 2 and _is_int(a[0]) and _is_int(a[1])
+                                          for a in added), "added is not a list of [generation, id] pairs")
     names = m.get("class_names")
     _need(names is None or (isinstance(names, list) and all(isinstance(c, str) for c in names)),
           "class_names is not a list of names")

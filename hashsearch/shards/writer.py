@@ -35,7 +35,7 @@ from .manifest import (FEATURE_DTYPES, FORMAT, VERSION, check_counters, file_sha
 # the others (model, source, class names, ...) describe its items.
 WRITER_KEYS = frozenset({"format", "version", "complete", "generation", "bits", "feature_dim", "feature_dtype",
                          "shard_size", "items", "deleted", "rejected", "next_id", "next_shard", "shards",
-                         "tombstones", "index"})
+                         "tombstones", "index", "added"})
 # Keys that must match for a run to continue an existing collection.
 IDENTITY_KEYS = ("bits", "feature_dim", "feature_dtype", "model_fingerprint", "source", "shard_size", "precision")
 _COPY_BLOCK = 16384
