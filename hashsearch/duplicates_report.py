@@ -1,6 +1,6 @@
 """What `hashsearch duplicates` shows of Index.duplicates's answer: the groups as JSON-ready dicts, one line
 of text a group, and a static HTML contact sheet whose thumbnails are data: URIs made from the items' own
-images (encoders.sources.load_item), so the sheet needs nothing beside it."""
+images (encoders.item_images, as the service's thumbnails are made), so the sheet needs nothing beside it."""
 from __future__ import annotations
 
 import base64
@@ -23,7 +23,8 @@ def describe_groups(coll, found, config: DuplicatesConfig) -> dict:
         paths = coll.paths(rows)
         out.append({"items": [{"id": int(ids[r]), "path": p, "distance": round(float(d), 4)}
                               for r, p, d in zip(rows.tolist(), paths, dist.tolist())]})
-    return {"collection": str(coll.root), "generation": found.generation, "items": len(found.rows),
+    return {"collection": str(coll.root), "source": coll.manifest.get("source_spec"),
+            "generation": found.generation, "items": len(found.rows),
             "max_distance": config.max_distance, "radius": config.radius, "since": config.since,
             "distance_unit": found.found.scale, "pairs": len(found.found.pairs),
             "candidates": found.found.candidates, "groups": out}
@@ -35,12 +36,12 @@ def format_group(group: dict, readable=str) -> str:
                      for k, item in enumerate(group["items"]))
 
 
-def thumbnail_uri(path: str) -> str | None:
-    """A data: URI of a small JPEG of the item at `path`, or None where its image cannot be read."""
+def thumbnail_uri(path: str, images) -> str | None:
+    """A data: URI of a small JPEG of the item at `path` (read by `images`, an ItemImages), or None where its
+    image cannot be read."""
     from .encoders.images import ImageRejected
-    from .encoders.sources import load_item
     try:
-        image = load_item(path)
+        image = images.load(path)
     except ImageRejected:
         return None
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
@@ -59,7 +60,9 @@ figure.centre img{outline:3px solid #36c}""" % ((THUMBNAIL_SIDE,) * 3)
 def html_contact_sheet(report: dict) -> str:
     """A static page of the report's groups: each item's thumbnail, id, path and distance to its centre
     (outlined); a placeholder where an item's image cannot be read."""
+    from .encoders.item_images import ItemImages
     esc = html.escape
+    images = ItemImages(report.get("source"))
     parts = ["<!doctype html><meta charset='utf-8'>",
              f"<title>Near-duplicates of {esc(report['collection'])}</title><style>{_STYLE}</style>",
              f"<h1>{len(report['groups'])} near-duplicate group(s)</h1>",
@@ -68,7 +71,7 @@ def html_contact_sheet(report: dict) -> str:
     for g, group in enumerate(report["groups"], 1):
         parts.append(f"<section><h2>Group {g}: {len(group['items'])} items</h2>")
         for k, item in enumerate(group["items"]):
-            uri = thumbnail_uri(item["path"])
+            uri = thumbnail_uri(item["path"], images)
             picture = f"<img src='{uri}' alt=''>" if uri else "<div class='missing'>no image</div>"
             distance = "centre" if k == 0 else f"{item['distance']:.3f}"
             parts.append(f"<figure class='{'centre' if k == 0 else ''}'>{picture}<figcaption>id {item['id']} "

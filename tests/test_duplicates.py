@@ -171,11 +171,12 @@ def test_the_html_names_only_items_of_the_collection(planted_copy, planted):
 
 
 def test_thumbnails_of_idx_members_are_read(collection):
-    from hashsearch.encoders.sources import load_item, open_source
+    from hashsearch.encoders.item_images import ItemImages
+    from hashsearch.encoders.sources import open_source
     if not os.path.isdir(FMNIST):
         pytest.skip("dataset-fashion-mnist not installed")
     source = open_source("fashion-mnist:test", limit=3)
-    assert load_item(source.path(2)).tobytes() == source.load(2).tobytes()
+    assert ItemImages(None).load(source.path(2)).tobytes() == source.load(2).tobytes()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import gzip
 import hashlib
 import os
@@ -261,27 +260,6 @@ def open_source(spec: str, *, data_dir: str | None = None, limit: int | None = N
             raise HashsearchError(f"no IDX files for split {split!r} in {root}")
         return IdxSource(f"{root}:{split}", *files, limit=limit)
     raise HashsearchError(f"source not found: {spec} (expected {_SOURCE_KINDS})")
-
-
-def load_item(path: str) -> Image.Image:
-    """The image of a stored item path: an image file, or FILE#i, item i of an IDX file (IdxSource.path).
-    Raises ImageRejected where there is none to read (a synthetic item, a moved file)."""
-    from hashsearch.encoders.images import ImageRejected
-    base, sep, index = path.rpartition("#")
-    if sep and index.isdigit() and not is_image_name(path):
-        try:
-            images = _idx_images(base)
-        except (OSError, ValueError, HashsearchError) as exc:
-            raise ImageRejected(f"unreadable IDX file: {exc}") from None
-        if int(index) >= len(images):
-            raise ImageRejected(f"{base} holds no item {index}")
-        return image_from_array(images[int(index)])
-    return load_image(path)
-
-
-@functools.lru_cache(maxsize=2)
-def _idx_images(path: str) -> np.ndarray:
-    return _read_idx(path)
 
 
 def _open_synthetic(spec: str, rest: str, limit: int | None) -> Source:
