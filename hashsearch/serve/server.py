@@ -1,8 +1,7 @@
 """`hashsearch serve`: load once, then answer on uvicorn until stopped."""
 from __future__ import annotations
 
-import dataclasses
-import json
+import functools
 import os
 
 from ..config import RaySearchConfig, ServeConfig
@@ -32,17 +31,12 @@ def build_app(collection, config: ServeConfig, index=None):
     return create_app(service, token=token)
 
 
-# How the parent of a multi-worker server tells its spawned workers what to serve.
-_WORKER_SPEC = "HASHSEARCH_SERVE_WORKER"
-
-
 def run_server(collection, config: ServeConfig, log=print, ray: RaySearchConfig | None = None) -> None:
     """`hashsearch serve`: until interrupted.  `ray` searches over partitions on Ray.
 
-    With several workers, uvicorn spawns that many processes on one listening socket, each with its own
-    service (collection, index, model) following the collection's generations.  The parent builds the
-    app once first, so that a bad collection, index, model or token is one line here, not a worker that
-    dies at start, again and again."""
+    With several workers (serve/workers.py), each process holds its own service (collection, index, model)
+    and follows the collection's generations.  The parent builds the app once first, so that a bad
+    collection, index, model or token is one line here, not a worker that dies at start."""
     import uvicorn
     from ..config import serve_workers
     from ..retrieval import search_index
@@ -57,10 +51,8 @@ def run_server(collection, config: ServeConfig, log=print, ray: RaySearchConfig 
             log(f"serving {collection} on http://{config.host}:{config.port}/{where}  (OpenAPI at /openapi.json)")
             uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_keep_alive=5)
         return
-    app = build_app(collection, config)
-    app.state.service.close()
-    del app
-    os.environ[_WORKER_SPEC] = json.dumps({"collection": str(collection), "config": dataclasses.asdict(config)})
+    from .workers import serve_in_workers
+    build_app(collection, config).state.service.close()
     # Each spawned worker gets its share of the cores for BLAS, OpenMP (faiss) and torch, which read these as
     # they load.  With every core each, a query's 4096 x 256 neighbour projection took ~6 ms instead of
     # ~0.1 ms (measured at 1M, 2 workers): their threads spun against each other's.
@@ -69,14 +61,7 @@ def run_server(collection, config: ServeConfig, log=print, ray: RaySearchConfig 
         os.environ[name] = threads
     log(f"serving {collection} on http://{config.host}:{config.port}/ with {workers} worker processes  "
         f"(OpenAPI at /openapi.json)")
-    uvicorn.run(f"{__name__}:worker_app", factory=True, workers=workers, host=config.host, port=config.port,
-                log_level="warning", timeout_keep_alive=5)
-
-
-def worker_app():
-    """The app of one worker process of a multi-worker server (run_server), from the parent's spec."""
-    spec = json.loads(os.environ[_WORKER_SPEC])
-    return build_app(spec["collection"], ServeConfig(**spec["config"]))
+    serve_in_workers(workers, config.host, config.port, functools.partial(build_app, str(collection), config), log)
 
 
 class ServerProcess:
