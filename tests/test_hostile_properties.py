@@ -1374,3 +1374,49 @@ def test_checkpoint_with_non_finite_weights_is_refused(checkpoint, where, value)
     torch.save({"conv.weight": torch.full((2, 2), value)}, d / "backbone.pt")      # --weights of a backbone
     with pytest.raises(HashsearchError, match="conv.weight holds NaN or infinite values"):
         read_weights(d / "backbone.pt")
+
+
+# -- request bodies -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def service_client(photo_collection):
+    """The HTTP app over the photo collection, in this process: its body limits are middleware of the app."""
+    from fastapi.testclient import TestClient
+    from hashsearch.serve.app import create_app
+    from hashsearch.serve.service import SearchService
+    service = SearchService(photo_collection, max_upload_mb=0.25)
+    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+        yield client
+    service.close()
+
+
+def _body(kind: str, size: int, depth: int) -> bytes:
+    if kind == "nested":
+        return b"[" * depth + b"]" * depth
+    if kind == "json":
+        return b'{"id": 3, "pad": "' + b"x" * size + b'"}'
+    if kind == "multipart":
+        return (b'--b0\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n" + b"\x89PNG" + b"\0" * size + b"\r\n--b0--\r\n")
+    return os.urandom(size)
+
+
+@settings(PROPERTY_SETTINGS, max_examples=40)
+@example(kind="nested", size=0, depth=2000, chunked=True, content_type="application/json")   # past a recursion
+@given(kind=st.sampled_from(["json", "nested", "multipart", "bytes"]),
+       size=st.sampled_from([0, 10, 4000, 5000, 300_000, 2_000_000]),
+       depth=st.integers(1, 3000), chunked=st.booleans(),
+       content_type=st.sampled_from(["application/json", "multipart/form-data; boundary=b0", "text/plain", None]))
+def test_request_bodies_get_an_answer_never_a_500(service_client, kind, size, depth, chunked, content_type):
+    """Any body, chunked or with a Content-Length, oversized or nested, is answered with one JSON error or a
+    result; one over its limit is 413 whichever way it was sent."""
+    from hashsearch.serve.app import SMALL_BODY_BYTES
+    body = _body(kind, size, depth)
+    headers = {"content-type": content_type} if content_type else {}
+    content = (body[i:i + 65536] for i in range(0, max(len(body), 1), 65536)) if chunked else body
+    r = service_client.post("/search", content=content, headers=headers)
+    assert r.status_code in (200, 400, 404, 413, 415), (r.status_code, r.text[:200])
+    assert r.headers["content-type"] == "application/json" and ("error" in r.json()) == (r.status_code != 200)
+    limit = (SMALL_BODY_BYTES if not (content_type or "").startswith("multipart/")
+             else int(0.25 * (1 << 20)) + (1 << 16))
+    if len(body) > limit:
+        assert r.status_code == 413, (kind, len(body), r.text[:200])
