@@ -103,7 +103,7 @@ def _child(args: dict) -> dict:
         settings = dataclasses.replace(params, mode=mode, radius=radius if mode == "hds" else None)
         return lambda a, b: index.search(codes[a:b], feats[a:b], settings).rows
 
-    out = {"open_seconds": open_seconds, "timings": {}}
+    out = {"open_seconds": open_seconds, "timings": {}, "features_in_ram": index.features_in_ram}
     for batch in args["batches"]:
         timing = out["timings"][str(batch)] = {}
         for method, mode in (("hierarchical", "hds"), ("binary", "bcs")):
@@ -294,7 +294,8 @@ def _summary(cfg: ExhaustiveBenchConfig, setup: dict, searched: dict, exhaustive
     truth, hds, bcs = exhaustive["truth"], searched["hds_rows"], searched["bcs_rows"]
     result.update(recall_at_10=recall_at_k(hds, truth), recall_at_10_binary=recall_at_k(bcs, truth),
                   top10={"exhaustive": truth.tolist(), "hierarchical": hds, "binary": bcs})
-    result.update({key: searched[key] for key in ("open_seconds", "rss_mb", "rss_end_mb", "mean_candidates")})
+    result.update({key: searched[key] for key in ("open_seconds", "rss_mb", "rss_end_mb", "mean_candidates",
+                                                  "features_in_ram")})
     return result
 
 
@@ -360,7 +361,8 @@ def format_report(result: dict) -> str:
               f"batch-1 exhaustive timed on {e1} of {r['queries']} queries; faiss threads for exhaustive "
               f"(faster of 1 and all, per batch size): "
               + ", ".join(f"{n} at batch {b}" for b, n in r["exhaustive_threads"].items()),
-              "hierarchical and binary timed after one untimed pass (features page-cached, read by pread)"]
+              "hierarchical and binary timed after one untimed pass ("
+              + ("features held in RAM)" if r.get("features_in_ram") else "features page-cached, read by pread)")]
     m = r["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, faiss {m['faiss']} "
                  f"({m['faiss_options']}), numpy {m['numpy']}; load average {m['load_average'][0]:.2f} at the end"

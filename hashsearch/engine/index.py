@@ -161,6 +161,11 @@ class Index(SearchTarget):
     def meta(self) -> dict:
         return self._current().meta
 
+    @property
+    def features_in_ram(self) -> bool:
+        """Whether the rerank reads F7 from RAM (it fits the budget Index.open was given) or from the shards."""
+        return self._current().reader.in_ram is not None
+
     @classmethod
     def build(cls, collection, kind: str = "flat", out=None, *, wait: bool = False, **params) -> "Index":
         """Build the coarse index over the collection's live rows.
