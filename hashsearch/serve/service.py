@@ -174,13 +174,17 @@ class SearchService:
         return answer | {"generation": index.generation}
 
     # -- items ----------------------------------------------------------------------------
-    def item(self, item_id: int) -> dict:
+    def _live_row(self, item_id: int) -> tuple[Index, int]:
+        """The index on the newest generation and the item's row in it; NotFound if it is not a live item."""
         index = self.current()
-        coll = index.collection
         try:
-            row = int(coll.rows_for_ids([item_id], live=True)[0])
+            return index, int(index.collection.rows_for_ids([item_id], live=True)[0])
         except HashsearchError as exc:
             raise NotFound(str(exc)) from None
+
+    def item(self, item_id: int) -> dict:
+        index, row = self._live_row(item_id)
+        coll = index.collection
         names = coll.manifest.get("class_names") or []
         label = int(coll.labels()[row])
         return {"id": item_id, "path": self._shown(coll.paths([row])[0]), "code": index.codes[row].tobytes().hex(),
@@ -189,9 +193,8 @@ class SearchService:
     def thumbnail(self, item_id: int) -> bytes:
         """A JPEG of the item's image, made on first request and cached: from its file, its IDX file or
         its synthetic source, as encode read it."""
-        self.item(item_id)          # a deleted id is 404 even while its thumbnail is cached
-        coll = self.current().collection
-        path = coll.paths(coll.rows_for_ids([item_id]))[0]
+        index, row = self._live_row(item_id)    # a deleted id is 404 even while its thumbnail is cached
+        path = index.collection.paths([row])[0]
         with self._thumbnails_lock:
             cached = self._thumbnails.get(item_id)
         if cached is not None:
