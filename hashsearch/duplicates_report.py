@@ -7,6 +7,8 @@ import base64
 import html
 import io
 
+import numpy as np
+
 from .config import DuplicatesConfig
 
 # Thumbnails of a contact sheet: small enough that a sheet of thousands of items stays a few MB.
@@ -18,11 +20,11 @@ def describe_groups(coll, found, config: DuplicatesConfig) -> dict:
     each item with its id, path and distance to the group's centre, the centre first."""
     groups = found.groups(config.min_group, config.limit_groups)
     ids = coll.ids()
+    named = iter(coll.paths(np.concatenate([rows for rows, _ in groups])) if groups else [])   # one read
     out = []
     for rows, dist in groups:
-        paths = coll.paths(rows)
-        out.append({"items": [{"id": int(ids[r]), "path": p, "distance": round(float(d), 4)}
-                              for r, p, d in zip(rows.tolist(), paths, dist.tolist())]})
+        out.append({"items": [{"id": int(ids[r]), "path": next(named), "distance": round(float(d), 4)}
+                              for r, d in zip(rows.tolist(), dist.tolist())]})
     return {"collection": str(coll.root), "source": coll.manifest.get("source_spec"),
             "generation": found.generation, "items": len(found.rows),
             "max_distance": config.max_distance, "radius": config.radius, "since": config.since,
