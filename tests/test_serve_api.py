@@ -340,3 +340,22 @@ def test_uploads_go_only_into_the_collections_own_folder_under_their_formats_ext
     r = httpx.post(writable.url + "/items", files={"image": ("b.png", png_bytes(paths[4]))}, headers=auth)
     assert r.status_code == 400 and "outside the collection" in r.json()["error"]
     assert list(outside.iterdir()) == []
+
+
+def test_duplicates_are_paged_and_follow_deletes(writable, paths):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    added = httpx.post(writable.url + "/items", files={"image": ("copy.png", png_bytes(paths[5]))}, headers=auth,
+                       timeout=120)
+    copy = added.json()["ids"][0]
+    r = httpx.get(writable.url + "/duplicates", params={"limit": 100}, timeout=120)
+    assert r.status_code == 200, r.text
+    groups = [[item["id"] for item in g["items"]] for g in r.json()["groups"]]
+    assert any(set(g) >= {5, copy} for g in groups), groups
+    assert all(not os.path.isabs(item["path"]) for g in r.json()["groups"] for item in g["items"])
+    page = httpx.get(writable.url + "/duplicates", params={"offset": r.json()["groups_total"], "limit": 5}).json()
+    assert page["groups"] == [] and page["groups_total"] == r.json()["groups_total"]
+    for bad in ({"limit": 0}, {"limit": 101}, {"offset": -1}, {"limit": "x"}):
+        assert httpx.get(writable.url + "/duplicates", params=bad).status_code == 400, bad
+    assert httpx.delete(f"{writable.url}/items/{copy}", headers=auth).status_code == 200
+    after = httpx.get(writable.url + "/duplicates", params={"limit": 100}, timeout=120).json()
+    assert all(item["id"] != copy for g in after["groups"] for item in g["items"])

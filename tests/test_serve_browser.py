@@ -276,3 +276,25 @@ def test_an_item_whose_file_is_gone_shows_a_placeholder(page, photo_collection, 
             assert page.locator("figure.hit .placeholder").count() == 1 and card_ids(page) == expected
         finally:
             os.rename(items[gone] + ".away", items[gone])
+
+
+def test_the_duplicates_page_shows_groups_with_their_thumbnails(page, photo_collection, items, tmp_path):
+    import shutil
+    from playwright.sync_api import expect
+    from conftest import cli
+    root = tmp_path / "coll"
+    shutil.copytree(photo_collection, root)
+    (tmp_path / "copies").mkdir()
+    shutil.copy(items[sorted(items)[5]], tmp_path / "copies" / "copy.png")     # the same image again
+    cli("add", root, tmp_path / "copies", "--workers", 0, "--quiet")
+    with LiveServer(root) as server:
+        with urllib.request.urlopen(f"{server.url}/duplicates?limit=100", timeout=60) as r:
+            groups = json.load(r)["groups"]
+        page.goto(f"{server.url}/duplicates.html")
+        expect(page.locator("section.group")).to_have_count(min(len(groups), 10))
+        first = page.locator("section.group").first
+        expect(first.locator("figure.hit")).to_have_count(len(groups[0]["items"]))
+        expect(first.locator("figure.hit.centre")).to_have_count(1)
+        page.wait_for_function("() => [...document.querySelectorAll('figure.hit img')]"
+                               ".every(img => img.complete && img.naturalWidth > 0)")
+        assert any(sorted(items)[5] in [i["id"] for i in g["items"]] for g in groups)

@@ -291,7 +291,7 @@ def collection_duplicates(gen, params=None, **options) -> CollectionDuplicates:
     """The duplicates among the live items of `gen` (an engine.generation.Generation), by `params` (a
     DuplicatesConfig) with `options` replacing its fields."""
     import dataclasses
-    from ..config import DuplicatesConfig
+    from ..config import DUPLICATE_RADIUS, DuplicatesConfig
     from ..shards.manifest import first_id_after
     params = DuplicatesConfig(**options) if params is None else dataclasses.replace(params, **options)
     coll = gen.collection
@@ -307,6 +307,8 @@ def collection_duplicates(gen, params=None, **options) -> CollectionDuplicates:
     if params.since is not None:
         since_id = first_id_after(coll.manifest, params.since, coll.root)
         queries = np.flatnonzero(ids >= since_id)
-    found = find_duplicates(codes, features, max_distance=params.max_distance, radius=params.radius,
+    # The default radius is capped at the code length: neighbour codes of a small collection are shorter.
+    radius = min(params.radius, codes.shape[1] * 8) if params.radius == DUPLICATE_RADIUS else params.radius
+    found = find_duplicates(codes, features, max_distance=params.max_distance, radius=radius,
                             scale=feature_scale(features, len(rows)), queries=queries)
     return CollectionDuplicates(found, rows, ids, coll.generation, since_id)

@@ -155,10 +155,12 @@ class Generation:
                                   f"before them, or with --neighbour-bits 0); {_REBUILD}")
         level = self.neighbours
         rows = self.base_rows if self.base_rows is not None else np.arange(level.base.ntotal, dtype=np.int64)
+        width = level.projection.bits // 8
         codes = _stored_codes(level.base.index)
         if codes is None:       # a hash index keeps its codes in buckets: make them again from F7
             codes = level.projection.encode(self.collection.features(rows)) if len(rows) else \
-                np.zeros((0, level.projection.bits // 8), np.uint8)
+                np.zeros((0, width), np.uint8)
+        codes = codes[:, :width]    # a flat index searched padded (coarse.searchable_flat) holds zero bytes more
         if level.delta_codes is not None:
             rows = np.concatenate([rows, np.arange(self.base_end, self.collection.n, dtype=np.int64)])
             codes = np.concatenate([codes, level.delta_codes])

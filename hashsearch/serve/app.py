@@ -5,6 +5,8 @@
     GET    /items/{id}/thumbnail   a JPEG thumbnail of its image
     POST   /items                  multipart `image` (repeatable): add; needs the bearer token
     DELETE /items/{id}             delete; needs the bearer token
+    GET    /duplicates             a page of the near-duplicate groups: offset, limit (at most 100) groups
+    GET    /duplicates.html        the page that reviews them, deleting items with the token
     GET    /info, /health          what `info --json` says; liveness with the generation
     GET    /openapi.json           the API's OpenAPI description
     GET    /                       the search page (static/index.html, app.js, style.css; nothing from elsewhere)
@@ -309,6 +311,17 @@ async def add(request: Request, service: Service):
 @router.delete("/items/{item_id}", dependencies=[Depends(authorised)])
 async def delete(item_id: int, service: Service):
     return await run_in_threadpool(service.delete, item_id)
+
+
+@router.get("/duplicates")
+async def duplicates(service: Service, offset: int = 0, limit: int = 20):
+    # Finding the groups takes seconds on a large collection (once per generation): a thread, not the loop.
+    return FastJSON(await run_in_threadpool(service.duplicates, offset, limit))
+
+
+@router.get("/duplicates.html", include_in_schema=False)
+async def duplicates_page():
+    return FileResponse(STATIC / "duplicates.html", media_type="text/html")
 
 
 @router.get("/info")

@@ -32,6 +32,10 @@ from ..shards.manifest import manifest_stamp
 # Thumbnails kept in memory: 256 of ~5 KB each.
 THUMBNAIL_CACHE = 256
 THUMBNAIL_SIDE = 160
+# GET /duplicates pages its groups: at most this many a page, and this many items of each shown (a burst of
+# a thousand shots is one group, and one answer should stay small enough for the page to draw).
+MAX_DUPLICATE_GROUPS_PAGE = 100
+DUPLICATE_ITEMS_SHOWN = 50
 
 
 class NotFound(HashsearchError):
@@ -121,6 +125,8 @@ class SearchService:
         self._shown = ShownPaths(self.root, source)
         self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
         self._thumbnails_lock = threading.Lock()
+        self._duplicates: tuple[int, list] | None = None      # (generation, its groups)
+        self._duplicates_lock = threading.Lock()
 
     def close(self) -> None:
         """Stop the model's thread, and close the index unless the caller gave it."""
@@ -213,6 +219,29 @@ class SearchService:
             while len(self._thumbnails) > THUMBNAIL_CACHE:
                 self._thumbnails.popitem(last=False)
         return data
+
+    def duplicates(self, offset: int, limit: int) -> dict:
+        """One page of the collection's near-duplicate groups (Index.duplicates at its default thresholds),
+        largest first, the centre first in each: groups `offset` to `offset + limit`, each showing at most
+        DUPLICATE_ITEMS_SHOWN items, so that a large group cannot make a large answer.  The groups are found
+        once per generation."""
+        if not (0 <= offset < 1 << 31 and 1 <= limit <= MAX_DUPLICATE_GROUPS_PAGE):
+            raise HashsearchError(f"offset must be from 0 and limit from 1 to {MAX_DUPLICATE_GROUPS_PAGE}, got "
+                                  f"offset {offset} and limit {limit}")
+        index = self.current()
+        with self._duplicates_lock:
+            if self._duplicates is None or self._duplicates[0] != index.generation:
+                self._duplicates = (index.generation, index.duplicates().groups())
+            groups = self._duplicates[1]
+        coll, ids = index.collection, index.ids
+        page = []
+        for rows, dist in groups[offset:offset + limit]:
+            shown = rows[:DUPLICATE_ITEMS_SHOWN]
+            page.append({"size": len(rows), "items": [
+                {"id": int(ids[r]), "path": self._shown(p), "distance": round(float(d), 4),
+                 "thumbnail": f"/items/{int(ids[r])}/thumbnail"}
+                for r, p, d in zip(shown.tolist(), coll.paths(shown), dist.tolist())]})
+        return {"generation": index.generation, "groups_total": len(groups), "offset": offset, "groups": page}
 
     def info(self) -> dict:
         self.current()
