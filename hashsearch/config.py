@@ -464,7 +464,12 @@ def serve_workers(config: ServeConfig) -> int:
     memory than the cores it would fill are likely to be worth."""
     if config.workers is not None:
         return config.workers
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return max(1, min(8, usable_cores()))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the system says it, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 
 import numpy as np
 
@@ -43,13 +42,10 @@ def thumbnail_uri(path: str, images) -> str | None:
     image cannot be read."""
     from .encoders.images import ImageRejected
     try:
-        image = images.load(path)
+        data = images.jpeg_thumbnail(path, THUMBNAIL_SIDE, quality=80)
     except ImageRejected:
         return None
-    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
 
 _STYLE = """body{font-family:sans-serif;margin:1em}section{border-top:1px solid #ccc;padding:.5em 0}

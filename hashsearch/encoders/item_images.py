@@ -8,6 +8,7 @@ Every form is read as the encoder read it, and a file that has gone since is rep
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import threading
@@ -49,6 +50,14 @@ class ItemImages:
         if member and not os.path.lexists(path):
             return image_from_array(self._idx_image(member[1], int(member[2])))
         return load_image(path)
+
+    def jpeg_thumbnail(self, path: str, side: int, quality: int) -> bytes:
+        """The item's image shrunk to fit `side` pixels, as JPEG bytes; ImageRejected says why there is none."""
+        image = self.load(path)
+        image.thumbnail((side, side))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=quality)
+        return buffer.getvalue()
 
     def _idx_image(self, file: str, i: int):
         with self._lock:

@@ -106,6 +106,11 @@ def check_nflip(nflip: int | None, hash_bits: int | None = None) -> None:
 FAST_FLAT_WIDTHS = (4, 8, 16, 20, 32, 64)
 
 
+def flat_codes(index: faiss.IndexBinaryFlat) -> np.ndarray:
+    """The codes a flat index holds, uint8 [ntotal, code_size], in its positions' order."""
+    return faiss.vector_to_array(index.xb).reshape(index.ntotal, index.code_size)
+
+
 def searchable_flat(index: faiss.IndexBinaryFlat) -> tuple[faiss.IndexBinaryFlat, int]:
     """A flat index as it is fastest to search, and the zero bytes each query needs appended.
 
@@ -116,7 +121,7 @@ def searchable_flat(index: faiss.IndexBinaryFlat) -> tuple[faiss.IndexBinaryFlat
     width = next((w for w in FAST_FLAT_WIDTHS if w >= index.code_size), index.code_size)
     pad = width - index.code_size
     if pad:
-        codes = faiss.vector_to_array(index.xb).reshape(index.ntotal, index.code_size)
+        codes = flat_codes(index)
         index = faiss.IndexBinaryFlat(width * 8)
         index.add(np.pad(codes, ((0, 0), (0, pad))))
     index.use_heap = False
@@ -160,6 +165,15 @@ class Coarse:
             return self.index.range_search(self._padded(codes), radius)
         with self._probing(nflip):
             return self.index.range_search(codes, radius)
+
+    def stored_codes(self) -> np.ndarray | None:
+        """The codes the index holds, in its positions' order and as they were given (without the padding
+        of searchable_flat); None for a hash index, which keeps them in its buckets."""
+        index = self.index.storage if isinstance(self.index, faiss.IndexBinaryMultiHash) else self.index
+        if not isinstance(index, faiss.IndexBinaryFlat):
+            return None
+        codes = flat_codes(index)
+        return codes[:, :codes.shape[1] - self._pad]
 
     def _padded(self, codes: np.ndarray) -> np.ndarray:
         if not self._pad:

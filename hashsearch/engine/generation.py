@@ -155,12 +155,10 @@ class Generation:
                                   f"before them, or with --neighbour-bits 0); {_REBUILD}")
         level = self.neighbours
         rows = self.base_rows if self.base_rows is not None else np.arange(level.base.ntotal, dtype=np.int64)
-        width = level.projection.bits // 8
-        codes = _stored_codes(level.base.index)
+        codes = level.base.stored_codes()
         if codes is None:       # a hash index keeps its codes in buckets: make them again from F7
             codes = level.projection.encode(self.collection.features(rows)) if len(rows) else \
-                np.zeros((0, width), np.uint8)
-        codes = codes[:, :width]    # a flat index searched padded (coarse.searchable_flat) holds zero bytes more
+                np.zeros((0, level.projection.bits // 8), np.uint8)
         if level.delta_codes is not None:
             rows = np.concatenate([rows, np.arange(self.base_end, self.collection.n, dtype=np.int64)])
             codes = np.concatenate([codes, level.delta_codes])
@@ -173,15 +171,6 @@ class Generation:
     def exact_base(self) -> bool:
         """The base alone answers: positions are rows, nothing deleted in it, nothing added."""
         return self.base_rows is None and self.hamming.delta is None and not self.base_has_deleted
-
-
-def _stored_codes(index) -> np.ndarray | None:
-    """The codes a flat or multihash faiss index stores, in its positions' order; None for a hash index."""
-    if isinstance(index, faiss.IndexBinaryMultiHash):
-        index = index.storage
-    if not isinstance(index, faiss.IndexBinaryFlat):
-        return None
-    return faiss.vector_to_array(index.xb).reshape(index.ntotal, index.code_size)
 
 
 def _index_meta(coll: Collection, index_dir: Path | None) -> tuple[dict, Path]:

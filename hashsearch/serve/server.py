@@ -38,7 +38,7 @@ def run_server(collection, config: ServeConfig, log=print, ray: RaySearchConfig 
     and follows the collection's generations.  The parent builds the app once first, so that a bad
     collection, index, model or token is one line here, not a worker that dies at start."""
     import uvicorn
-    from ..config import serve_workers
+    from ..config import serve_workers, usable_cores
     from ..retrieval import search_index
     on_ray = ray is not None and ray.ray
     workers = serve_workers(config)
@@ -54,9 +54,10 @@ def run_server(collection, config: ServeConfig, log=print, ray: RaySearchConfig 
     from .workers import serve_in_workers
     build_app(collection, config).state.service.close()
     # Each spawned worker gets its share of the cores for BLAS, OpenMP (faiss) and torch, which read these as
-    # they load.  With every core each, a query's 4096 x 256 neighbour projection took ~6 ms instead of
-    # ~0.1 ms (measured at 1M, 2 workers): their threads spun against each other's.
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    # they load.  With every core each, a query's 4096 x 256 neighbour projection took about 6 of a 9 ms
+    # search by id at 1M with 2 workers (py-spy), their threads spinning against each other's; with a core
+    # each, the whole request took 1 ms.
+    threads = str(max(1, usable_cores() // workers))
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = threads
     log(f"serving {collection} on http://{config.host}:{config.port}/ with {workers} worker processes  "

@@ -10,7 +10,6 @@ a request in flight keeps the generation it started on.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
 import threading
@@ -207,13 +206,9 @@ class SearchService:
             return cached
         from ..encoders.images import ImageRejected
         try:
-            image = self._images.load(path)
+            data = self._images.jpeg_thumbnail(path, THUMBNAIL_SIDE, quality=85)
         except ImageRejected as exc:
             raise NotFound(f"item {item_id} has no image to show: {exc}") from None
-        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=85)
-        data = buffer.getvalue()
         with self._thumbnails_lock:
             self._thumbnails[item_id] = data
             while len(self._thumbnails) > THUMBNAIL_CACHE:

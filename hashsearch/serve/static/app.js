@@ -49,17 +49,7 @@ function render(result) {
     card.className = "hit";
     card.dataset.id = hit.id;
     card.tabIndex = 0;
-    const img = document.createElement("img");
-    img.alt = `item ${hit.id}`;
-    // An item whose file has gone (the server answers its thumbnail 404) keeps its place, marked.
-    img.addEventListener("error", () => {
-      const missing = document.createElement("div");
-      missing.className = "placeholder";
-      missing.textContent = "no image";
-      missing.title = `item ${hit.id}: its image file is gone`;
-      img.replaceWith(missing);
-    }, { once: true });
-    img.src = hit.thumbnail;
+    const img = thumbnailImage(hit.id, hit.thumbnail);
     const text = document.createElement("figcaption");
     const distance = hit.distance === null ? "" : ` · <span>L2 ${hit.distance.toFixed(3)}</span>`;
     text.innerHTML = `<span class="label"></span> <span class="id">#${hit.id}</span><br>`

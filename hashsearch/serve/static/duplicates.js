@@ -15,15 +15,7 @@ function card(item, centre) {
   const figure = document.createElement("figure");
   figure.className = centre ? "hit centre" : "hit";
   figure.dataset.id = item.id;
-  const img = document.createElement("img");
-  img.alt = `item ${item.id}`;
-  img.addEventListener("error", () => {
-    const missing = document.createElement("div");
-    missing.className = "placeholder";
-    missing.textContent = "no image";
-    img.replaceWith(missing);
-  }, { once: true });
-  img.src = item.thumbnail;
+  const img = thumbnailImage(item.id, item.thumbnail);
   const caption = document.createElement("figcaption");
   caption.textContent = `#${item.id}` + (centre ? " · centre" : ` · ${item.distance.toFixed(3)}`);
   const remove = document.createElement("button");
