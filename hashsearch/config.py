@@ -36,6 +36,9 @@ NEIGHBOUR_POOL = 500
 # (~1-2 us): at a neighbour pool of 500 that is the larger part of a query (README, "Faithful coarse
 # search").  Larger collections (1M x 4096-d is 8 GB) are read row by row and their RSS stays small.
 FEATURES_IN_RAM_MB = 1024
+# SSDH's weights of its two terms on H (encoders.train.hash_loss), the paper's softmax being 0 and 0.
+BINARY_WEIGHT = 0.0
+BALANCE_WEIGHT = 0.0
 WAIT_HELP = "If another process is writing the collection, wait for it instead of failing."
 
 
@@ -129,6 +132,11 @@ class TrainConfig(Options):
     weight_decay: float = option(5e-4, "AdamW weight decay.", check=not_negative)
     warmup_epochs: float = option(0.5, "Linear warm-up, then cosine decay.", check=not_negative)
     freeze_backbone: bool = option(False, "Train only the latent and classifier layers on cached F7.")
+    # SSDH's terms on H (encoders.train.hash_loss); 0 and 0 is the paper's softmax alone.
+    binary_weight: float = option(BINARY_WEIGHT, "Weight of the term pushing H's activations to 0 or 1 (0: the "
+                                                 "paper's softmax alone).", check=not_negative)
+    balance_weight: float = option(BALANCE_WEIGHT, "Weight of the term keeping each bit of H set for half the "
+                                                   "images.", check=not_negative)
     precision: str = option("fp32", "Autocast to bfloat16: about 2x faster on CPUs with AVX512-BF16/AMX.",
                             choices=ANY_DEVICE_PRECISIONS)
     input_size: int | None = option(None, "Input side in pixels [the backbone's default].", check=positive)
@@ -168,7 +176,8 @@ class TrainConfig(Options):
         # --unsupervised fits ITQ once and trains only H on views, with no held-out split and no schedule,
         # and writes its checkpoint once: an option it cannot honour is refused rather than dropped.
         refused = {name: "is for labelled training, not --unsupervised" for name in
-                   ("backbone_lr_mult", "weight_decay", "warmup_epochs", "val_fraction", "resume")}
+                   ("backbone_lr_mult", "weight_decay", "warmup_epochs", "val_fraction", "resume", "binary_weight",
+                    "balance_weight")}
         if not self.views:
             refused.update(dict.fromkeys(("epochs", "batch_size", "lr"), "trains H on views, and --views 0 has none"))
         for f in fields(self):

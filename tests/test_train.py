@@ -251,3 +251,29 @@ def test_a_failed_checkpoint_write_leaves_the_old_one_and_no_temporary_file(tmp_
     with pytest.raises(HashsearchError, match="cannot write .*m.pt: No space left"):
         save_checkpoint(out, build_model(config), config)
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"] and out.read_bytes() == good
+
+
+def _activations(checkpoint, images):
+    """H's activations in (0, 1) of `images`, through the checkpoint's own backbone and latent layer."""
+    from hashsearch.encoders.encoder import Encoder
+    _, f7 = Encoder.from_checkpoint(checkpoint, device="cpu").encode(images)
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    return torch.sigmoid(torch.from_numpy(f7) @ state["latent.weight"].T + state["latent.bias"]).numpy()
+
+
+def test_ssdh_terms_make_h_binary_and_its_bits_balanced(model, tmp_path):
+    """Each of SSDH's terms does what it is for, and `train` passes its weight into the loss."""
+    from hashsearch.encoders.sources import open_source
+    source = open_source("synthetic:120")
+    images = [source.load(i) for i in range(len(source))]
+    h = {}
+    for name, binary, balance in (("softmax", 0, 0), ("binary", 8, 0), ("balance", 0, 8)):
+        out = tmp_path / f"{name}.pt"
+        cli("train", *SMALL, "--epochs", "4", "--freeze-backbone", "--weights", model, "--binary-weight", binary,
+            "--balance-weight", balance, "--quiet", "--out", out)
+        assert torch.load(out, weights_only=True)["train_state"]["recipe"]["binary_weight"] == binary
+        h[name] = _activations(out, images)
+    from_half = {name: float(np.abs(a - 0.5).mean()) for name, a in h.items()}
+    unbalanced = {name: float(np.abs((a > 0.5).mean(0) - 0.5).mean()) for name, a in h.items()}
+    assert from_half["binary"] > 1.2 * from_half["softmax"], from_half
+    assert unbalanced["balance"] < unbalanced["softmax"] - 0.05, unbalanced

@@ -1,4 +1,5 @@
-"""Training: softmax on class labels through the latent hash layer (the paper's only loss).
+"""Training: softmax on class labels through the latent hash layer (the paper's loss), with SSDH's two
+terms on H (Yang, Lin & Chen, TPAMI 2017) where their weights are set (hash_loss).
 
 Fine-tuning recipe: AdamW with weight decay, linear warm-up then cosine
 decay, the backbone at a lower rate than the new layers (the paper trains
@@ -95,14 +96,14 @@ def _train_epoch(cfg: TrainConfig, epoch: int, model, batches, optimizer, schedu
     model.train()
     if cfg.freeze_backbone:
         model.backbone.eval()
-    loss_fn = nn.CrossEntropyLoss()
     seen = correct = 0
     total_loss = 0.0
     bar = tqdm(batches.train(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=cfg.quiet, leave=False)
     for x, y in bar:
-        logits = batches.logits(x).float()
-        loss = loss_fn(logits, y)
+        logits, h = batches.forward(x)
+        logits = logits.float()
+        loss = hash_loss(logits, h.float(), y, cfg.binary_weight, cfg.balance_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -113,6 +114,21 @@ def _train_epoch(cfg: TrainConfig, epoch: int, model, batches, optimizer, schedu
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
     return {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
             "val_acc": batches.evaluate(), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def hash_loss(logits: torch.Tensor, h: torch.Tensor, labels: torch.Tensor, binary_weight: float,
+              balance_weight: float) -> torch.Tensor:
+    """Softmax cross-entropy on the labels (the paper's loss), less `binary_weight` times the mean squared
+    distance of H's activations from 0.5, which pushes each towards 0 or 1 so that thresholding at 0.5 loses
+    little, plus `balance_weight` times the mean over bits of (the bit's mean over the batch - 0.5)^2, which
+    keeps each bit set for about half the images, so that every bit splits the data.  SSDH's terms, except that
+    its balance term is taken over each image's bits; over each bit's images is what a balanced code asks."""
+    loss = nn.functional.cross_entropy(logits, labels)
+    if binary_weight:
+        loss = loss - binary_weight * (h - 0.5).square().mean()
+    if balance_weight:
+        loss = loss + balance_weight * (h.mean(0) - 0.5).square().mean()
+    return loss
 
 
 def _report_epoch(cfg: TrainConfig, record: dict) -> None:
@@ -172,12 +188,15 @@ class _Batches:
                 x = augment(x, g)
             yield x.to(self.device), self.train_y[sel].to(self.device)
 
-    def logits(self, x):
+    def forward(self, x):
+        """(class logits, H's activations) of a batch of images, or of their F7 when the backbone is frozen."""
         with autocast(self.device, self.cfg.precision):
             if self.features:
-                return self.model.classifier(torch.sigmoid(self.model.latent(x)))
+                h = torch.sigmoid(self.model.latent(x))
+                return self.model.classifier(h), h
             x = normalize(x, self.config["mean"], self.config["std"])
-            return self.model(x.contiguous(memory_format=torch.channels_last))[0]
+            logits, h, _ = self.model(x.contiguous(memory_format=torch.channels_last))
+            return logits, h
 
     @torch.no_grad()
     def evaluate(self):
@@ -186,7 +205,7 @@ class _Batches:
         self.model.eval()
         correct = 0
         for a in range(0, len(self.val_y), 512):
-            logits = self.logits(self.val_x[a:a + 512].to(self.device))
+            logits, _ = self.forward(self.val_x[a:a + 512].to(self.device))
             correct += int((logits.argmax(1).cpu() == self.val_y[a:a + 512]).sum())
         return correct / len(self.val_y)
 
