@@ -8,6 +8,9 @@ latent layer H and the classifier F8 are trained from scratch on DATABASE's stor
 schedule), once per binary:balance weight pair.  Each is scored as `eval` scores bcs (mAP@1000, Hamming
 ranking of H > 0.5).  ITQ fitted on the same F7 is scored with seeds 0..--itq-seeds-1.  Fast: the backbone
 never runs, so a sweep of a few weight pairs takes minutes on 2 cores.
+
+With --pseudo-labels K, H and F8 train on k-means clusters of DATABASE's F7 instead of its labels (K clusters,
+faiss k-means, seed 0), which needs no labels; the labels then only score the codes.
 """
 from __future__ import annotations
 
@@ -76,15 +79,27 @@ def main():
     ap.add_argument("--weights", default="0:0,1:0,0:1,1:1", help="binary:balance pairs, comma-separated")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--itq-seeds", type=int, default=10)
+    ap.add_argument("--pseudo-labels", type=int, default=0, metavar="K",
+                    help="train on K k-means clusters of DATABASE's F7 instead of its labels")
     ap.add_argument("--json")
     args = ap.parse_args()
     db_f, db_y = features_and_labels(args.database)
     q_f, q_y = features_and_labels(args.queries)
+    train_y = db_y
+    if args.pseudo_labels:
+        import faiss
+        started = time.perf_counter()
+        kmeans = faiss.Kmeans(db_f.shape[1], args.pseudo_labels, niter=25, seed=0)
+        kmeans.train(db_f)
+        train_y = kmeans.index.search(db_f, 1)[1][:, 0].astype(np.int64)
+        purity = sum(np.bincount(db_y[train_y == c]).max() for c in np.unique(train_y)) / len(db_y)
+        print(json.dumps({"pseudo_labels": args.pseudo_labels, "purity": float(purity),
+                          "seconds": round(time.perf_counter() - started, 1)}), flush=True)
     rows = []
     for pair in args.weights.split(","):
         binary, balance = (float(w) for w in pair.split(":"))
         started = time.perf_counter()
-        act = train_head(db_f, db_y, args.bits, binary, balance, args.epochs)
+        act = train_head(db_f, train_y, args.bits, binary, balance, args.epochs)
         h_db, h_q = act(db_f), act(q_f)
         score = map_at_1000(pack_codes(h_q > 0.5), pack_codes(h_db > 0.5), q_y, db_y)
         rows.append({"codes": "H", "binary_weight": binary, "balance_weight": balance, "map": score,
@@ -102,6 +117,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"database": args.database, "queries": args.queries, "bits": args.bits,
+                       "pseudo_labels": args.pseudo_labels,
                        "epochs": args.epochs, "rows": rows}, f, indent=1)
 
 
