@@ -277,3 +277,28 @@ def test_ssdh_terms_make_h_binary_and_its_bits_balanced(model, tmp_path):
     unbalanced = {name: float(np.abs((a > 0.5).mean(0) - 0.5).mean()) for name, a in h.items()}
     assert from_half["binary"] > 1.2 * from_half["softmax"], from_half
     assert unbalanced["balance"] < unbalanced["softmax"] - 0.05, unbalanced
+
+
+def test_ssdh_terms_train_the_latent_layer_and_leave_the_backbone_to_softmax():
+    """F7 is what the rerank and duplicates measure: the hash terms reach H's layer, not the backbone."""
+    from torch import nn
+    from hashsearch.config import TrainConfig
+    from hashsearch.encoders.model import HashNet
+    from hashsearch.encoders.train import _Batches, hash_loss
+    torch.manual_seed(0)
+    net = HashNet(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU()), 32, 16, 4)
+    batches = _Batches(TrainConfig(source="synthetic:8", out="unused.pt"), net, torch.device("cpu"), None, None, None, None,
+                       {"mean": [0.5] * 3, "std": [0.5] * 3}, features=False, rejected=0)
+    x, y = torch.rand(8, 3, 8, 8), torch.arange(8) % 4
+    grads = {}
+    for weights in ((0.0, 0.0), (8.0, 8.0)):
+        net.zero_grad()
+        logits, h = batches.forward(x)
+        hash_loss(logits, h.float(), y, *weights).backward()
+        grads[weights] = {name: p.grad.clone() for name, p in net.named_parameters()}
+    softmax, ssdh = grads[(0.0, 0.0)], grads[(8.0, 8.0)]
+    for name in softmax:
+        if name.startswith("backbone."):
+            torch.testing.assert_close(ssdh[name], softmax[name], rtol=0, atol=0)
+    assert not torch.allclose(ssdh["latent.weight"], softmax["latent.weight"])
+    torch.testing.assert_close(ssdh["classifier.weight"], softmax["classifier.weight"], rtol=0, atol=0)

@@ -131,6 +131,14 @@ def hash_loss(logits: torch.Tensor, h: torch.Tensor, labels: torch.Tensor, binar
     return loss
 
 
+def code_activations(model, f7: torch.Tensor) -> torch.Tensor:
+    """H's activations as hash_loss's terms see them: their gradient trains the latent layer, not the backbone.
+    F7 is what the rerank, the neighbour codes and duplicates measure distances on; the binary term passed
+    into the backbone reshaped it (a session-sized model then found more false duplicate pairs, and hds fell
+    behind exhaustive search on edited copies), while softmax alone shapes F7 as the paper does."""
+    return torch.sigmoid(model.latent(f7.detach()))
+
+
 def _report_epoch(cfg: TrainConfig, record: dict) -> None:
     # one line per epoch even with --quiet: a log of a long run needs it
     val = "n/a" if record["val_acc"] is None else f"{record['val_acc']:.4f}"
@@ -189,14 +197,15 @@ class _Batches:
             yield x.to(self.device), self.train_y[sel].to(self.device)
 
     def forward(self, x):
-        """(class logits, H's activations) of a batch of images, or of their F7 when the backbone is frozen."""
+        """(class logits, H's activations for hash_loss's terms) of a batch of images, or of their F7 when the
+        backbone is frozen."""
         with autocast(self.device, self.cfg.precision):
             if self.features:
                 h = torch.sigmoid(self.model.latent(x))
                 return self.model.classifier(h), h
             x = normalize(x, self.config["mean"], self.config["std"])
-            logits, h, _ = self.model(x.contiguous(memory_format=torch.channels_last))
-            return logits, h
+            logits, _, f7 = self.model(x.contiguous(memory_format=torch.channels_last))
+            return logits, code_activations(self.model, f7)
 
     @torch.no_grad()
     def evaluate(self):
