@@ -176,3 +176,44 @@ def test_the_neighbour_index_kind_is_chosen_and_kept_by_compact(collection_copy)
     assert index["coarse"]["kind"] == index["neighbour_coarse"]["kind"] == "multihash"
     with Index.open(collection_copy) as opened:
         assert opened.search(opened.codes[:3], opened.collection.features(np.arange(3)), 5).ids.shape == (3, 5)
+
+
+def test_the_sketch_shortlist_answers_as_the_full_rerank_on_real_images(fashion_collection, monkeypatch):
+    """hds reranks by L2 on F7 only the union's nearest rows in the sketch (engine/sketch.py), and finds what
+    reranking the whole union finds; an index whose F7 stays on disk has no sketch and reranks it all."""
+    from hashsearch.shards import RowReader
+    gathered = []
+    real_gather = RowReader.gather
+    monkeypatch.setattr(RowReader, "gather", lambda self, rows, out, buffer: (gathered.append(len(rows)),
+                                                                              real_gather(self, rows, out, buffer)))
+    params = SearchConfig(k=10, pool=15, neighbour_pool=200)
+    with Index.open(fashion_collection) as index, Index.open(fashion_collection, features_in_ram_mb=0) as whole:
+        rows = np.arange(0, N_IMAGES, 5)
+        codes, feats = index.codes[rows], index.collection.features(rows)
+        gathered.clear()
+        shortlisted = index.search(codes, feats, params)
+        assert max(gathered) <= 60 and len(gathered) == len(rows), gathered[:5]
+        gathered.clear()
+        reranked = whole.search(codes, feats, params)
+        assert min(gathered) > 60
+    same = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(shortlisted.ids, reranked.ids)])
+    assert same >= 0.99, same
+    assert (shortlisted.ids[:, 0] == reranked.ids[:, 0]).mean() >= 0.99
+
+
+def test_the_sketch_holds_each_rows_projection_and_a_refresh_projects_only_new_shards(collection_copy):
+    with Index.open(collection_copy) as index:
+        before = index._current().sketch
+        assert before is not None and len(before.parts) == 3
+        cli("add", collection_copy, "synthetic:340", "--workers", 0, "--device", "cpu", "--quiet")
+        index.refresh()
+        gen = index._current()
+        assert len(gen.sketch.parts) == 4 and all(new is old for new, old in zip(gen.sketch.parts, before.parts))
+        rows = np.random.default_rng(0).permutation(gen.collection.n)
+        got = np.empty((len(rows), gen.sketch.bits), np.float16)
+        gen.sketch.gather(rows, got)
+        feats = gen.collection.features(rows).astype(np.float32)
+    want = gen.neighbours.projection.project(feats)
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    # the projection is orthonormal: a sketch distance is the part of the F7 distance in its directions
+    assert (((want[1:] - want[:-1]) ** 2).sum(1) <= ((feats[1:] - feats[:-1]) ** 2).sum(1) * 1.0001 + 1e-4).all()

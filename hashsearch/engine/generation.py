@@ -20,6 +20,7 @@ from ..shards.layout import INDEX_DIR, INDEX_META
 from ..shards.manifest import check_file_entry, read_named_file
 from . import coarse as coarse_mod
 from .neighbours import ENCODE_BLOCK_ROWS, NeighbourProjection, fit_projection, sample_rows
+from .sketch import Sketch, build_sketch
 
 _REBUILD = "rebuild it with `hashsearch build-index`"
 
@@ -147,6 +148,7 @@ class Generation:
     reader: RowReader
     codes: np.ndarray
     ids: np.ndarray
+    sketch: Sketch | None = None    # the rerank's shortlist (engine/sketch.py), where F7 is in RAM
 
     def live_neighbour_codes(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows, codes): every live row, ascending, with its neighbour code, as the index holds them."""
@@ -216,8 +218,12 @@ def load_generation(coll: Collection, index_dir: Path | None, previous: Generati
     else:
         base_has_deleted = bool(deleted[base_rows].any())
     delta_deleted = 0 if deleted is None else int(np.count_nonzero(deleted[base_end:]))
+    reader = feature_reader(coll, features_in_ram_mb)
+    sketch = None
+    if neighbours is not None:
+        sketch = build_sketch(coll, reader, neighbours.projection, previous.sketch if previous else None)
     return Generation(coll, meta, hamming, neighbours, base_rows, base_end, deleted, base_has_deleted,
-                      delta_deleted, feature_reader(coll, features_in_ram_mb), codes, coll.ids())
+                      delta_deleted, reader, codes, coll.ids(), sketch)
 
 
 def feature_reader(coll: Collection, features_in_ram_mb: float = FEATURES_IN_RAM_MB) -> RowReader:

@@ -46,7 +46,9 @@ from .exhaustive import scan_knn
 from .generation import (Generation, Level, check_index_meta, collection_projection, load_generation,
                          partition_generation, read_index_meta, write_index_files)
 from .kernels import admitted, live_first, merge_candidates, merge_partitions, nearest_of_ranges, popcount_distances
+from .neighbours import codes_of_projection
 from .rerank import PerThreadRerankers
+from .sketch import SHORTLIST_PER_RESULT
 from .threads import MAX_THREADS, QuerySplitter, faiss_threads
 
 __all__ = ["Index", "SearchResult", "SearchTarget", "search_params", "check_query", "check_index_meta",
@@ -251,9 +253,10 @@ class Index(SearchTarget):
         out = SearchResult.empty(nq, width + npool if whole_pool else k, np.inf)
 
         def work(a, b):
-            (cand_ham, cand), (n_ham, n_cand) = self._pools(gen, query_codes[a:b], query_features[a:b], width,
-                                                            npool, params)
+            projected = gen.neighbours.projection.project(query_features[a:b]) if npool else None
+            (cand_ham, cand), (n_ham, n_cand) = self._pools(gen, query_codes[a:b], projected, width, npool, params)
             rr = self._rerankers.get(gen.reader)
+            sketches = None if whole_pool or gen.sketch is None else projected
             for q in range(a, b):
                 if whole_pool:      # each pool in its own order, each candidate with its distance
                     _pool_order(rr, query_features[q:q + 1], cand[q - a], cand_ham[q - a], out, q, 0)
@@ -261,7 +264,7 @@ class Index(SearchTarget):
                         _pool_order(rr, query_features[q:q + 1], n_cand[q - a], n_ham[q - a], out, q, width)
                 elif npool:
                     _rank_union(rr, query_features[q:q + 1], cand[q - a], n_cand[q - a], out, q,
-                                params.neighbour_places)
+                                params.neighbour_places, None if sketches is None else (gen.sketch, sketches[q - a]))
                 else:
                     order = rr.search(query_features[q:q + 1], cand[q - a], out.distances[q], out.rows[q])
                     out.hamming[q, :len(order)] = cand_ham[q - a, order]
@@ -302,17 +305,18 @@ class Index(SearchTarget):
         k, pool, query_codes, query_features = check_query(gen.collection, gen.meta["coarse"], query_codes,
                                                            query_features, dataclasses.replace(params, mode="hds"))
         npool = neighbour_pool(gen.meta, params, gen.collection.items)
-        (_, rows), (_, near) = self._pools(gen, query_codes, query_features, max(pool, k), npool, params)
+        projected = gen.neighbours.projection.project(query_features) if npool else None
+        (_, rows), (_, near) = self._pools(gen, query_codes, projected, max(pool, k), npool, params)
         return rows if not npool else np.stack([union_of_pools(a, b) for a, b in zip(rows, near)])
 
-    def _pools(self, gen: Generation, query_codes, query_features, width: int, npool: int, params: SearchConfig):
+    def _pools(self, gen: Generation, query_codes, projected, width: int, npool: int, params: SearchConfig):
         """hds's two candidate pools, each (hamming, rows): H's `width` nearest (by radius and nflip where
-        asked), and the neighbour codes' `npool` nearest ((None, None) when npool is 0)."""
+        asked), and the neighbour codes' `npool` nearest, of the queries' `projected` features (the neighbour
+        projection's; (None, None) when npool is 0)."""
         pool = self._candidates(gen, gen.hamming, query_codes, width, params.radius, params.nflip)
         if not npool:
             return pool, (None, None)
-        near_codes = gen.neighbours.projection.encode(query_features)
-        return pool, self._candidates(gen, gen.neighbours, near_codes, npool, None, None)
+        return pool, self._candidates(gen, gen.neighbours, codes_of_projection(projected), npool, None, None)
 
     @staticmethod
     def _check_codes(gen: Generation, query_codes) -> np.ndarray:
@@ -478,12 +482,15 @@ def union_of_pools(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _rank_union(rr, query: np.ndarray, cand: np.ndarray, near: np.ndarray, out: SearchResult, q: int,
-                places: int) -> None:
+                places: int, sketched=None) -> None:
     """One query's hds results from H's pool and the neighbour pool: the union by L2, where rows found only
-    by the neighbour codes take at most the first `places` places."""
+    by the neighbour codes take at most the first `places` places.  `sketched`: (the generation's sketch,
+    the query's), to rerank by L2 on F7 only the union's nearest few in the sketch (engine/sketch.py), or None."""
     union = union_of_pools(cand, near)
     k = out.rows.shape[1]
     if k <= places:         # the common case: every place is open to both pools
+        if sketched is not None:
+            union = rr.shortlist(sketched[1], sketched[0], union, SHORTLIST_PER_RESULT * k)
         rr.search(query, union, out.distances[q], out.rows[q])
         return
     m = int(np.count_nonzero(union >= 0))

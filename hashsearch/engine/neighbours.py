@@ -46,12 +46,17 @@ class NeighbourProjection:
     def feature_dim(self) -> int:
         return self.matrix.shape[0]
 
-    def encode(self, feats: np.ndarray) -> np.ndarray:
-        """Packed codes uint8 [n, bits/8] of features [n, D] (any float dtype)."""
+    def project(self, feats: np.ndarray) -> np.ndarray:
+        """The centred projection float32 [n, bits] of features [n, D] (any float dtype): its signs are the
+        code, and its L2 distances are F7's within the top principal directions (engine/sketch.py)."""
         feats = np.asarray(feats)
         if feats.ndim != 2 or feats.shape[1] != self.feature_dim:
             raise HashsearchError(f"features of shape {feats.shape} do not fit a {self.feature_dim}-d projection")
-        return pack_codes(feats.astype(np.float32, copy=False) @ self.matrix >= self.offset)
+        return feats.astype(np.float32, copy=False) @ self.matrix - self.offset
+
+    def encode(self, feats: np.ndarray) -> np.ndarray:
+        """Packed codes uint8 [n, bits/8] of features [n, D] (any float dtype)."""
+        return codes_of_projection(self.project(feats))
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
@@ -68,6 +73,11 @@ class NeighbourProjection:
             raise HashsearchError(f"the neighbour projection holds {stacked.dtype} {stacked.shape}; expected finite "
                                   f"float32 ({feature_dim + 1}, {bits})")
         return cls(np.ascontiguousarray(stacked[:-1]), np.ascontiguousarray(stacked[-1]))
+
+
+def codes_of_projection(projected: np.ndarray) -> np.ndarray:
+    """The packed neighbour codes of rows NeighbourProjection.project made."""
+    return pack_codes(projected >= 0)
 
 
 def check_neighbour_bits(bits: int, feature_dim: int, rows: int) -> None:

@@ -35,25 +35,57 @@ def flat_index_for(dtype: np.dtype, dim: int) -> faiss.Index:
     return faiss.IndexFlatL2(dim)
 
 
+class _Scratch:
+    """A small faiss flat index whose storage the caller fills with candidate rows, kept between queries."""
+
+    def __init__(self, dtype: np.dtype, dim: int, capacity: int = 256):
+        self.dtype, self.dim = np.dtype(dtype), dim
+        self.index = flat_index_for(self.dtype, dim)
+        self.capacity = 0
+        self.reserve(capacity)
+
+    def reserve(self, m: int) -> None:
+        if m <= self.capacity:
+            return
+        nbytes = m * self.dim * self.dtype.itemsize
+        self.index.codes.resize(nbytes)
+        self.buffer = faiss.rev_swig_ptr(self.index.codes.data(), nbytes).view(self.dtype).reshape(m, self.dim)
+        self.rows = [[memoryview(row).cast("B")] for row in self.buffer]
+        self.capacity = m
+
+    def nearest(self, query: np.ndarray, m: int, take: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `take` nearest of the buffer's first m rows to `query` (contiguous float32): (dist, positions)."""
+        _set_ntotal(self.index, m)
+        d, i = np.empty(take, np.float32), np.empty(take, np.int64)
+        self.index.search_c(1, faiss.swig_ptr(query), take, faiss.swig_ptr(d), faiss.swig_ptr(i))
+        if i.min() < 0:         # only a NaN in the query gets faiss to leave a slot empty
+            raise HashsearchError("query features must be finite")
+        return d, i
+
+
 class Reranker:
-    """Ranks candidate rows by exact L2.  One per thread: it owns a faiss buffer."""
+    """Ranks candidate rows by exact L2.  One per thread: it owns faiss buffers."""
 
     def __init__(self, features: RowReader, capacity: int = 256):
         self.features = features
         self.dim = features.collection.feature_dim
-        self.dtype = features.collection.feature_dtype
-        self.scratch = flat_index_for(self.dtype, self.dim)
-        self.capacity = 0
-        self._reserve(capacity)
+        self.f7 = _Scratch(features.collection.feature_dtype, self.dim, capacity)
+        self.sketches: _Scratch | None = None
 
-    def _reserve(self, m: int) -> None:
-        if m <= self.capacity:
-            return
-        nbytes = m * self.dim * self.dtype.itemsize
-        self.scratch.codes.resize(nbytes)
-        self.buffer = faiss.rev_swig_ptr(self.scratch.codes.data(), nbytes).view(self.dtype).reshape(m, self.dim)
-        self.rows = [[memoryview(row).cast("B")] for row in self.buffer]
-        self.capacity = m
+    def shortlist(self, query_sketch: np.ndarray, sketch, candidates: np.ndarray, keep: int) -> np.ndarray:
+        """The `keep` candidates (-1 padded at the end) nearest to the query in `sketch` (engine/sketch.py),
+        -1 padded to the same width; all of them where there are no more than `keep`."""
+        m = int(np.count_nonzero(candidates >= 0))
+        if m <= keep:
+            return candidates
+        if self.sketches is None or self.sketches.dim != sketch.bits:
+            self.sketches = _Scratch(np.float16, sketch.bits)
+        self.sketches.reserve(m)
+        sketch.gather(candidates[:m], self.sketches.buffer)
+        _, nearest = self.sketches.nearest(np.ascontiguousarray(query_sketch, dtype=np.float32), m, keep)
+        out = np.full(len(candidates), -1, np.int64)
+        out[:keep] = np.sort(candidates[nearest])     # by row, as the pool was: L2 ties stay in row order
+        return out
 
     def search(self, query: np.ndarray, candidates: np.ndarray, dist: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Rank candidate rows (-1 padded at the end) for one query [1, D] float32 into dist/rows [k],
@@ -65,14 +97,10 @@ class Reranker:
         if m == 0:
             return candidates[:0]
         candidates = candidates[:m]
-        self._reserve(m)
-        self.features.gather(candidates, self.rows, self.buffer)
-        _set_ntotal(self.scratch, m)
+        self.f7.reserve(m)
+        self.features.gather(candidates, self.f7.rows, self.f7.buffer)
         take = min(len(rows), m)
-        d, i = np.empty(take, np.float32), np.empty(take, np.int64)
-        self.scratch.search_c(1, faiss.swig_ptr(query), take, faiss.swig_ptr(d), faiss.swig_ptr(i))
-        if i.min() < 0:         # only a NaN in the query gets faiss to leave a slot empty
-            raise HashsearchError("query features must be finite")
+        d, i = self.f7.nearest(query, m, take)
         dist[:take], rows[:take] = d, candidates[i]
         return i
 
