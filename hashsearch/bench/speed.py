@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine import Index, load_flat_l2
+from ..engine.sketch import SHORTLIST_PER_RESULT
 from ..engine.threads import MAX_THREADS, faiss_threads
 from ..errors import HashsearchError
 from ..shards import SHARD_DIR, Collection
@@ -113,6 +114,9 @@ def _child(args: dict) -> dict:
                 out[f"{mode}_rows"] = np.concatenate(rows).tolist()
     cand = index.rerank_pool(codes, feats, dataclasses.replace(params, radius=radius))
     out["mean_candidates"] = float((cand >= 0).sum(1).mean())
+    sketched = index.shortlists and params.neighbour_pool and radius is None
+    out["mean_f7_rows"] = float(np.minimum((cand >= 0).sum(1), SHORTLIST_PER_RESULT * K).mean()) if sketched \
+        else out["mean_candidates"]
     out["rss_mb"] = peak_rss_mb()
     out["rss_end_mb"] = rss_breakdown_mb()
     return out
@@ -295,7 +299,7 @@ def _summary(cfg: ExhaustiveBenchConfig, setup: dict, searched: dict, exhaustive
     result.update(recall_at_10=recall_at_k(hds, truth), recall_at_10_binary=recall_at_k(bcs, truth),
                   top10={"exhaustive": truth.tolist(), "hierarchical": hds, "binary": bcs})
     result.update({key: searched[key] for key in ("open_seconds", "rss_mb", "rss_end_mb", "mean_candidates",
-                                                  "features_in_ram")})
+                                                  "mean_f7_rows", "features_in_ram")})
     return result
 
 
@@ -351,8 +355,9 @@ def format_report(result: dict) -> str:
               + ", ".join(f"{r['timings'][str(b)]['speedup']:,.0f}x at batch {b}" for b in batches),
               f"recall@10 of hierarchical vs exhaustive top-10: {r['recall_at_10']:.3f}"
               f"   (binary only: {r['recall_at_10_binary']:.3f})",
-              f"candidates reranked per query: {r['mean_candidates']:.1f} (pool {r['pool']}, neighbour pool "
-              f"{r['neighbour_pool']} of {r['neighbour_bits']}-bit neighbour codes)",
+              f"candidates per query: {r['mean_candidates']:.1f} (pool {r['pool']}, neighbour pool "
+              f"{r['neighbour_pool']} of {r['neighbour_bits']}-bit neighbour codes); by L2 on F7: "
+              f"{r['mean_f7_rows']:.1f}" + (" (the sketch's nearest)" if r['mean_f7_rows'] < r['mean_candidates'] else ""),
               f"search process peak RSS: {r['rss_mb']:,.0f} MiB   index open: {r['open_seconds']:.3f} s"
               f"   index build: {r['build_seconds']:.2f} s",
               f"on disk: index {_bytes(r['index_bytes'])}, collection {_bytes(r['collection_bytes'])};"

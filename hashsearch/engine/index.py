@@ -168,6 +168,12 @@ class Index(SearchTarget):
         """Whether the rerank reads F7 from RAM (it fits the budget Index.open was given) or from the shards."""
         return self._current().reader.in_ram is not None
 
+    @property
+    def shortlists(self) -> bool:
+        """Whether hds ranks its pool by the sketch first and reranks only SHORTLIST_PER_RESULT rows per result
+        by L2 on F7 (engine/sketch.py): the index has neighbour codes and F7 is in RAM."""
+        return self._current().sketch is not None
+
     @classmethod
     def build(cls, collection, kind: str = "flat", out=None, *, wait: bool = False, **params) -> "Index":
         """Build the coarse index over the collection's live rows.
