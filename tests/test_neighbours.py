@@ -217,3 +217,14 @@ def test_the_sketch_holds_each_rows_projection_and_a_refresh_projects_only_new_s
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
     # the projection is orthonormal: a sketch distance is the part of the F7 distance in its directions
     assert (((want[1:] - want[:-1]) ** 2).sum(1) <= ((feats[1:] - feats[:-1]) ** 2).sum(1) * 1.0001 + 1e-4).all()
+
+
+def test_features_too_large_for_a_float16_sketch_get_none_and_the_whole_pool_is_reranked(collection):
+    from hashsearch.engine.neighbours import NeighbourProjection
+    from hashsearch.engine.sketch import build_sketch
+    with Index.open(collection) as index:
+        gen = index._current()
+        p = gen.neighbours.projection
+        assert build_sketch(gen.collection, gen.reader, p, None) is not None
+        huge = NeighbourProjection(p.matrix * 1e6, p.offset * 1e6)
+        assert build_sketch(gen.collection, gen.reader, huge, None) is None

@@ -25,6 +25,8 @@ from .neighbours import ENCODE_BLOCK_ROWS, NeighbourProjection
 # Rows per result that the sketch hands to the exact rerank.  On CIFAR-10 (1,280-d F7, k 10, pools of 500
 # and 800) 5 per result lost none of the exact top 10 and 3.2 lost 0.1 % of it; 6 leaves a margin.
 SHORTLIST_PER_RESULT = 6
+# Sketches are float16 (half of 256 float32 values a row); rows projecting past this have no sketch.
+FLOAT16_LIMIT = 60_000.0
 
 
 class Sketch:
@@ -50,8 +52,9 @@ class Sketch:
 
 def build_sketch(collection: Collection, reader: RowReader, projection: NeighbourProjection,
                  previous: Sketch | None) -> Sketch | None:
-    """The sketch of `collection` under `projection`, or None where its F7 is not in RAM.  Shards that
-    `previous` (the generation before, same projection) already projected are taken from it."""
+    """The sketch of `collection` under `projection`, or None where its F7 is not in RAM (or too large for
+    float16).  Shards that `previous` (the generation before, same projection) already projected are taken
+    from it."""
     if reader.in_ram is None:
         return None
     known = previous.by_shard if previous is not None and previous.projection is projection else {}
@@ -62,6 +65,9 @@ def build_sketch(collection: Collection, reader: RowReader, projection: Neighbou
             continue
         out = np.empty((len(feats), projection.bits), np.float16)
         for a in range(0, len(feats), ENCODE_BLOCK_ROWS):
-            out[a:a + ENCODE_BLOCK_ROWS] = projection.project(feats[a:a + ENCODE_BLOCK_ROWS])
+            block = projection.project(feats[a:a + ENCODE_BLOCK_ROWS])
+            if len(block) and np.abs(block).max() > FLOAT16_LIMIT:
+                return None         # features this large would overflow: rerank the whole pool instead
+            out[a:a + len(block)] = block
         by_shard[shard.sha256] = out
     return Sketch(collection, projection, by_shard)
