@@ -43,11 +43,7 @@ class Sketch:
 
     def gather(self, rows: np.ndarray, buffer: np.ndarray) -> None:
         """The sketches of `rows` (valid, int64) into buffer[:len(rows)]."""
-        if len(self.parts) == 1:
-            np.take(self.parts[0], rows, axis=0, out=buffer[:len(rows)])
-            return
-        for s, where, local in self.collection._split(rows):
-            buffer[where] = self.parts[s][local]
+        self.collection.take_rows(self.parts, rows, buffer)
 
 
 def build_sketch(collection: Collection, reader: RowReader, projection: NeighbourProjection,

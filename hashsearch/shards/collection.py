@@ -383,6 +383,14 @@ class Collection:
             where = np.flatnonzero(shard_of == s)
             yield int(s), where, rows[where] - self.offsets[s]
 
+    def take_rows(self, per_shard: list[np.ndarray], rows: np.ndarray, out: np.ndarray) -> None:
+        """Rows `rows` (valid, int64) of arrays held one per shard, row-aligned with it, into out[:len(rows)]."""
+        if len(per_shard) == 1:
+            np.take(per_shard[0], rows, axis=0, out=out[:len(rows)])
+            return
+        for s, where, local in self._split(rows):
+            out[where] = per_shard[s][local]
+
     def raw_features(self, rows) -> np.ndarray:
         """Feature rows in their stored dtype, in the order asked."""
         rows = integers(rows, "rows")
@@ -565,11 +573,7 @@ class RowReader:
             raise HashsearchError(f"short read from a shard of {self.collection.root}: was it truncated?")
 
     def _copy(self, rows: np.ndarray, buffer: np.ndarray) -> None:
-        if len(self.in_ram) == 1:
-            np.take(self.in_ram[0], rows, axis=0, out=buffer[:len(rows)])
-            return
-        for s, where, local in self.collection._split(rows):
-            buffer[where] = self.in_ram[s][local]
+        self.collection.take_rows(self.in_ram, rows, buffer)
 
     def read(self, rows: np.ndarray, buffer: np.ndarray) -> None:
         """Features of `rows` into buffer[:len(rows)] (any rows, in any order)."""
