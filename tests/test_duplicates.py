@@ -224,3 +224,26 @@ def test_a_directory_or_fifo_html_is_refused_before_any_work(tmp_path):
     assert "is a FIFO" in r.stderr
     r = cli("duplicates", tmp_path / "nope", "--html", tmp_path, ok=False)
     assert "is a directory" in r.stderr
+
+
+def test_bench_duplicates_scores_its_planted_pairs_with_a_relative_work_folder(model, tmp_path, monkeypatch):
+    """The test set names its copies relative to its own folder, so a --work given relative to the current
+    directory (and the same test set reused from another) still finds every planted pair in the collection."""
+    from hashsearch.encoders.sources import SyntheticSource
+    photos = tmp_path / "photos"
+    for i in range(30):
+        (photos / str(i % 3)).mkdir(parents=True, exist_ok=True)
+        SyntheticSource(30).load(i).save(photos / str(i % 3) / f"{i:03d}.png")
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for where in (tmp_path, tmp_path / "photos"):
+        monkeypatch.chdir(where)
+        work = os.path.relpath(tmp_path / "work", where)
+        result = cli("bench", "duplicates", photos, "--model", model, "--work", work, "--share", "0.2",
+                     "--distances", "0.5", "--json", tmp_path / f"{len(runs)}.json")
+        runs.append(json.loads((tmp_path / f"{len(runs)}.json").read_text()))
+        assert "precision" in result.stdout
+    truth = json.loads((tmp_path / "work" / "testset" / "truth.json").read_text())
+    assert all(not os.path.isabs(p) for group in truth["groups"] for p in group)
+    planted = sum(len(g) * (len(g) - 1) // 2 for g in truth["groups"])
+    assert runs[0]["planted_pairs"] == runs[1]["planted_pairs"] == planted > 0

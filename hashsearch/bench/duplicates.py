@@ -79,10 +79,19 @@ def build_test_set(source_spec: str, folder: Path, share: float, seed: int) -> d
                 path = target.with_name(f"{target.stem}~{edit}.png")
                 EDITS[edit](im).save(path)
                 members.append(str(path))
-            groups.append(members)
+            groups.append([os.path.relpath(m, folder) for m in members])
     truth = {"spec": spec, "groups": groups}
     atomic_write_bytes(truth_path, json.dumps(truth).encode())
     return truth
+
+
+def _id_of_member(id_of: dict, testset: Path, member: str) -> int:
+    """The id of a planted group's member, named relative to the test set's folder (or absolute)."""
+    found = id_of.get(os.path.realpath(testset / member))
+    if found is None:
+        raise HashsearchError(f"the test set in {testset} names {member}, which its collection does not hold; "
+                              f"give another --work")
+    return found
 
 
 def run_duplicates_bench(source: str, model_path, *, share: float = DuplicatesBenchConfig.share,
@@ -124,15 +133,16 @@ def _run(source, model_path, share, seed, thresholds, work: Path, synthetic_n, s
     rows = []
     with Index.open(coll_dir) as index:
         coll = index.collection
-        id_of = dict(zip(coll.paths(coll.live_rows()), coll.ids()[coll.live_rows()].tolist()))
+        id_of = dict(zip(map(os.path.realpath, coll.paths(coll.live_rows())), coll.ids()[coll.live_rows()].tolist()))
         planted = set()
         edit_of = {}
         for group in truth["groups"]:
-            ids = sorted(id_of[p] for p in group)
+            ids = sorted(_id_of_member(id_of, work / "testset", p) for p in group)
             planted |= {(a, b) for k, a in enumerate(ids) for b in ids[k + 1:]}
+            first = _id_of_member(id_of, work / "testset", group[0])
             for p in group[1:]:
-                edit_of[(min(id_of[group[0]], id_of[p]), max(id_of[group[0]], id_of[p]))] = \
-                    p.rsplit("~", 1)[1].rsplit(".", 1)[0]
+                copy = _id_of_member(id_of, work / "testset", p)
+                edit_of[(min(first, copy), max(first, copy))] = p.rsplit("~", 1)[1].rsplit(".", 1)[0]
         for threshold in thresholds:
             started = time.perf_counter()
             found = index.duplicates(max_distance=threshold)
