@@ -57,6 +57,10 @@ DUPLICATE_DISTANCE = 0.25
 # pair within 0.3 of each other in F7 lay within 64 of 256 bits, with either model (at 0.35, 10 of 628 of the
 # small model's did not); a wider radius only adds candidates to check.
 DUPLICATE_RADIUS = 64
+# --relative measures a pair against the items' distance to this nearest candidate: an item's local scale.  The
+# 4th scored best on CIFAR-10's test set (docs/results.md, "Near-duplicate pairs"), whose planted groups hold 2 to
+# 4 images; the 8th, a little behind it, stays outside a group of up to 8, as a burst of shots can be.
+LOCAL_SCALE_NEIGHBOUR = 8
 
 
 def threshold(name: str, value) -> None:
@@ -70,6 +74,9 @@ class DuplicatesConfig(Options):
                                                      "the collection's median F7 length.", check=threshold)
     radius: int = option(DUPLICATE_RADIUS, "Candidate pairs: neighbour codes within this Hamming radius.",
                          check=not_negative)
+    relative: float | None = option(None, "Also pairs whose F7 distance is at most this many times an item's "
+                                          f"distance to its {LOCAL_SCALE_NEIGHBOUR}th nearest candidate (on CIFAR-10, "
+                                          "pair precision 0.95 at 0.4-0.7, by model).", check=threshold)
     min_group: int = option(2, "Report groups of at least this many items.", check=in_range(2, 1 << 31))
     limit_groups: int | None = option(None, "Report only the N largest groups.", check=positive)
     since: int | None = option(None, "Only groups holding an item added after this generation (only the new "
@@ -417,6 +424,7 @@ class DuplicatesBenchConfig(Options):
                                                              "score, comma-separated.")
     work: str | None = option(None, "Folder for the test set, its collection and the synthetic one, reused by a "
                                     "later run [a temporary one, removed].")
+    relative: float | None = option(None, "duplicates' --relative for every threshold scored.", check=threshold)
     synthetic_n: int = option(0, "Also time `hashsearch duplicates` on a synthetic collection of this many "
                                  "items with planted duplicates (0: skip).", check=not_negative)
     synthetic_dim: int = option(512, "F7 dimension of the synthetic collection (the small backbone's).",

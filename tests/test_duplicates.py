@@ -183,6 +183,8 @@ def test_thumbnails_of_idx_members_are_read(collection):
     (["--max-distance", "-1"], "max-distance must be zero or more"),
     (["--max-distance", "nan"], "max-distance must be finite"),
     (["--max-distance", "inf"], "max-distance must be finite"),
+    (["--relative", "-1"], "relative must be zero or more"),
+    (["--relative", "nan"], "relative must be finite"),
     (["--radius", "-3"], "radius must be zero or more"),
     (["--radius", "999"], "radius must be a whole number of bits from 0"),
     (["--since", "99"], None),
@@ -247,3 +249,18 @@ def test_bench_duplicates_scores_its_planted_pairs_with_a_relative_work_folder(m
     assert all(not os.path.isabs(p) for group in truth["groups"] for p in group)
     planted = sum(len(g) * (len(g) - 1) // 2 for g in truth["groups"])
     assert runs[0]["planted_pairs"] == runs[1]["planted_pairs"] == planted > 0
+
+
+def test_relative_finds_copies_by_their_items_local_scale(planted):
+    """--relative keeps a pair whose distance is small beside its items' distance to their 8th nearest
+    candidate, where the absolute threshold alone is too tight to find it; it never drops an absolute pair."""
+    with Index.open(planted["root"]) as index:
+        exact = index.duplicates(max_distance=0.0)
+        relative = index.duplicates(max_distance=0.0, relative=0.3)
+        wanted = set()
+        for group in planted["groups"]:
+            ids = sorted(_ids_of(planted["root"], group))
+            wanted |= {(a, b) for k, a in enumerate(ids) for b in ids[k + 1:]}
+    exact_pairs, relative_pairs = set(map(tuple, exact.pairs.tolist())), set(map(tuple, relative.pairs.tolist()))
+    assert exact_pairs < wanted, exact_pairs        # identical F7 only: the brightened copies are missed
+    assert relative_pairs == wanted, (relative_pairs - wanted, wanted - relative_pairs)

@@ -97,16 +97,18 @@ def _id_of_member(id_of: dict, testset: Path, member: str) -> int:
 def run_duplicates_bench(source: str, model_path, *, share: float = DuplicatesBenchConfig.share,
                          seed: int = DuplicatesBenchConfig.seed, distances: str = DuplicatesBenchConfig.distances,
                          work: str | None = DuplicatesBenchConfig.work,
+                         relative: float | None = DuplicatesBenchConfig.relative,
                          synthetic_n: int = DuplicatesBenchConfig.synthetic_n,
                          synthetic_dim: int = DuplicatesBenchConfig.synthetic_dim) -> dict:
-    DuplicatesBenchConfig(share=share, seed=seed, distances=distances, work=work, synthetic_n=synthetic_n,
-                          synthetic_dim=synthetic_dim)
+    DuplicatesBenchConfig(share=share, seed=seed, distances=distances, work=work, relative=relative,
+                          synthetic_n=synthetic_n, synthetic_dim=synthetic_dim)
     thresholds = _thresholds(distances)
     if work is None:
         import tempfile
         with tempfile.TemporaryDirectory(prefix="hashsearch-dup-") as tmp:
-            return _run(source, model_path, share, seed, thresholds, Path(tmp), synthetic_n, synthetic_dim)
-    return _run(source, model_path, share, seed, thresholds, Path(work), synthetic_n, synthetic_dim)
+            return _run(source, model_path, share, seed, thresholds, Path(tmp), relative, synthetic_n,
+                        synthetic_dim)
+    return _run(source, model_path, share, seed, thresholds, Path(work), relative, synthetic_n, synthetic_dim)
 
 
 def _thresholds(text: str) -> list[float]:
@@ -121,7 +123,7 @@ def _thresholds(text: str) -> list[float]:
     return sorted(values)
 
 
-def _run(source, model_path, share, seed, thresholds, work: Path, synthetic_n, synthetic_dim) -> dict:
+def _run(source, model_path, share, seed, thresholds, work: Path, relative, synthetic_n, synthetic_dim) -> dict:
     from ..encoders.runner import encode_collection
     truth = build_test_set(source, work / "testset", share, seed)
     coll_dir = work / "collection"
@@ -145,7 +147,7 @@ def _run(source, model_path, share, seed, thresholds, work: Path, synthetic_n, s
                 edit_of[(min(first, copy), max(first, copy))] = p.rsplit("~", 1)[1].rsplit(".", 1)[0]
         for threshold in thresholds:
             started = time.perf_counter()
-            found = index.duplicates(max_distance=threshold)
+            found = index.duplicates(max_distance=threshold, relative=relative)
             seconds = time.perf_counter() - started
             pairs = set(map(tuple, found.pairs.tolist()))
             hits = len(pairs & planted)
@@ -157,7 +159,8 @@ def _run(source, model_path, share, seed, thresholds, work: Path, synthetic_n, s
                          "groups": len(found.groups()),
                          "recall_by_edit": {e: round(float(np.mean(v)), 3) for e, v in sorted(per_edit.items())}})
         report = {"source": source, "model": str(model_path), "items": coll.items, "planted_groups": len(truth["groups"]),
-                  "planted_pairs": len(planted), "radius": DuplicatesConfig.radius, "encode_seconds": round(encode_seconds, 1),
+                  "planted_pairs": len(planted), "radius": DuplicatesConfig.radius, "relative": relative,
+                  "encode_seconds": round(encode_seconds, 1),
                   "rows": rows, "machine": machine_info()}
     if synthetic_n:
         report["synthetic"] = _time_synthetic(work / f"synthetic-{synthetic_n}-d{synthetic_dim}", synthetic_n,
@@ -196,7 +199,8 @@ def _time_synthetic(root: Path, n: int, dim: int) -> dict:
 
 def format_duplicates_report(r: dict) -> str:
     lines = [f"duplicates: {r['items']} items of {r['source']} with {r['planted_groups']} planted groups "
-             f"({r['planted_pairs']} pairs), model {r['model']}, radius {r['radius']}",
+             f"({r['planted_pairs']} pairs), model {r['model']}, radius {r['radius']}"
+             + ("" if r.get("relative") is None else f", relative {r['relative']}"),
              "| max distance | pairs | precision | recall | groups | seconds | recall by edit |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row in r["rows"]:

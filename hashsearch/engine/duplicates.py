@@ -32,6 +32,7 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from ..config import LOCAL_SCALE_NEIGHBOUR
 from ..errors import HashsearchError
 from .threads import MAX_THREADS, faiss_threads
 
@@ -83,18 +84,37 @@ def check_thresholds(max_distance, radius, bits: int) -> None:
 
 
 def find_duplicates(codes: np.ndarray, features: Callable[[np.ndarray], np.ndarray], *, max_distance: float,
-                    radius: int, scale: float, queries: np.ndarray | None = None) -> Duplicates:
+                    radius: int, scale: float, queries: np.ndarray | None = None,
+                    relative: float | None = None, scale_neighbour: int = LOCAL_SCALE_NEIGHBOUR) -> Duplicates:
     """The duplicates among `codes` (uint8 [n, bytes], packed neighbour codes): `features(positions)` gives
     F7 rows [len, D]; `scale` the unit of distance (feature_scale); `queries`, positions to join against
-    all the others instead of every pair (the new items of `duplicates --since`)."""
+    all the others instead of every pair (the new items of `duplicates --since`).  With `relative`, a pair
+    is also kept when its distance is at most `relative` times the local scale of either item: its distance
+    to its `scale_neighbour`-th nearest candidate (see local_scales)."""
     codes = np.ascontiguousarray(codes, np.uint8)
     check_thresholds(max_distance, radius, codes.shape[1] * 8)
+    if relative is not None and (isinstance(relative, bool) or not isinstance(relative, (int, float, np.number))
+                                 or not np.isfinite(relative) or relative < 0):
+        raise HashsearchError(f"relative must be a finite number of zero or more, got {relative!r}")
     if not np.isfinite(scale) or scale <= 0:
         raise HashsearchError(f"the unit of distance must be positive, got {scale}")
     kept, kept_dist, candidates = [], [], 0
-    for block in candidate_blocks(codes, int(radius), queries):     # checked a block at a time: memory
-        dist = pair_distances(block, features, scale)                # holds the pairs kept, not the candidates
-        keep = dist <= max_distance
+    # Checked a block at a time: memory holds the pairs kept, not the candidates.
+    for q, found, hamming in join_blocks(codes, queries):
+        near = (found >= 0) & (found != q[:, None])
+        within = near & (hamming <= radius)
+        mine = np.broadcast_to(q[:, None], found.shape)
+        block = _pairs(mine[within], found[within])
+        if relative is None:
+            dist = pair_distances(block, features, scale)
+            keep = dist <= max_distance
+        else:           # every candidate's distance, for each query's local scale; then those within the radius
+            every = pair_distances(np.stack([mine[near], found[near].astype(np.int64)], 1), features, scale)
+            local = local_scales(near, every, scale_neighbour)
+            dist = np.full(found.shape, np.nan, np.float32)
+            dist[near] = every
+            dist = dist[within]
+            keep = (dist <= max_distance) | (dist <= relative * np.broadcast_to(local[:, None], found.shape)[within])
         kept.append(block[keep])
         kept_dist.append(dist[keep])
         candidates += len(block)
@@ -137,9 +157,9 @@ def _join_index(codes: np.ndarray):
     return index
 
 
-def candidate_blocks(codes: np.ndarray, radius: int, queries: np.ndarray | None = None):
-    """Yield blocks of candidate pairs (int64 [m, 2], i < j): each query position with each of its
-    JOIN_NEIGHBOURS nearest codes that lies within `radius` bits.  A pair may come twice, from both ends."""
+def join_blocks(codes: np.ndarray, queries: np.ndarray | None = None):
+    """Yield, a block of query positions at a time, (queries [b], their JOIN_NEIGHBOURS + 1 nearest codes'
+    positions [b, k] (-1 padded; an item finds itself), those codes' Hamming distances [b, k])."""
     n = len(codes)
     queries = np.arange(n) if queries is None else np.unique(np.asarray(queries, np.int64))
     if n < 2 or not len(queries):
@@ -150,9 +170,31 @@ def candidate_blocks(codes: np.ndarray, radius: int, queries: np.ndarray | None 
         for a in range(0, len(queries), JOIN_BLOCK_ROWS):
             q = queries[a:a + JOIN_BLOCK_ROWS]
             dist, found = index.search(codes[q], k)
-            near = (found >= 0) & (dist <= radius) & (found != q[:, None])
-            mine, found = np.broadcast_to(q[:, None], found.shape)[near], found[near].astype(np.int64)
-            yield np.stack([np.minimum(mine, found), np.maximum(mine, found)], 1)
+            yield q, found.astype(np.int64), dist
+
+
+def candidate_blocks(codes: np.ndarray, radius: int, queries: np.ndarray | None = None):
+    """Yield blocks of candidate pairs (int64 [m, 2], i < j): each query position with each of its
+    JOIN_NEIGHBOURS nearest codes that lies within `radius` bits.  A pair may come twice, from both ends."""
+    for q, found, dist in join_blocks(codes, queries):
+        near = (found >= 0) & (dist <= radius) & (found != q[:, None])
+        yield _pairs(np.broadcast_to(q[:, None], found.shape)[near], found[near])
+
+
+def _pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """int64 [m, 2]: each (a, b), smaller first."""
+    return np.stack([np.minimum(a, b), np.maximum(a, b)], 1)
+
+
+def local_scales(near: np.ndarray, distances: np.ndarray, neighbour: int) -> np.ndarray:
+    """Each query's distance to its `neighbour`-th nearest candidate (float32 [b]), nan where it has fewer:
+    `near` [b, k] marks the real candidates, `distances` holds theirs in the order of near's True cells."""
+    table = np.full(near.shape, np.inf, np.float32)
+    table[near] = distances
+    if table.shape[1] < neighbour:
+        return np.full(len(table), np.nan, np.float32)
+    out = np.partition(table, neighbour - 1, axis=1)[:, neighbour - 1]
+    return np.where(np.isfinite(out), out, np.nan)
 
 
 def hamming_join(codes: np.ndarray, radius: int, queries: np.ndarray | None = None) -> np.ndarray:
@@ -310,5 +352,5 @@ def collection_duplicates(gen, params=None, **options) -> CollectionDuplicates:
     # The default radius is capped at the code length: neighbour codes of a small collection are shorter.
     radius = min(params.radius, codes.shape[1] * 8) if params.radius == DUPLICATE_RADIUS else params.radius
     found = find_duplicates(codes, features, max_distance=params.max_distance, radius=radius,
-                            scale=feature_scale(features, len(rows)), queries=queries)
+                            scale=feature_scale(features, len(rows)), queries=queries, relative=params.relative)
     return CollectionDuplicates(found, rows, ids, coll.generation, since_id)
