@@ -12,7 +12,10 @@
      reader), block by block as the join yields them, so memory holds only the pairs kept; pairs within
      `max_distance` are the duplicates.  Distances are in units of the
      collection's median F7 length (`feature_scale`), so that one threshold serves models whose F7
-     differ in scale.
+     differ in scale.  With `relative` (`duplicates --relative`), every candidate of an item is checked,
+     within the radius or not, and its distance to its LOCAL_SCALE_NEIGHBOUR-th nearest is its local
+     scale: a pair is also kept within `relative` times it, seen from either end (so, the larger of the
+     two items' scales).  Inside a dense class that asks for a closer copy than in a sparse one.
   3. Groups: connected components of the pairs.  Chaining (a~b, b~c, ... where a and z look nothing
      alike) is bounded by splitting: a group is a centre and members each within `max_distance` of it.
      A component in which one item is paired with every other stays whole, centred on it; any other is
@@ -74,8 +77,10 @@ class Duplicates:
                 if b - a >= min_group]
 
 
-def check_thresholds(max_distance, radius, bits: int) -> None:
-    for name, value in (("max distance", max_distance), ("radius", radius)):
+def check_thresholds(max_distance, radius, bits: int, relative=None) -> None:
+    named = (("max distance", max_distance), ("radius", radius)) + ((("relative", relative),) if relative is not None
+                                                                      else ())
+    for name, value in named:
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                 or not np.isfinite(value) or value < 0:
             raise HashsearchError(f"{name} must be a finite number of zero or more, got {value!r}")
@@ -92,10 +97,7 @@ def find_duplicates(codes: np.ndarray, features: Callable[[np.ndarray], np.ndarr
     is also kept when its distance is at most `relative` times the local scale of either item: its distance
     to its `scale_neighbour`-th nearest candidate (see local_scales)."""
     codes = np.ascontiguousarray(codes, np.uint8)
-    check_thresholds(max_distance, radius, codes.shape[1] * 8)
-    if relative is not None and (isinstance(relative, bool) or not isinstance(relative, (int, float, np.number))
-                                 or not np.isfinite(relative) or relative < 0):
-        raise HashsearchError(f"relative must be a finite number of zero or more, got {relative!r}")
+    check_thresholds(max_distance, radius, codes.shape[1] * 8, relative)
     if not np.isfinite(scale) or scale <= 0:
         raise HashsearchError(f"the unit of distance must be positive, got {scale}")
     kept, kept_dist, candidates = [], [], 0
@@ -109,7 +111,7 @@ def find_duplicates(codes: np.ndarray, features: Callable[[np.ndarray], np.ndarr
             dist = pair_distances(block, features, scale)
             keep = dist <= max_distance
         else:           # every candidate's distance, for each query's local scale; then those within the radius
-            every = pair_distances(np.stack([mine[near], found[near].astype(np.int64)], 1), features, scale)
+            every = pair_distances(np.stack([mine[near], found[near]], 1), features, scale)
             local = local_scales(near, every, scale_neighbour)
             dist = np.full(found.shape, np.nan, np.float32)
             dist[near] = every
