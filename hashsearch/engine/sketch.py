@@ -25,7 +25,7 @@ from .neighbours import ENCODE_BLOCK_ROWS, NeighbourProjection
 # Rows per result that the sketch hands to the exact rerank.  On CIFAR-10 (1,280-d F7, k 10, pools of 500
 # and 800) 5 per result lost none of the exact top 10 and 3.2 lost 0.1 % of it; 6 leaves a margin.
 SHORTLIST_PER_RESULT = 6
-# Sketches are float16 (half of 256 float32 values a row); rows projecting past this have no sketch.
+# Sketches are float16, half the RAM of float32; a collection whose rows project past this has no sketch.
 FLOAT16_LIMIT = 60_000.0
 
 
