@@ -204,11 +204,11 @@ def test_the_sketch_shortlist_answers_as_the_full_rerank_on_real_images(fashion_
 def test_the_sketch_holds_each_rows_projection_and_a_refresh_projects_only_new_shards(collection_copy):
     with Index.open(collection_copy) as index:
         before = index._current().sketch
-        assert before is not None and len(before.parts) == 3
+        assert before is not None and before.usable() and len(before.parts) == 3
         cli("add", collection_copy, "synthetic:340", "--workers", 0, "--device", "cpu", "--quiet")
         index.refresh()
         gen = index._current()
-        assert len(gen.sketch.parts) == 4 and all(new is old for new, old in zip(gen.sketch.parts, before.parts))
+        assert gen.sketch.usable() and len(gen.sketch.parts) == 4 and all(new is old for new, old in zip(gen.sketch.parts, before.parts))
         rows = np.random.default_rng(0).permutation(gen.collection.n)
         got = np.empty((len(rows), gen.sketch.bits), np.float16)
         gen.sketch.gather(rows, got)
@@ -225,6 +225,6 @@ def test_features_too_large_for_a_float16_sketch_get_none_and_the_whole_pool_is_
     with Index.open(collection) as index:
         gen = index._current()
         p = gen.neighbours.projection
-        assert build_sketch(gen.collection, gen.reader, p, None) is not None
+        assert build_sketch(gen.collection, gen.reader, p, None).usable()
         huge = NeighbourProjection(p.matrix * 1e6, p.offset * 1e6)
-        assert build_sketch(gen.collection, gen.reader, huge, None) is None
+        assert not build_sketch(gen.collection, gen.reader, huge, None).usable()

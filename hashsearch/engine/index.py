@@ -172,7 +172,8 @@ class Index(SearchTarget):
     def shortlists(self) -> bool:
         """Whether hds ranks its pool by the sketch first and reranks only SHORTLIST_PER_RESULT rows per result
         by L2 on F7 (engine/sketch.py): the index has neighbour codes and F7 is in RAM."""
-        return self._current().sketch is not None
+        sketch = self._current().sketch
+        return sketch is not None and sketch.usable()
 
     @classmethod
     def build(cls, collection, kind: str = "flat", out=None, *, wait: bool = False, **params) -> "Index":
@@ -257,12 +258,14 @@ class Index(SearchTarget):
         npool = neighbour_pool(gen.meta, params, np.iinfo(np.int64).max if whole_pool else gen.collection.items)
         nq, width = len(query_codes), max(pool, k)
         out = SearchResult.empty(nq, width + npool if whole_pool else k, np.inf)
+        # Only a search that shortlists asks for the sketch: asking projects it, the first time.
+        shortlist = bool(npool) and not whole_pool and k <= params.neighbour_places and gen.sketch is not None \
+            and gen.sketch.usable()
 
         def work(a, b):
             projected = gen.neighbours.projection.project(query_features[a:b]) if npool else None
             (cand_ham, cand), (n_ham, n_cand) = self._pools(gen, query_codes[a:b], projected, width, npool, params)
             rr = self._rerankers.get(gen.reader)
-            sketches = None if whole_pool or gen.sketch is None else projected
             for q in range(a, b):
                 if whole_pool:      # each pool in its own order, each candidate with its distance
                     _pool_order(rr, query_features[q:q + 1], cand[q - a], cand_ham[q - a], out, q, 0)
@@ -270,7 +273,7 @@ class Index(SearchTarget):
                         _pool_order(rr, query_features[q:q + 1], n_cand[q - a], n_ham[q - a], out, q, width)
                 elif npool:
                     _rank_union(rr, query_features[q:q + 1], cand[q - a], n_cand[q - a], out, q,
-                                params.neighbour_places, None if sketches is None else (gen.sketch, sketches[q - a]))
+                                params.neighbour_places, (gen.sketch, projected[q - a]) if shortlist else None)
                 else:
                     order = rr.search(query_features[q:q + 1], cand[q - a], out.distances[q], out.rows[q])
                     out.hamming[q, :len(order)] = cand_ham[q - a, order]
