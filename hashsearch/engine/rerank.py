@@ -36,20 +36,20 @@ def flat_index_for(dtype: np.dtype, dim: int) -> faiss.Index:
 
 
 class _Scratch:
-    """A small faiss flat index whose storage the caller fills with candidate rows, kept between queries."""
+    """A small faiss index whose storage the caller fills with candidate rows (`width` values of `dtype` each:
+    a flat index's rows, or a scalar quantizer's codes), kept between queries."""
 
-    def __init__(self, dtype: np.dtype, dim: int, capacity: int = 256):
-        self.dtype, self.dim = np.dtype(dtype), dim
-        self.index = flat_index_for(self.dtype, dim)
+    def __init__(self, index: faiss.Index, dtype: np.dtype, width: int, capacity: int = 256):
+        self.index, self.dtype, self.width = index, np.dtype(dtype), width
         self.capacity = 0
         self.reserve(capacity)
 
     def reserve(self, m: int) -> None:
         if m <= self.capacity:
             return
-        nbytes = m * self.dim * self.dtype.itemsize
+        nbytes = m * self.width * self.dtype.itemsize
         self.index.codes.resize(nbytes)
-        self.buffer = faiss.rev_swig_ptr(self.index.codes.data(), nbytes).view(self.dtype).reshape(m, self.dim)
+        self.buffer = faiss.rev_swig_ptr(self.index.codes.data(), nbytes).view(self.dtype).reshape(m, self.width)
         self.rows = [[memoryview(row).cast("B")] for row in self.buffer]
         self.capacity = m
 
@@ -69,8 +69,10 @@ class Reranker:
     def __init__(self, features: RowReader, capacity: int = 256):
         self.features = features
         self.dim = features.collection.feature_dim
-        self.f7 = _Scratch(features.collection.feature_dtype, self.dim, capacity)
+        dtype = features.collection.feature_dtype
+        self.f7 = _Scratch(flat_index_for(dtype, self.dim), dtype, self.dim, capacity)
         self.sketches: _Scratch | None = None
+        self._sketch_ranges = None      # the quantizer whose ranges self.sketches decodes with
 
     def shortlist(self, query_sketch: np.ndarray, sketch, candidates: np.ndarray, keep: int) -> np.ndarray:
         """The `keep` candidates (-1 padded at the end) nearest to the query in `sketch` (engine/sketch.py),
@@ -78,8 +80,9 @@ class Reranker:
         m = int(np.count_nonzero(candidates >= 0))
         if m <= keep:
             return candidates
-        if self.sketches is None or self.sketches.dim != sketch.bits:
-            self.sketches = _Scratch(np.float16, sketch.bits)
+        if self._sketch_ranges is not sketch.quantizer:
+            self.sketches = _Scratch(faiss.clone_index(sketch.quantizer), np.uint8, sketch.quantizer.code_size)
+            self._sketch_ranges = sketch.quantizer
         self.sketches.reserve(m)
         sketch.gather(candidates[:m], self.sketches.buffer)
         _, nearest = self.sketches.nearest(np.ascontiguousarray(query_sketch, dtype=np.float32), m, keep)
