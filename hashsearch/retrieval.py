@@ -95,13 +95,13 @@ def describe_results(index: Index, names: list[str], result) -> list[dict]:
     for q, name in enumerate(names):
         cols = np.flatnonzero(result.rows[q] >= 0)
         rows = result.rows[q, cols]
-        hits = []
-        for rank, (j, path, label) in enumerate(zip(cols, coll.paths(rows), coll.labels()[rows])):
-            dist = float(result.distances[q, j])
-            hits.append({"rank": rank + 1, "id": int(result.ids[q, j]), "path": path,
-                         "label": class_names[label] if 0 <= label < len(class_names) else int(label),
-                         "hamming": int(result.hamming[q, j]),
-                         "distance": None if math.isnan(dist) else dist})
+        # tolist() turns a column into Python numbers in one call: a service describes every answer here
+        columns = zip(result.ids[q, cols].tolist(), coll.paths(rows), coll.labels()[rows].tolist(),
+                      result.hamming[q, cols].tolist(), result.distances[q, cols].tolist())
+        hits = [{"rank": rank + 1, "id": item, "path": path,
+                 "label": class_names[label] if 0 <= label < len(class_names) else label,
+                 "hamming": hamming, "distance": None if math.isnan(dist) else dist}
+                for rank, (item, path, label, hamming, dist) in enumerate(columns)]
         queries.append({"query": name, "results": hits})
     return queries
 
