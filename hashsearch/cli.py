@@ -326,7 +326,7 @@ def _near_duplicates(database, config: EvalConfig, queries_path, json_path) -> N
     from .bench.near_duplicates import format_near_duplicates, run_near_duplicates
     if queries_path:
         raise HashsearchError("--near-duplicates makes its own queries; leave out --queries")
-    report = run_near_duplicates(database, config.near_duplicates, config.seed)
+    report = run_near_duplicates(database, config.near_duplicates, config.seed, config.near_duplicate_search())
     click.echo(format_near_duplicates(report))
     if json_path:
         _write_json(json_path, report)

@@ -328,7 +328,8 @@ class EvalConfig(Options):
     mode: str = option("all", "Ranking to score, or all of them.", choices=MODES + ("all",))
     # The paper scores mAP at 1000; precision@k is reported up to the same depth.
     topk: int = option(1000, "Ranking depth for mAP and precision@k.", check=positive)
-    pool: int | None = option(None, "Coarse pool of hds [max(topk, 1000)].", check=positive)
+    pool: int | None = option(None, "Coarse pool of hds [max(topk, 1000); query's with --near-duplicates].",
+                              check=positive)
     map_all: bool = option(False, "mAP over the full ranking instead of the top k.")
     baselines: str = option("", "Also rank with baseline codes fitted on DATABASE's F7 features, comma-separated: "
                                 "lsh,itq.")
@@ -347,6 +348,10 @@ class EvalConfig(Options):
 
     def modes(self) -> tuple:
         return MODES if self.mode == "all" else (self.mode,)
+
+    def near_duplicate_search(self) -> SearchConfig:
+        """What --near-duplicates searches with: query's defaults, and this run's pools where given."""
+        return SearchConfig(neighbour_pool=self.neighbour_pool, **({} if self.pool is None else {"pool": self.pool}))
 
     def baseline_methods(self) -> tuple:
         methods = tuple(dict.fromkeys(b.strip().lower() for b in self.baselines.split(",") if b.strip()))

@@ -88,6 +88,11 @@ def test_eval_near_duplicates_reports_every_ranking_and_edit(fashion_collection,
     es, hds = report["rankings"]["es"]["all"], report["rankings"]["hds"]["all"]
     assert hds["top1"] >= es["top1"] - 0.05
     assert "| hds |" in result.stdout
+    # the search takes eval's pools: with no neighbour pool, hds is H's pool alone
+    cli("eval", fashion_collection, "--near-duplicates", 40, "--neighbour-pool", 0, "--pool", 50, "--json", out)
+    report = json.loads(out.read_text())
+    assert report["neighbour_pool"] == 0 and report["pool"] == 50
+    assert report["rankings"]["hds"] == report["rankings"]["hds, H pool only"]
 
 
 def test_eval_near_duplicates_needs_image_files(collection):
