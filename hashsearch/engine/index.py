@@ -106,6 +106,10 @@ class SearchTarget:
         """Move to the collection's newest generation; False if there is none newer."""
         raise NotImplementedError
 
+    def warm(self) -> None:
+        """Make now what the first search would make on its way, so that a service's first request does
+        not pay for it."""
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -174,6 +178,13 @@ class Index(SearchTarget):
         by L2 on F7 (engine/sketch.py): the index has neighbour codes and F7 is in RAM."""
         sketch = self._current().sketch
         return sketch is not None and sketch.usable()
+
+    def warm(self) -> None:
+        """Project the sketch (0.15 s at 60,000 × 512-d, 0.4 s at 50,000 × 1,280-d), which the first search
+        that shortlists would otherwise make."""
+        sketch = self._current().sketch
+        if sketch is not None:
+            sketch.usable()
 
     @classmethod
     def build(cls, collection, kind: str = "flat", out=None, *, wait: bool = False, **params) -> "Index":

@@ -109,6 +109,7 @@ class SearchService:
         self.root = Path(root)
         self.index = index if index is not None else Index.open(self.root)
         self._owns_index = index is None
+        self.index.warm()       # in each worker as it starts, not in its first request
         self.max_upload_bytes = int(max_upload_mb * (1 << 20))
         self.writable = os.access(self.root, os.W_OK)
         self._manifest_stamp = manifest_stamp(self.root)
