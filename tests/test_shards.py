@@ -159,6 +159,22 @@ def test_ids_lookup(tmp_path):
             coll.rows_for_ids([100, 5])
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_closed_collection_raises_a_hashsearch_error_and_keeps_what_it_holds(tmp_path, dtype):
+    """Reads after close (of the collection, or of an Index opened on it) say so, not a TypeError from
+    inside numpy or h5py; columns already in RAM still answer."""
+    data = rows(23)
+    write(tmp_path / "c", data, dtype=dtype)
+    coll = Collection.open(tmp_path / "c")
+    ids = coll.ids()
+    coll.close()
+    np.testing.assert_array_equal(coll.ids(), ids)
+    for read in (lambda: coll.features([3]), lambda: coll.raw_features([3, 20]), lambda: coll.paths([3]),
+                 lambda: coll.codes(), lambda: list(coll.iter_feature_blocks(4))):
+        with pytest.raises(HashsearchError, match="is closed"):
+            read()
+
+
 def test_manifest_written_atomically(tmp_path, monkeypatch):
     root = tmp_path / "c"
     write(root, rows(23))

@@ -96,11 +96,11 @@ class Shard:
 
     def __init__(self, root: Path, entry: dict, manifest: dict):
         self.name, self.sha256, self.rows = entry["file"], entry["sha256"], int(entry["rows"])
-        self.fd = self.h5 = None
-        self.path, self.fd = _open_named(root, self.name, "shard", manifest.get("generation", 0))
+        self._fd = self._h5 = None
+        self.path, self._fd = _open_named(root, self.name, "shard", manifest.get("generation", 0))
         self._cache: dict[str, object] = {}   # columns, features held in RAM, the packed paths
         try:
-            self.h5 = h5py.File(self.path, "r")
+            self._h5 = h5py.File(self.path, "r")
         except OSError as exc:
             self.close()
             raise HashsearchError(f"cannot read shard {self.name} of {root}: {exc}") from None
@@ -185,13 +185,29 @@ class Shard:
     def all_paths(self) -> list[str]:
         return [decode_path(v) for v in self.h5["paths"][...]] if self.rows else []
 
+    # A closed shard (its collection, or an Index opened on it, was closed) says so, rather than
+    # failing somewhere inside h5py or numpy; what it already holds in RAM is still answered.
+    @property
+    def h5(self) -> h5py.File:
+        if self._h5 is None:
+            raise HashsearchError(f"shard {self.name} is closed (its collection, or the index opened on it, "
+                                  "was closed)")
+        return self._h5
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise HashsearchError(f"shard {self.name} is closed (its collection, or the index opened on it, "
+                                  "was closed)")
+        return self._fd
+
     def close(self) -> None:
-        if getattr(self, "h5", None) is not None:
-            self.h5.close()
-            self.h5 = None
-        if getattr(self, "fd", None) is not None:
-            os.close(self.fd)
-            self.fd = None
+        if getattr(self, "_h5", None) is not None:
+            self._h5.close()
+            self._h5 = None
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __del__(self):
         self.close()
