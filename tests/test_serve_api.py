@@ -225,7 +225,7 @@ def test_results_are_described_without_reading_the_shards(photo_collection, monk
 
 
 def test_the_service_makes_the_sketch_before_its_first_request(photo_collection, monkeypatch):
-    """The first search that shortlists would project every row (0.15 s at 60,000 × 512-d): the service
+    """The first search that shortlists would project every row (0.3 s at 60,000 × 512-d): the service
     does it as it starts, not in its first request."""
     from hashsearch.config import SearchConfig
     from hashsearch.engine.sketch import Sketch

@@ -139,11 +139,11 @@ def _run(source, model_path, share, seed, thresholds, work: Path, relative, synt
         planted = set()
         edit_of = {}
         for group in truth["groups"]:
-            ids = sorted(_id_of_member(id_of, work / "testset", p) for p in group)
+            members = [_id_of_member(id_of, work / "testset", p) for p in group]
+            ids = sorted(members)
             planted |= {(a, b) for k, a in enumerate(ids) for b in ids[k + 1:]}
-            first = _id_of_member(id_of, work / "testset", group[0])
-            for p in group[1:]:
-                copy = _id_of_member(id_of, work / "testset", p)
+            first = members[0]
+            for p, copy in zip(group[1:], members[1:]):
                 edit_of[(min(first, copy), max(first, copy))] = p.rsplit("~", 1)[1].rsplit(".", 1)[0]
         for threshold in thresholds:
             started = time.perf_counter()

@@ -78,8 +78,9 @@ class Duplicates:
 
 
 def check_thresholds(max_distance, radius, bits: int, relative=None) -> None:
-    named = (("max distance", max_distance), ("radius", radius)) + ((("relative", relative),) if relative is not None
-                                                                      else ())
+    named = [("max distance", max_distance), ("radius", radius)]
+    if relative is not None:
+        named.append(("relative", relative))
     for name, value in named:
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                 or not np.isfinite(value) or value < 0:
@@ -111,11 +112,10 @@ def find_duplicates(codes: np.ndarray, features: Callable[[np.ndarray], np.ndarr
             dist = pair_distances(block, features, scale)
             keep = dist <= max_distance
         else:           # every candidate's distance, for each query's local scale; then those within the radius
-            every = pair_distances(np.stack([mine[near], found[near]], 1), features, scale)
-            local = local_scales(near, every, scale_neighbour)
-            dist = np.full(found.shape, np.nan, np.float32)
-            dist[near] = every
-            dist = dist[within]
+            table = np.full(found.shape, np.inf, np.float32)
+            table[near] = pair_distances(np.stack([mine[near], found[near]], 1), features, scale)
+            local = local_scales(table, scale_neighbour)
+            dist = table[within]
             keep = (dist <= max_distance) | (dist <= relative * np.broadcast_to(local[:, None], found.shape)[within])
         kept.append(block[keep])
         kept_dist.append(dist[keep])
@@ -188,11 +188,9 @@ def _pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.stack([np.minimum(a, b), np.maximum(a, b)], 1)
 
 
-def local_scales(near: np.ndarray, distances: np.ndarray, neighbour: int) -> np.ndarray:
+def local_scales(table: np.ndarray, neighbour: int) -> np.ndarray:
     """Each query's distance to its `neighbour`-th nearest candidate (float32 [b]), nan where it has fewer:
-    `near` [b, k] marks the real candidates, `distances` holds theirs in the order of near's True cells."""
-    table = np.full(near.shape, np.inf, np.float32)
-    table[near] = distances
+    `table` [b, k] holds each query's candidate distances, inf where there is no candidate."""
     if table.shape[1] < neighbour:
         return np.full(len(table), np.nan, np.float32)
     out = np.partition(table, neighbour - 1, axis=1)[:, neighbour - 1]

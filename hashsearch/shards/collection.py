@@ -25,6 +25,7 @@ import json
 import os
 import reprlib
 from pathlib import Path
+from typing import NoReturn
 
 import h5py
 import numpy as np
@@ -189,17 +190,14 @@ class Shard:
     # failing somewhere inside h5py or numpy; what it already holds in RAM is still answered.
     @property
     def h5(self) -> h5py.File:
-        if self._h5 is None:
-            raise HashsearchError(f"shard {self.name} is closed (its collection, or the index opened on it, "
-                                  "was closed)")
-        return self._h5
+        return self._h5 if self._h5 is not None else self._closed()
 
     @property
     def fd(self) -> int:
-        if self._fd is None:
-            raise HashsearchError(f"shard {self.name} is closed (its collection, or the index opened on it, "
-                                  "was closed)")
-        return self._fd
+        return self._fd if self._fd is not None else self._closed()
+
+    def _closed(self) -> NoReturn:
+        raise HashsearchError(f"shard {self.name} is closed (its collection, or the index opened on it, was closed)")
 
     def close(self) -> None:
         if getattr(self, "_h5", None) is not None:
