@@ -75,9 +75,10 @@ def main():
     hamming.use_heap = False
     hamming.add(codes_of_projection(S))
     query_codes = codes_of_projection(SQ)
-    for pool in (500, 1000, 1500):
+    hamming_pools = {}
+    for pool in (250, 500, 1000, 1500):
         ms = per_query_ms(lambda i: hamming.search(query_codes[i:i + 1], pool), len(Q))
-        found = hamming.search(query_codes, pool)[1]
+        found = hamming_pools[pool] = hamming.search(query_codes, pool)[1]
         ranked = np.stack([f[np.argsort(((values[f] - SQ[i]) ** 2).sum(1), kind="stable")[:keep]]
                            for i, f in enumerate(found)])
         print(f"neighbours {pool:5d}   recall@10 {recall_after_rerank(ranked, F, Q, truth):.4f}   "
@@ -94,6 +95,14 @@ def main():
         ms = per_query_ms(lambda i: ivf.search(SQ[i:i + 1], keep), len(Q))
         print(f"ivf nprobe {nprobe:3d}   recall@10 {recall_after_rerank(ivf.search(SQ, keep)[1], F, Q, truth):.4f}   "
               f"cells and ranking {ms:.3f} ms")
+    for pool, nprobe in ((250, 4), (250, 8), (500, 4), (500, 8)):
+        ivf.nprobe = nprobe
+        found = ivf.search(SQ, keep)[1]
+        union = [np.union1d(a[a >= 0], b) for a, b in zip(found, hamming_pools[pool])]
+        ranked = np.stack([u[np.argsort(((values[u] - SQ[i]) ** 2).sum(1), kind="stable")[:keep]]
+                           for i, u in enumerate(union)])
+        print(f"union: neighbours {pool} and ivf nprobe {nprobe}   recall@10 "
+              f"{recall_after_rerank(ranked, F, Q, truth):.4f}")
 
 
 if __name__ == "__main__":

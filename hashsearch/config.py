@@ -237,8 +237,15 @@ class SearchConfig(Options):
     pool: int = option(200, "Coarse candidate pool: the rows hds reranks by L2.")
     radius: int | None = option(None, "Take the candidates within this Hamming radius instead (at most --pool).")
     nflip: int | None = option(None, "Bucket probing depth for hash indexes [the one it was built with].")
-    neighbour_pool: int = option(NEIGHBOUR_POOL, "hds: candidates the neighbour codes add to the pool (0: H's pool "
-                                                 "alone, the paper's search).", check=not_negative)
+    # Both unset, they are what build-index measured best on the collection (engine/tuning.py) where the search
+    # shortlists by the sketch; one set leaves the other at 0.  Elsewhere the cells are not searched.
+    neighbour_pool: int | None = option(None, "hds: candidates the neighbour codes add to the pool (0: H's pool "
+                                              "alone, the paper's search, unless --neighbour-cells) [with "
+                                              "--neighbour-cells unset: the index's tuned pool, else "
+                                              f"{NEIGHBOUR_POOL}].", check=not_negative)
+    neighbour_cells: int | None = option(None, "hds: sketch cells whose nearest rows join the pool [with "
+                                               "--neighbour-pool unset: the index's tuned count, else 0].",
+                                         check=not_negative)
     mode: str = option("hds", "hds: Hamming pool, then L2 on F7; bcs: Hamming only; es: exhaustive L2.",
                        choices=MODES)
     # An edited copy or a look-alike belongs at the top; deeper down, H's class-level order is what the
@@ -338,9 +345,13 @@ class EvalConfig(Options):
     baseline_seeds: int = option(10, "Seeds 0..N-1 each baseline is fitted with; its row gives the mean and sd of "
                                       "their mAP.", check=positive)
     baseline_bits: int | None = option(None, "Code length of the baselines [the database's].", check=positive)
-    neighbour_pool: int = option(SearchConfig.neighbour_pool, "hds's neighbour pool, as query's "
-                                 "--neighbour-pool (used where DATABASE's index has neighbour codes).",
-                                 check=not_negative)
+    neighbour_pool: int | None = option(SearchConfig.neighbour_pool, "hds's neighbour pool, as query's "
+                                        f"--neighbour-pool (used where DATABASE's index has neighbour codes) "
+                                        f"[{NEIGHBOUR_POOL} for the ranking; query's for --near-duplicates].",
+                                        check=not_negative)
+    neighbour_cells: int | None = option(SearchConfig.neighbour_cells, "--near-duplicates: hds's sketch cells, as "
+                                                                       "query's --neighbour-cells.",
+                                         check=not_negative)
     near_duplicates: int | None = option(None, "Instead of --queries: edit N database images in every way of "
                                                "bench/near_duplicates.py and report how often each ranking finds "
                                                "the original.", check=positive)
@@ -351,7 +362,8 @@ class EvalConfig(Options):
 
     def near_duplicate_search(self) -> SearchConfig:
         """What --near-duplicates searches with: query's defaults, and this run's pools where given."""
-        return SearchConfig(neighbour_pool=self.neighbour_pool, **({} if self.pool is None else {"pool": self.pool}))
+        return SearchConfig(neighbour_pool=self.neighbour_pool, neighbour_cells=self.neighbour_cells,
+                            **({} if self.pool is None else {"pool": self.pool}))
 
     def baseline_methods(self) -> tuple:
         methods = tuple(dict.fromkeys(b.strip().lower() for b in self.baselines.split(",") if b.strip()))
@@ -416,8 +428,10 @@ class ExhaustiveBenchConfig(BenchData):
     neighbour_coarse: str = option(IndexConfig.neighbour_coarse, "Index kind over the neighbour codes, as "
                                                                  "build-index's --neighbour-coarse.",
                                    choices=COARSE_KINDS)
-    neighbour_pool: int = option(SearchConfig.neighbour_pool, "hds's neighbour pool, as query's --neighbour-pool.",
-                                 check=not_negative)
+    neighbour_pool: int | None = option(SearchConfig.neighbour_pool, "hds's neighbour pool, as query's "
+                                                                     "--neighbour-pool.", check=not_negative)
+    neighbour_cells: int | None = option(SearchConfig.neighbour_cells, "hds's sketch cells, as query's "
+                                                                       "--neighbour-cells.", check=not_negative)
 
 
 @dataclass

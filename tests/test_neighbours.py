@@ -238,3 +238,79 @@ def test_features_too_large_for_a_sketch_get_none_and_the_whole_pool_is_reranked
         assert build_sketch(gen.collection, gen.reader, p, None).usable()
         huge = NeighbourProjection(p.matrix * 1e18, p.offset * 1e18)
         assert not build_sketch(gen.collection, gen.reader, huge, None).usable()
+
+
+def test_the_cells_find_an_edited_copy_where_hs_pool_misses_it(fashion_collection):
+    """The sketch's cells alone (no neighbour codes' pool) bring an edited copy's original into the pool."""
+    with Index.open(fashion_collection) as index:
+        assert index.meta["cells"] == 32        # the power of two nearest sqrt(1,500)
+        codes, feats, wanted = _edited_copies(index)
+        top1 = {}
+        for name, params in (("es", SearchConfig(k=10, mode="es")),
+                             ("cells", SearchConfig(k=10, pool=15, neighbour_cells=2)),
+                             ("H alone", SearchConfig(k=10, pool=15, neighbour_pool=0))):
+            top1[name] = float((index.search(codes, feats, params).ids[:, 0] == wanted).mean())
+    assert top1["cells"] >= top1["es"] - 0.03, top1
+    assert top1["H alone"] < top1["cells"] - 0.1, top1
+
+
+def test_build_index_records_the_setting_it_measured_best_and_searches_use_it(fashion_collection):
+    from hashsearch.engine.tuning import SETTINGS, TUNED_RECALL
+    with Index.open(fashion_collection) as index:
+        tuned = index.meta["tuned"]
+        measured = tuned["measured"]
+        assert [(m["neighbour_pool"], m["neighbour_cells"]) for m in measured] == list(SETTINGS)
+        chosen = next(m for m in measured if (m["neighbour_pool"], m["neighbour_cells"]) ==
+                      (tuned["neighbour_pool"], tuned["neighbour_cells"]))
+        passing = [m for m in measured if m["recall"] >= TUNED_RECALL]
+        assert chosen["ms"] == min(m["ms"] for m in passing) if passing else \
+            chosen["recall"] == max(m["recall"] for m in measured)
+        rows = np.arange(0, N_IMAGES, 30)
+        codes, feats = index.codes[rows], index.collection.features(rows)
+        # unset, both sources come from the record; setting one leaves the other at 0
+        index._current().meta["tuned"] = {**tuned, "neighbour_pool": 0, "neighbour_cells": 1}
+        default = index.search(codes, feats, SearchConfig(k=10, pool=15))
+        np.testing.assert_array_equal(default.ids, index.search(codes, feats, SearchConfig(
+            k=10, pool=15, neighbour_pool=0, neighbour_cells=1)).ids)
+        assert (default.ids != index.search(codes, feats, SearchConfig(k=10, pool=15, neighbour_pool=500)).ids).any()
+        np.testing.assert_array_equal(
+            index.search(codes, feats, SearchConfig(k=10, pool=15, neighbour_pool=0)).ids,
+            index.search(codes, feats, SearchConfig(k=10, pool=15, neighbour_pool=0, neighbour_cells=0)).ids)
+
+
+def test_the_cells_follow_adds_and_deletes(collection_copy):
+    with Index.open(collection_copy) as index:
+        before = index.collection.n
+        gone = index.ids[:40:2].tolist()
+        cli("delete", collection_copy, *[a for i in gone for a in ("--id", i)])
+        cli("add", collection_copy, "synthetic:340", "--workers", 0, "--device", "cpu", "--quiet")
+        assert index.refresh()
+        gen = index._current()
+        every = SearchConfig(k=5, pool=1, neighbour_cells=gen.meta["cells"])
+        assert gen.sketch.usable() and gen.sketch.cells.ivf.ntotal == gen.collection.items
+        added = np.arange(before, gen.collection.n)
+        found = index.search(gen.codes[added], gen.collection.features(added), every)
+        assert (found.rows[:, 0] == added).all()        # an added row is reached through its cell
+        deleted = np.arange(0, 40, 2)
+        found = index.search(gen.codes[deleted], gen.collection.features(deleted), every)
+        assert not np.isin(found.ids, gone).any()
+
+
+def test_an_index_without_cells_still_opens_and_searches_with_the_neighbour_codes(collection_copy):
+    m = manifest(collection_copy)
+    with Index.open(collection_copy) as index:
+        codes, feats = index.codes[:8], index.collection.features(np.arange(8))
+        pool500 = index.search(codes, feats, SearchConfig(k=10, neighbour_pool=500)).ids
+    m["index"] = {k: v for k, v in m["index"].items() if not k.startswith(("cells", "tuned"))}
+    (collection_copy / "manifest.json").write_text(json.dumps(m))
+    with Index.open(collection_copy) as index:
+        assert index._current().sketch.usable() and index._current().sketch.cells is None
+        np.testing.assert_array_equal(index.search(codes, feats, SearchConfig(k=10)).ids, pool500)
+    assert cli("query", collection_copy, "--id", 3, "--json").exit_code == 0
+
+
+def test_a_damaged_cells_file_is_refused(collection_copy):
+    path = collection_copy / manifest(collection_copy)["index"]["cells_file"]
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
+    result = cli("query", collection_copy, "--id", 3, ok=False)
+    assert "cell centres" in result.stderr and "build-index" in result.stderr

@@ -39,7 +39,7 @@ import faiss
 import numpy as np
 
 from ..codes import check_bits
-from ..config import BASELINES, MODES, EvalConfig, SearchConfig
+from ..config import BASELINES, MODES, NEIGHBOUR_POOL, EvalConfig, SearchConfig
 from ..engine.kernels import admitted
 from ..errors import HashsearchError
 from ..shards import Collection
@@ -51,7 +51,7 @@ from .metrics import (HammingScanner, QUERY_BLOCK, average_precision, pr_curve_h
 def evaluate(database: Collection, queries: Collection, modes=MODES, topk: int = EvalConfig.topk,
              pool: int | None = EvalConfig.pool, map_all: bool = EvalConfig.map_all, baselines=(),
              baseline_bits: int | None = None, baseline_seeds: int = EvalConfig.baseline_seeds,
-             baseline_seed: int = 0, neighbour_pool: int = EvalConfig.neighbour_pool) -> list[dict]:
+             baseline_seed: int = 0, neighbour_pool: int | None = EvalConfig.neighbour_pool) -> list[dict]:
     """One dict per mode, then one per baseline: mode, map, precision_at_k
     {"1": P@1, ..., str(topk): P@topk}, precision_hamming2 (None for es, which
     uses no codes), n_queries, n_database, topk, bits, pool (hds only),
@@ -63,8 +63,8 @@ def evaluate(database: Collection, queries: Collection, modes=MODES, topk: int =
 
     `map` is mAP@topk (AP normalised by the relevant items within the top
     topk) or, with map_all, mAP over the full ranking.  hds adds the database index's neighbour pool
-    of `neighbour_pool` rows, as `query` does, where that index has neighbour codes (its dict says how
-    many it added: neighbour_pool).
+    of `neighbour_pool` rows [NEIGHBOUR_POOL], as `query` does at this depth, where that index has neighbour
+    codes (its dict says how many it added: neighbour_pool).
     """
     for coll in (database, queries):
         if len(coll.deleted_rows):      # rankings and labels would count items that are gone
@@ -80,7 +80,8 @@ def evaluate(database: Collection, queries: Collection, modes=MODES, topk: int =
     protocol = _Protocol.of(queries, database, settings)
     q_codes, db_codes = queries.codes(), database.codes()
     q_feats, db_feats = (_all_features(queries), _all_features(database)) if needs_features else (None, None)
-    near = _neighbour_pools(database, db_feats, q_feats, neighbour_pool) if "hds" in modes else None
+    npool = NEIGHBOUR_POOL if neighbour_pool is None else neighbour_pool
+    near = _neighbour_pools(database, db_feats, q_feats, npool) if "hds" in modes else None
     rankers = _rankers(q_codes, q_feats, HammingScanner(db_codes, database.ids()), db_feats,
                        settings.hds_pool(), protocol.depth, near)
     p_h2 = precision_within_radius(q_codes, db_codes, protocol.q_labels, protocol.db_labels, 2) \

@@ -94,7 +94,8 @@ def _child(args: dict) -> dict:
     q = np.load(args["queries"])
     codes, feats = q["codes"], q["features"]
     nq, radius = len(codes), args["radius"]
-    params = SearchConfig(k=K, pool=args["pool"], nflip=args["nflip"], neighbour_pool=args["neighbour_pool"])
+    params = SearchConfig(k=K, pool=args["pool"], nflip=args["nflip"], neighbour_pool=args["neighbour_pool"],
+                          neighbour_cells=args["neighbour_cells"])
     t = time.perf_counter()
     index = Index.open(args["collection"], args["index_dir"])
     open_seconds = time.perf_counter() - t
@@ -105,6 +106,7 @@ def _child(args: dict) -> dict:
         return lambda a, b: index.search(codes[a:b], feats[a:b], settings).rows
 
     out = {"open_seconds": open_seconds, "timings": {}, "features_in_ram": index.features_in_ram}
+    out["neighbour_pool"], out["neighbour_cells"] = index.neighbour_sources(dataclasses.replace(params, radius=radius))
     for batch in args["batches"]:
         timing = out["timings"][str(batch)] = {}
         for method, mode in (("hierarchical", "hds"), ("binary", "bcs")):
@@ -114,7 +116,7 @@ def _child(args: dict) -> dict:
                 out[f"{mode}_rows"] = np.concatenate(rows).tolist()
     cand = index.rerank_pool(codes, feats, dataclasses.replace(params, radius=radius))
     out["mean_candidates"] = float((cand >= 0).sum(1).mean())
-    sketched = index.shortlists and params.neighbour_pool and radius is None
+    sketched = index.shortlists and (out["neighbour_pool"] or out["neighbour_cells"]) and radius is None
     out["mean_f7_rows"] = float(np.minimum((cand >= 0).sum(1), SHORTLIST_PER_RESULT * K).mean()) if sketched \
         else out["mean_candidates"]
     out["rss_mb"] = peak_rss_mb()
@@ -229,7 +231,8 @@ def _time_search(setup: dict, cfg: ExhaustiveBenchConfig, batches: list, workdir
     _log(progress, f"hierarchical and binary search in a child process ({nq} queries, pool {cfg.pool})")
     child = _run_child({"collection": str(coll.root), "index_dir": str(workdir / "index"),
                         "queries": str(workdir / "queries.npz"), "pool": cfg.pool, "radius": cfg.radius,
-                        "nflip": cfg.nflip, "neighbour_pool": cfg.neighbour_pool, "batches": batches,
+                        "nflip": cfg.nflip, "neighbour_pool": cfg.neighbour_pool,
+                        "neighbour_cells": cfg.neighbour_cells, "batches": batches,
                         "out": str(workdir / "child.out.json")}, workdir)
     return {**built, **child}
 
@@ -285,7 +288,7 @@ def _summary(cfg: ExhaustiveBenchConfig, setup: dict, searched: dict, exhaustive
     coll = setup["coll"]
     result = {"n": coll.n, "dim": coll.feature_dim, "bits": coll.bits, "k": K, "queries": len(setup["codes"]),
               "batch": cfg.batch, "pool": cfg.pool, "radius": cfg.radius, "source": setup["source"],
-              "neighbour_pool": cfg.neighbour_pool if cfg.radius is None else 0,
+              "neighbour_pool": searched["neighbour_pool"], "neighbour_cells": searched["neighbour_cells"],
               "collection": str(coll.root), "seed": cfg.seed, "generate_seconds": setup["generate_seconds"],
               "collection_bytes": disk_bytes(coll.root / SHARD_DIR)}
     if setup["query_rows"] is not None:
@@ -356,7 +359,8 @@ def format_report(result: dict) -> str:
               f"recall@10 of hierarchical vs exhaustive top-10: {r['recall_at_10']:.3f}"
               f"   (binary only: {r['recall_at_10_binary']:.3f})",
               f"candidates per query: {r['mean_candidates']:.1f} (pool {r['pool']}, neighbour pool "
-              f"{r['neighbour_pool']} of {r['neighbour_bits']}-bit neighbour codes); by L2 on F7: "
+              f"{r['neighbour_pool']} of {r['neighbour_bits']}-bit neighbour codes, {r['neighbour_cells']} "
+              f"sketch cells); by L2 on F7: "
               f"{r['mean_f7_rows']:.1f}" + (" (the sketch's nearest)" if r['mean_f7_rows'] < r['mean_candidates'] else ""),
               f"search process peak RSS: {r['rss_mb']:,.0f} MiB   index open: {r['open_seconds']:.3f} s"
               f"   index build: {r['build_seconds']:.2f} s",

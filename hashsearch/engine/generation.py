@@ -19,6 +19,7 @@ from ..shards import Collection, RowReader
 from ..shards.layout import INDEX_DIR, INDEX_META
 from ..shards.manifest import check_file_entry, read_named_file
 from . import coarse as coarse_mod
+from .cells import FIT_ROWS_PER_CELL, cells_for, cells_from_bytes, cells_to_bytes, fit_cells
 from .neighbours import ENCODE_BLOCK_ROWS, NeighbourProjection, fit_projection, sample_rows
 from .sketch import Sketch, build_sketch
 
@@ -54,6 +55,16 @@ def check_index_meta(meta, where, shards: int | None = None) -> dict:
             for name in ("neighbour", "projection"):
                 check_file_entry({"file": meta[f"{name}_file"], "sha256": meta.get(f"{name}_sha256")},
                                  f"the index's {name} file")
+            if meta.get("cells") is not None:     # indexes built before cells have none
+                _need(isinstance(meta["cells"], int) and not isinstance(meta["cells"], bool) and
+                      meta["cells"] > 0, "cells")
+                check_file_entry({"file": meta["cells_file"], "sha256": meta.get("cells_sha256")},
+                                 "the index's cells file")
+                if meta.get("tuned") is not None:
+                    tuned = meta["tuned"]
+                    _need(isinstance(tuned, dict) and all(
+                        isinstance(tuned.get(key), int) and not isinstance(tuned[key], bool) and tuned[key] >= 0
+                        for key in ("neighbour_pool", "neighbour_cells")), "tuned")
     except Exception as exc:  # noqa: BLE001 - any malformed field means the same thing
         raise HashsearchError(f"unreadable index metadata in {where} ({str(exc) or type(exc).__name__}); "
                               f"{_REBUILD}") from None
@@ -120,6 +131,10 @@ def _write_neighbours(coll: Collection, live: np.ndarray, kind: str, projection:
              "projection_file": txn.file_name(INDEX_DIR, "projection", ".npy")}
     entry["neighbour_sha256"] = txn.write(entry["neighbour_file"], _serialise(coarse, coll))
     entry["projection_sha256"] = txn.write(entry["projection_file"], projection.to_bytes())
+    cells = cells_for(len(live))
+    centres = fit_cells(projection.project(coll.features(sample_rows(live, cells * FIT_ROWS_PER_CELL))), cells)
+    entry.update(cells=cells, cells_file=txn.file_name(INDEX_DIR, "cells", ".npy"))
+    entry["cells_sha256"] = txn.write(entry["cells_file"], cells_to_bytes(centres))
     return entry
 
 
@@ -131,6 +146,7 @@ class Level:
     delta: coarse_mod.Coarse | None
     projection: NeighbourProjection | None = None
     delta_codes: np.ndarray | None = None   # the neighbour codes of the delta's rows, which a refresh extends
+    centres: np.ndarray | None = None       # the cells' centres in the projection (engine/cells.py), if any
 
 
 @dataclass
@@ -189,8 +205,13 @@ def _index_meta(coll: Collection, index_dir: Path | None) -> tuple[dict, Path]:
 
 
 def load_generation(coll: Collection, index_dir: Path | None, previous: Generation | None,
-                    features_in_ram_mb: float = FEATURES_IN_RAM_MB) -> Generation:
-    meta, base_dir = _index_meta(coll, index_dir)
+                    features_in_ram_mb: float = FEATURES_IN_RAM_MB, meta: dict | None = None) -> Generation:
+    """The generation `coll` is at; `meta`: the metadata of an index just written into `index_dir` (or the
+    collection) and not yet published, instead of the published one."""
+    if meta is None:
+        meta, base_dir = _index_meta(coll, index_dir)
+    else:
+        base_dir = coll.root if index_dir is None else Path(index_dir)
     shas = [s.sha256 for s in coll.shards]
     n_base = len(meta["base_shards"])
     if meta["bits"] != coll.bits or shas[:n_base] != meta["base_shards"]:
@@ -209,7 +230,7 @@ def load_generation(coll: Collection, index_dir: Path | None, previous: Generati
         if base_end < coll.n:       # rows added since build-index: their codes come from their F7
             delta_codes = _delta_neighbour_codes(coll, base_end, nbase.projection, previous)
             delta = nbase.base.like(delta_codes, nbase.projection.bits)
-        neighbours = Level(nbase.base, delta, nbase.projection, delta_codes)
+        neighbours = Level(nbase.base, delta, nbase.projection, delta_codes, nbase.centres)
     deleted = coll.deleted_mask() if len(coll.deleted_rows) else None
     if deleted is None:
         base_has_deleted = False
@@ -221,7 +242,8 @@ def load_generation(coll: Collection, index_dir: Path | None, previous: Generati
     reader = feature_reader(coll, features_in_ram_mb)
     sketch = None
     if neighbours is not None:
-        sketch = build_sketch(coll, reader, neighbours.projection, previous.sketch if previous else None)
+        sketch = build_sketch(coll, reader, neighbours.projection, previous.sketch if previous else None,
+                              neighbours.centres, deleted)
     return Generation(coll, meta, hamming, neighbours, base_rows, base_end, deleted, base_has_deleted,
                       delta_deleted, reader, codes, coll.ids(), sketch)
 
@@ -292,7 +314,12 @@ def _read_neighbours(meta: dict, base_dir: Path, coll: Collection) -> Level | No
     if index.ntotal != meta["ntotal"] or index.code_size != meta["neighbour_bits"] // 8:
         raise HashsearchError(f"the neighbour index of {coll.root} does not hold the {meta['ntotal']} codes it "
                               f"records; {_REBUILD}")
-    return Level(coarse_mod.Coarse(index), None, projection)
+    centres = None
+    if meta.get("cells") is not None:
+        data = read_named_file(base_dir, {"file": meta["cells_file"], "sha256": meta["cells_sha256"]},
+                               "cell centres", _REBUILD)
+        centres = cells_from_bytes(data, meta["neighbour_bits"], meta["cells"])
+    return Level(coarse_mod.Coarse(index), None, projection, None, centres)
 
 
 def _deserialise(data: bytes, base_dir: Path):

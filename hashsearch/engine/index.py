@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..codes import code_bytes
-from ..config import FEATURES_IN_RAM_MB, MODES, IndexConfig, SearchConfig
+from ..config import FEATURES_IN_RAM_MB, MODES, NEIGHBOUR_POOL, IndexConfig, SearchConfig
 from ..errors import HashsearchError
 from ..shards import Collection, read_manifest
 from ..shards.layout import INDEX_DIR
@@ -50,6 +50,7 @@ from .neighbours import codes_of_projection
 from .rerank import PerThreadRerankers
 from .sketch import SHORTLIST_PER_RESULT
 from .threads import MAX_THREADS, QuerySplitter, faiss_threads
+from .tuning import tune_sources
 
 __all__ = ["Index", "SearchResult", "SearchTarget", "search_params", "check_query", "check_index_meta",
            "read_index_meta", "write_index_files", "merge_partitions", "nearest_of_ranges", "INDEX_DIR"]
@@ -135,12 +136,12 @@ class Index(SearchTarget):
     """
 
     def __init__(self, collection: Collection, index_dir=None, *, partition_of: dict | None = None,
-                 features_in_ram_mb: float = FEATURES_IN_RAM_MB):
+                 features_in_ram_mb: float = FEATURES_IN_RAM_MB, unpublished: dict | None = None):
         self._index_dir = None if index_dir is None else Path(index_dir)
-        self._partition = partition_of is not None
+        self._partition = partition_of is not None or unpublished is not None     # both pinned
         self._in_ram_mb = features_in_ram_mb
-        self._gen = (partition_generation(collection, partition_of, features_in_ram_mb) if self._partition
-                     else load_generation(collection, self._index_dir, None, features_in_ram_mb))
+        self._gen = (partition_generation(collection, partition_of, features_in_ram_mb) if partition_of is not None
+                     else load_generation(collection, self._index_dir, None, features_in_ram_mb, unpublished))
         self._refresh_lock = threading.Lock()
         self._rerankers = PerThreadRerankers()
         self._closed = False
@@ -179,6 +180,16 @@ class Index(SearchTarget):
         sketch = self._current().sketch
         return sketch is not None and sketch.usable()
 
+    def neighbour_sources(self, params: SearchConfig | int | None = None, **options) -> tuple[int, int]:
+        """(neighbour pool, cells probed) that an hds search with these parameters uses (SearchConfig's
+        neighbour_pool and neighbour_cells, resolved: engine/tuning.py)."""
+        gen, params = self._current(), search_params(params, **options)
+        shortlist = params.k <= params.neighbour_places and gen.sketch is not None
+        npool, probe = neighbour_sources(gen, params, False, shortlist)
+        if probe and not gen.sketch.usable():
+            npool, probe = neighbour_sources(gen, params, False, False)
+        return npool, probe
+
     def warm(self) -> None:
         """Project the sketch (0.3 s at 60,000 × 512-d, 0.7 s at 50,000 × 1,280-d, 2 Xeon cores), which the
         first search that shortlists would otherwise make."""
@@ -202,15 +213,26 @@ class Index(SearchTarget):
             if coll.items == 0:
                 raise HashsearchError(f"collection {root} is empty")
             folder = OutsideDirectory(out, coll.generation)
-            folder.publish(write_index_files(coll, kind, folder, **_neighbour_settings(coll, settings), **params))
+            meta = write_index_files(coll, kind, folder, **_neighbour_settings(coll, settings), **params)
+            folder.publish(cls._tuned(coll, out, meta))
             return cls(coll, out)
         with transaction(root, wait=wait) as txn:
             coll = Collection.from_manifest(root, txn.manifest)
             if coll.items == 0:
                 raise HashsearchError(f"collection {root} is empty")
             meta = write_index_files(coll, kind, txn, **_neighbour_settings(coll, settings), **params)
-            txn.publish({**txn.manifest, "index": meta})
+            txn.publish({**txn.manifest, "index": cls._tuned(coll, None, meta)})
         return cls(Collection.open(root, previous=coll))
+
+    @classmethod
+    def _tuned(cls, coll: Collection, index_dir, meta: dict) -> dict:
+        """`meta` with hds's default neighbour sources measured on the index it describes (engine/tuning.py)."""
+        if not meta.get("cells"):
+            return meta
+        # its own handles: closing the index closes them, and `coll` stays open
+        with cls(Collection.from_manifest(coll.root, coll.manifest), index_dir, unpublished=meta) as index:
+            tuned = tune_sources(index)
+        return meta if tuned is None else {**meta, "tuned": tuned}
 
     @classmethod
     def open(cls, collection, index_dir=None, *, features_in_ram_mb: float = FEATURES_IN_RAM_MB) -> "Index":
@@ -265,24 +287,28 @@ class Index(SearchTarget):
             return self._exhaustive(gen, query_codes, query_features, k)
         if params.mode == "bcs":
             return self._binary(gen, query_codes, k, params)
-        # A partition pads its neighbour pool to the width the driver asked for: the driver splits on it.
-        npool = neighbour_pool(gen.meta, params, np.iinfo(np.int64).max if whole_pool else gen.collection.items)
         nq, width = len(query_codes), max(pool, k)
+        # A partition pads its neighbour pool to the width the driver asked for: the driver splits on it;
+        # only a search that shortlists asks for the sketch (asking projects it, the first time) and its cells.
+        shortlist = not whole_pool and k <= params.neighbour_places and gen.sketch is not None
+        npool, probe = neighbour_sources(gen, params, whole_pool, shortlist)
+        shortlist = shortlist and bool(npool or probe) and gen.sketch.usable()
+        if not shortlist and probe:
+            npool, probe = neighbour_sources(gen, params, whole_pool, False)
         out = SearchResult.empty(nq, width + npool if whole_pool else k, np.inf)
-        # Only a search that shortlists asks for the sketch: asking projects it, the first time.
-        shortlist = bool(npool) and not whole_pool and k <= params.neighbour_places and gen.sketch is not None \
-            and gen.sketch.usable()
 
         def work(a, b):
-            projected = gen.neighbours.projection.project(query_features[a:b]) if npool else None
+            projected = gen.neighbours.projection.project(query_features[a:b]) if npool or probe else None
             (cand_ham, cand), (n_ham, n_cand) = self._pools(gen, query_codes[a:b], projected, width, npool, params)
+            if probe:
+                n_cand = self._cell_rows(gen, projected, k, probe, n_cand)
             rr = self._rerankers.get(gen.reader)
             for q in range(a, b):
                 if whole_pool:      # each pool in its own order, each candidate with its distance
                     _pool_order(rr, query_features[q:q + 1], cand[q - a], cand_ham[q - a], out, q, 0)
                     if npool:
                         _pool_order(rr, query_features[q:q + 1], n_cand[q - a], n_ham[q - a], out, q, width)
-                elif npool:
+                elif npool or probe:
                     _rank_union(rr, query_features[q:q + 1], cand[q - a], n_cand[q - a], out, q,
                                 params.neighbour_places, (gen.sketch, projected[q - a]) if shortlist else None)
                 else:
@@ -290,9 +316,17 @@ class Index(SearchTarget):
                     out.hamming[q, :len(order)] = cand_ham[q - a, order]
 
         self._splitter.run(work, nq)
-        if npool and not whole_pool:
+        if (npool or probe) and not whole_pool:
             out.hamming[:] = hamming_of_results(query_codes, gen.codes, out.rows)
         return self._result(gen, out.rows, out.distances, out.hamming)
+
+    @staticmethod
+    def _cell_rows(gen: Generation, projected: np.ndarray, k: int, probe: int, pool_rows: np.ndarray | None):
+        """The rows the cells add to the neighbour pool [nq, m]: each query's SHORTLIST_PER_RESULT * k
+        nearest in the sketch among its `probe` nearest cells (engine/cells.py), after `pool_rows` (the
+        neighbour codes' pool, or None)."""
+        found = gen.sketch.cells.search(projected, SHORTLIST_PER_RESULT * k, probe)
+        return found if pool_rows is None else np.hstack([pool_rows, found])
 
     def _binary(self, gen: Generation, query_codes, k: int, params: SearchConfig) -> SearchResult:
         """bcs: the k nearest of H's codes by Hamming distance, ties by row."""
@@ -324,10 +358,12 @@ class Index(SearchTarget):
         params = search_params(params, **options)
         k, pool, query_codes, query_features = check_query(gen.collection, gen.meta["coarse"], query_codes,
                                                            query_features, dataclasses.replace(params, mode="hds"))
-        npool = neighbour_pool(gen.meta, params, gen.collection.items)
-        projected = gen.neighbours.projection.project(query_features) if npool else None
+        npool, probe = self.neighbour_sources(dataclasses.replace(params, k=k))
+        projected = gen.neighbours.projection.project(query_features) if npool or probe else None
         (_, rows), (_, near) = self._pools(gen, query_codes, projected, max(pool, k), npool, params)
-        return rows if not npool else np.stack([union_of_pools(a, b) for a, b in zip(rows, near)])
+        if probe:
+            near = self._cell_rows(gen, projected, k, probe, near)
+        return rows if near is None else np.stack([union_of_pools(a, b) for a, b in zip(rows, near)])
 
     def _pools(self, gen: Generation, query_codes, projected, width: int, npool: int, params: SearchConfig):
         """hds's two candidate pools, each (hamming, rows): H's `width` nearest (by radius and nflip where
@@ -476,12 +512,31 @@ def _neighbour_settings(coll: Collection, settings: IndexConfig) -> dict:
 
 
 def neighbour_pool(meta: dict, params: SearchConfig, items: int) -> int:
-    """How many candidates the neighbour codes add to an hds pool: none where the index has no neighbour
-    codes (one built before them, or with --neighbour-bits 0), and none with a radius, which asks for the
-    paper's thresholded search of H's codes alone."""
-    if not meta.get("neighbour_bits") or not params.neighbour_pool or params.radius is not None:
+    """How many candidates the neighbour codes add to an hds pool where the cells are not searched: none
+    where the index has no neighbour codes (one built before them, or with --neighbour-bits 0), and none
+    with a radius, which asks for the paper's thresholded search of H's codes alone."""
+    if not meta.get("neighbour_bits") or params.radius is not None:
         return 0
-    return search_count("neighbour pool", params.neighbour_pool, items)
+    npool = NEIGHBOUR_POOL if params.neighbour_pool is None else params.neighbour_pool
+    return search_count("neighbour pool", npool, items) if npool else 0
+
+
+def neighbour_sources(gen: Generation, params: SearchConfig, whole_pool: bool, cells: bool) -> tuple[int, int]:
+    """(neighbour pool, cells probed) of one hds search.  Where its sketch's cells can be searched (`cells`:
+    it shortlists) and the search sets neither, they are what build-index measured best for the collection
+    (engine/tuning.py); one set leaves the other at 0.  Elsewhere the cells are not searched and the pool is
+    NEIGHBOUR_POOL unless set."""
+    meta = gen.meta
+    if not cells or not meta.get("cells") or params.radius is not None:
+        items = np.iinfo(np.int64).max if whole_pool else gen.collection.items
+        return neighbour_pool(meta, params, items), 0
+    if params.neighbour_pool is None and params.neighbour_cells is None:
+        tuned = meta.get("tuned") or {"neighbour_pool": NEIGHBOUR_POOL, "neighbour_cells": 0}
+        npool, probe = tuned["neighbour_pool"], tuned["neighbour_cells"]
+    else:
+        npool, probe = params.neighbour_pool or 0, params.neighbour_cells or 0
+    return (search_count("neighbour pool", npool, gen.collection.items) if npool else 0,
+            search_count("neighbour cells", probe, meta["cells"]) if probe else 0)
 
 
 def hamming_of_results(query_codes: np.ndarray, codes: np.ndarray, rows: np.ndarray) -> np.ndarray:

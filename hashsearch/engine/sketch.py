@@ -29,6 +29,7 @@ import faiss
 import numpy as np
 
 from ..shards import Collection, RowReader
+from .cells import CellIndex
 from .neighbours import ENCODE_BLOCK_ROWS, NeighbourProjection, sample_rows
 
 # Rows per result that the sketch hands to the exact rerank.  On CIFAR-10 (1,280-d F7, k 10, pools of 500
@@ -52,15 +53,20 @@ def _quantizer(bits: int) -> faiss.IndexScalarQuantizer:
 
 class Sketch:
     """Every row's projection, 4-bit codes uint8 [rows, bits/2], one array per shard, projected on first use
-    (usable): most indexes opened never search hds, and a collection's first search pays it once."""
+    (usable): most indexes opened never search hds, and a collection's first search pays it once.  Where the
+    index has cell centres (engine/cells.py), the live rows are also put in their cells (`cells`)."""
 
     def __init__(self, collection: Collection, feats: list[np.ndarray], projection: NeighbourProjection,
-                 previous: Sketch | None):
+                 previous: Sketch | None, centres: np.ndarray | None = None, deleted: np.ndarray | None = None):
         self.collection, self.projection, self._feats = collection, projection, feats
+        self.centres, self._deleted = centres, deleted
         known, self.quantizer = previous.state() if previous is not None else ({}, None)
         # a shard's rows never change: its sha256 names them, and its codes carry over with the ranges
         self.by_shard = {s.sha256: known[s.sha256] for s in collection.shards if s.sha256 in known}
+        if previous is not None and previous.centres is not centres:
+            self.by_shard = {sha: (codes, None) for sha, (codes, _) in self.by_shard.items()}
         self.parts: list[np.ndarray] | None = None
+        self.cells: CellIndex | None = None
         self._usable: bool | None = None
         self._lock = threading.Lock()
 
@@ -77,8 +83,9 @@ class Sketch:
                     self._usable = self._project_missing()
         return self._usable
 
-    def state(self) -> tuple[dict[str, np.ndarray], faiss.IndexScalarQuantizer | None]:
-        """(codes by shard, the ranges' quantizer) as they stand, never half-made by a projection in flight."""
+    def state(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray | None]], faiss.IndexScalarQuantizer | None]:
+        """({shard: (codes, cells or None)}, the ranges' quantizer) as they stand, never half-made by a
+        projection in flight."""
         with self._lock:
             return dict(self.by_shard), self.quantizer
 
@@ -94,17 +101,28 @@ class Sketch:
                 return False        # rerank the whole pool instead
             self.quantizer = _quantizer(self.bits)
             self.quantizer.train(sample)
+        cells = None if self.centres is None else CellIndex(self.centres, self.quantizer)
         for shard, feats in zip(self.collection.shards, self._feats):
-            if shard.sha256 in self.by_shard:
+            known = self.by_shard.get(shard.sha256)
+            if known is not None and (cells is None or known[1] is not None):
                 continue
             out = np.empty((len(feats), self.quantizer.code_size), np.uint8)
+            where = None if cells is None else np.empty(len(feats), np.int64)
             for a in range(0, len(feats), ENCODE_BLOCK_ROWS):
                 block = self.projection.project(feats[a:a + ENCODE_BLOCK_ROWS])
                 if not np.all(np.abs(block) <= VALUE_LIMIT):
                     return False
                 out[a:a + len(block)] = self.quantizer.sa_encode(block)
-            self.by_shard[shard.sha256] = out
-        self.parts = [self.by_shard[s.sha256] for s in self.collection.shards]
+                if cells is not None:
+                    where[a:a + len(block)] = cells.assign(block)
+            self.by_shard[shard.sha256] = (out, where)
+        self.parts = [self.by_shard[s.sha256][0] for s in self.collection.shards]
+        if cells is not None:
+            live = np.ones(self.collection.n, bool) if self._deleted is None else ~self._deleted
+            rows = np.flatnonzero(live)
+            cells.fill(rows, np.concatenate([self.by_shard[s.sha256][1] for s in self.collection.shards])[live],
+                       np.concatenate(self.parts)[live])
+            self.cells = cells
         return True
 
     def gather(self, rows: np.ndarray, buffer: np.ndarray) -> None:
@@ -117,11 +135,13 @@ class Sketch:
 
 
 def build_sketch(collection: Collection, reader: RowReader, projection: NeighbourProjection,
-                 previous: Sketch | None) -> Sketch | None:
+                 previous: Sketch | None, centres: np.ndarray | None = None,
+                 deleted: np.ndarray | None = None) -> Sketch | None:
     """The sketch of `collection` under `projection`, to be projected on first use, or None where its F7 is
     not in RAM.  Shards that `previous` (the generation before, same projection) projected are taken from it,
-    with its ranges."""
+    with its ranges, and with their cells under the same `centres`.  `deleted`: bool [n], the rows the
+    cells leave out."""
     if reader.in_ram is None:
         return None
     same = previous is not None and previous.projection is projection and previous._usable is not False
-    return Sketch(collection, reader.in_ram, projection, previous if same else None)
+    return Sketch(collection, reader.in_ram, projection, previous if same else None, centres, deleted)
