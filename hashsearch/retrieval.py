@@ -124,6 +124,12 @@ def collection_info(root, verify: bool = False) -> dict:
         report["index"] = index["coarse"]["kind"]
         # Rows added since the index was built: searched exhaustively until the next build-index.
         report["index_delta"] = coll.n - int(coll.offsets[len(index["base_shards"])])
+        report["neighbour_bits"], report["cells"] = index.get("neighbour_bits") or 0, index.get("cells") or 0
+        tuned = index.get("tuned")
+        if tuned:       # what hds searches use unless told (engine/tuning.py), and what build-index measured
+            report["hds_sources"] = (f"neighbour pool {tuned['neighbour_pool']}, {tuned['neighbour_cells']} cells: "
+                                     f"recall@10 {tuned.get('recall')} in {tuned.get('ms')} ms on "
+                                     f"{tuned.get('queries')} of its rows")
     if verify:
         report["problems"] = coll.verify()
         report["verified"] = not report["problems"]

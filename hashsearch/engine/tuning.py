@@ -8,8 +8,9 @@ model's spread-out F7 by the neighbour codes (a pool of 500: 0.943; 16 cells:
 0.920), and neither default suits both.  So build-index searches a sample of
 the collection's own rows with each setting below, one query at a time as
 a user would, scores each against exact L2 on F7, and records the fastest
-setting that reaches TUNED_RECALL (or, if none does, the one with the best
-recall) in the index's metadata, as `tuned`.  A search that sets
+setting that reaches TUNED_RECALL (or HIGH_RECALL, where that costs little
+more; if none reaches either, the one with the best recall) in the index's
+metadata, as `tuned`.  A search that sets
 --neighbour-pool or --neighbour-cells overrides it.
 
 It is measured only where searches shortlist by the sketch: F7 held in RAM
@@ -31,6 +32,16 @@ K = 10
 # held-out queries': on CIFAR-10's unlabeled 64-bit model, 0.954 against 0.945 (pool 500) and 0.962 against
 # 0.951 (pool 250 and 8 cells).  So the bar sits that much above the README's 0.95 target.
 TUNED_RECALL = 0.96
+# ... and a setting that holds 0.99 of it is taken instead where it costs at most a quarter more time.  An
+# edited copy lands farther from its original than the original's own row does: on the fine-tuned CIFAR-10
+# model, 8 cells (0.988 on its own rows) found an edited copy's original first 0.581 of the time, against
+# exhaustive search's 0.601, and 16 cells (0.998, 1.16x the time) 0.598.  On the unlabeled model 0.99 costs
+# 1.3x, and the neighbour pool of 500 that 0.96 gives already found the originals as exhaustive search did.
+HIGH_RECALL = 0.99
+HIGH_RECALL_COST = 1.25
+# Timed passes over the sample per setting: between single passes the choice among settings within a few
+# per cent of each other's time moved from build to build.
+TIMING_ROUNDS = 3
 # (neighbour pool, cells probed): the neighbour codes alone, the cells alone, and the two together.
 SETTINGS = tuple((pool, cells) for pool in (0, 250, 500, 1000, 1500) for cells in (0, 4, 8, 16, 32)
                  if pool or cells)
@@ -48,19 +59,26 @@ def tune_sources(index) -> dict | None:
     feats = np.asarray(coll.features(rows), dtype=np.float32)
     codes = gen.codes[rows]
     truth = index.search(codes, feats, SearchConfig(k=K, mode="es")).rows
-    measured = []
-    for pool, cells in SETTINGS:
-        params = SearchConfig(k=K, neighbour_pool=pool, neighbour_cells=cells)
-        found = np.empty((len(rows), K), np.int64)
-        started = time.perf_counter()
-        for i in range(len(rows)):
-            found[i] = index.search(codes[i:i + 1], feats[i:i + 1], params).rows[0]
-        seconds = time.perf_counter() - started
-        measured.append({"neighbour_pool": pool, "neighbour_cells": cells,
-                         "recall": round(_recall(found, truth, rows), 4),
-                         "ms": round(seconds / len(rows) * 1e3, 4)})
+    measured = [{"neighbour_pool": pool, "neighbour_cells": cells, "recall": 0.0, "ms": float("inf")}
+                for pool, cells in SETTINGS]
+    # Settings take turns, each round, and keep their fastest: drift in the machine's speed (other work, the
+    # clock) then falls on all of them alike.
+    for _ in range(TIMING_ROUNDS):
+        for m in measured:
+            params = SearchConfig(k=K, neighbour_pool=m["neighbour_pool"], neighbour_cells=m["neighbour_cells"])
+            found = np.empty((len(rows), K), np.int64)
+            started = time.perf_counter()
+            for i in range(len(rows)):
+                found[i] = index.search(codes[i:i + 1], feats[i:i + 1], params).rows[0]
+            m["ms"] = min(m["ms"], round((time.perf_counter() - started) / len(rows) * 1e3, 4))
+            m["recall"] = round(_recall(found, truth, rows), 4)
     passing = [m for m in measured if m["recall"] >= TUNED_RECALL]
-    best = min(passing, key=lambda m: m["ms"]) if passing else max(measured, key=lambda m: (m["recall"], -m["ms"]))
+    if not passing:
+        best = max(measured, key=lambda m: (m["recall"], -m["ms"]))
+    else:
+        best = min(passing, key=lambda m: m["ms"])
+        high = [m for m in passing if m["recall"] >= HIGH_RECALL and m["ms"] <= best["ms"] * HIGH_RECALL_COST]
+        best = min(high, key=lambda m: m["ms"]) if high else best
     return {"neighbour_pool": best["neighbour_pool"], "neighbour_cells": best["neighbour_cells"],
             "recall": best["recall"], "ms": best["ms"], "queries": len(rows), "measured": measured}
 

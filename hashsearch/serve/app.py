@@ -258,10 +258,10 @@ async def authorised(request: Request) -> None:
 
 
 def search_params(q: Mapping[str, str]) -> SearchConfig:
-    """k, pool, radius, neighbour_pool, neighbour_places and mode from the query string's parameters;
-    SearchConfig checks their ranges."""
+    """k, pool, radius, neighbour_pool, neighbour_cells, neighbour_places and mode from the query string's
+    parameters; SearchConfig checks their ranges."""
     values = {}
-    for name in ("k", "pool", "radius", "neighbour_pool", "neighbour_places"):
+    for name in ("k", "pool", "radius", "neighbour_pool", "neighbour_cells", "neighbour_places"):
         if q.get(name) not in (None, ""):
             try:
                 values[name] = int(q[name])
