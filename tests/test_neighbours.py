@@ -14,6 +14,7 @@ from hashsearch.bench.near_duplicates import EDITS
 from hashsearch.config import SearchConfig
 from hashsearch.encoders.images import load_image
 from hashsearch.engine import Index
+from hashsearch.engine.cells import cells_for
 from hashsearch.engine.neighbours import fit_projection
 from hashsearch.errors import HashsearchError
 from hashsearch.retrieval import query_encoder
@@ -127,6 +128,26 @@ def test_later_builds_keep_the_projection_unless_refit(collection_copy):
     assert manifest(collection_copy)["index"]["projection_sha256"] == first
     cli("build-index", collection_copy, "--refit")
     assert manifest(collection_copy)["index"]["projection_sha256"] != first
+
+
+def test_later_builds_and_compact_keep_the_cells_and_their_measured_sources_unless_refit(collection_copy,
+                                                                                          monkeypatch):
+    from hashsearch.engine import tuning
+    monkeypatch.setattr(tuning, "MIN_TUNING_ROWS", 100)      # measure this 300-row collection
+    cli("build-index", collection_copy, "--refit")
+    first = manifest(collection_copy)["index"]
+    assert first["tuned"]["queries"] == 200 and first["cells"] == cells_for(300)
+    cli("add", collection_copy, "synthetic:360", "--workers", 0, "--quiet")
+    cli("delete", collection_copy, "--id", 1, "--id", 3)
+    for step in (("build-index", collection_copy), ("compact", collection_copy, "--threshold", 0)):
+        cli(*step)
+        kept = manifest(collection_copy)["index"]
+        assert (kept["cells_sha256"], kept["tuned"]) == (first["cells_sha256"], first["tuned"]), step
+    cli("build-index", collection_copy, "--refit")
+    refit = manifest(collection_copy)["index"]
+    live = manifest(collection_copy)["items"]
+    assert refit["cells_sha256"] != first["cells_sha256"] and refit["cells"] == cells_for(live) != first["cells"]
+    assert refit["tuned"]["measured"] != first["tuned"]["measured"]
 
 
 def test_neighbour_bits_are_checked(collection_copy):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..config import CompactConfig
 from ..shards import Collection, rewrite_shards, transaction
-from .generation import collection_projection, write_index_files
+from .generation import collection_cells, collection_projection, write_index_files
 
 
 def compact(root, threshold: float = CompactConfig.threshold, *, wait: bool = False) -> dict:
@@ -22,7 +22,7 @@ def compact(root, threshold: float = CompactConfig.threshold, *, wait: bool = Fa
             params = {k: v for k, v in old_index["coarse"].items() if k != "kind"}
             neighbours = {"neighbour_bits": old_index.get("neighbour_bits", 0),
                           "neighbour_kind": (old_index.get("neighbour_coarse") or {}).get("kind", "flat"),
-                          "projection": collection_projection(coll)}
+                          "projection": collection_projection(coll), "kept_cells": collection_cells(coll)}
             try:
                 new["index"] = write_index_files(coll, old_index["coarse"]["kind"], txn, **neighbours, **params)
             finally:

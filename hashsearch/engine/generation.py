@@ -85,11 +85,14 @@ def read_index_meta(index_dir) -> dict | None:
 
 
 def write_index_files(coll: Collection, kind: str, txn, *, neighbour_bits: int = 0, neighbour_kind: str = "flat",
-                      projection: NeighbourProjection | None = None, **params) -> dict:
+                      projection: NeighbourProjection | None = None, kept_cells: KeptCells | None = None,
+                      **params) -> dict:
     """Build the coarse index over `coll`'s live rows and write its files through `txn` (a storage
     Transaction, or an OutsideDirectory for `build-index --out`); its metadata.  `neighbour_bits`: the
     length of the neighbour codes (engine/neighbours.py), 0 for none, indexed by a `neighbour_kind` index;
-    `projection`: the one to keep (collection_projection), or None to fit one to the live rows."""
+    `projection`: the one to keep (collection_projection), or None to fit one to the live rows;
+    `kept_cells`: the cells and tuned sources to keep with it (collection_cells), or None to fit new cells,
+    whose sources Index.build then measures."""
     start = time.perf_counter()
     live = coll.live_rows()
     coarse = coarse_mod.build_coarse(coll.codes()[live], coll.bits, kind, **params)
@@ -103,8 +106,9 @@ def write_index_files(coll: Collection, kind: str, txn, *, neighbour_bits: int =
         meta["rows_sha256"] = txn.write(meta["rows_file"], live.astype(np.int64).tobytes())
     if neighbour_bits:
         if projection is None or projection.bits != neighbour_bits:
-            projection = fit_projection(coll.features(sample_rows(live)), neighbour_bits)
+            projection, kept_cells = fit_projection(coll.features(sample_rows(live)), neighbour_bits), None
         meta.update(_write_neighbours(coll, live, neighbour_kind, projection, txn))
+        meta.update(_write_cells(coll, live, projection, kept_cells, txn))
     meta["build_seconds"] = round(time.perf_counter() - start, 3)
     return meta
 
@@ -131,10 +135,29 @@ def _write_neighbours(coll: Collection, live: np.ndarray, kind: str, projection:
              "projection_file": txn.file_name(INDEX_DIR, "projection", ".npy")}
     entry["neighbour_sha256"] = txn.write(entry["neighbour_file"], _serialise(coarse, coll))
     entry["projection_sha256"] = txn.write(entry["projection_file"], projection.to_bytes())
-    cells = cells_for(len(live))
-    centres = fit_cells(projection.project(coll.features(sample_rows(live, cells * FIT_ROWS_PER_CELL))), cells)
-    entry.update(cells=cells, cells_file=txn.file_name(INDEX_DIR, "cells", ".npy"))
-    entry["cells_sha256"] = txn.write(entry["cells_file"], cells_to_bytes(centres))
+    return entry
+
+
+@dataclass(frozen=True)
+class KeptCells:
+    """The cells of a collection's index, and the sources build-index measured for them (None where the
+    collection was too small to measure), which later builds and compact keep with the projection."""
+    centres: np.ndarray
+    tuned: dict | None
+    sha256: str | None = None       # of their file: a build that wrote the same one kept them
+
+
+def _write_cells(coll: Collection, live: np.ndarray, projection: NeighbourProjection, kept: KeptCells | None,
+                 txn) -> dict:
+    """The cells' entry of the index metadata, their centres kept or fitted to the projected live rows."""
+    if kept is None or kept.centres.shape[1] != projection.bits:
+        cells = cells_for(len(live))
+        sample = projection.project(coll.features(sample_rows(live, cells * FIT_ROWS_PER_CELL)))
+        kept = KeptCells(fit_cells(sample, cells), None)
+    entry = {"cells": len(kept.centres), "cells_file": txn.file_name(INDEX_DIR, "cells", ".npy")}
+    entry["cells_sha256"] = txn.write(entry["cells_file"], cells_to_bytes(kept.centres))
+    if kept.tuned is not None:
+        entry["tuned"] = kept.tuned
     return entry
 
 
@@ -297,6 +320,22 @@ def collection_projection(coll: Collection) -> NeighbourProjection | None:
     return _read_projection(check_index_meta(meta, coll.root / "manifest.json"), coll.root, coll)
 
 
+def collection_cells(coll: Collection) -> KeptCells | None:
+    """The cells of the collection's current index and their tuned sources, which later builds keep with its
+    projection, for the same reason; None where it has none."""
+    meta = coll.manifest.get("index")
+    if not meta or not meta.get("neighbour_bits") or not meta.get("cells"):
+        return None
+    meta = check_index_meta(meta, coll.root / "manifest.json")
+    return KeptCells(_read_cells(meta, coll.root), meta.get("tuned"), meta["cells_sha256"])
+
+
+def _read_cells(meta: dict, base_dir: Path) -> np.ndarray:
+    data = read_named_file(base_dir, {"file": meta["cells_file"], "sha256": meta["cells_sha256"]}, "cell centres",
+                           _REBUILD)
+    return cells_from_bytes(data, meta["neighbour_bits"], meta["cells"])
+
+
 def _read_projection(meta: dict, base_dir: Path, coll: Collection) -> NeighbourProjection:
     data = read_named_file(base_dir, {"file": meta["projection_file"], "sha256": meta["projection_sha256"]},
                            "neighbour projection", _REBUILD)
@@ -314,11 +353,7 @@ def _read_neighbours(meta: dict, base_dir: Path, coll: Collection) -> Level | No
     if index.ntotal != meta["ntotal"] or index.code_size != meta["neighbour_bits"] // 8:
         raise HashsearchError(f"the neighbour index of {coll.root} does not hold the {meta['ntotal']} codes it "
                               f"records; {_REBUILD}")
-    centres = None
-    if meta.get("cells") is not None:
-        data = read_named_file(base_dir, {"file": meta["cells_file"], "sha256": meta["cells_sha256"]},
-                               "cell centres", _REBUILD)
-        centres = cells_from_bytes(data, meta["neighbour_bits"], meta["cells"])
+    centres = _read_cells(meta, base_dir) if meta.get("cells") is not None else None
     return Level(coarse_mod.Coarse(index), None, projection, None, centres)
 
 

@@ -43,8 +43,8 @@ from ..shards.layout import INDEX_DIR
 from ..shards.transaction import OutsideDirectory, transaction
 from . import coarse as coarse_mod
 from .exhaustive import scan_knn
-from .generation import (Generation, Level, check_index_meta, collection_projection, load_generation,
-                         partition_generation, read_index_meta, write_index_files)
+from .generation import (Generation, Level, check_index_meta, collection_cells, collection_projection,
+                         load_generation, partition_generation, read_index_meta, write_index_files)
 from .kernels import admitted, live_first, merge_candidates, merge_partitions, nearest_of_ranges, popcount_distances
 from .neighbours import codes_of_projection
 from .rerank import PerThreadRerankers
@@ -213,21 +213,25 @@ class Index(SearchTarget):
             if coll.items == 0:
                 raise HashsearchError(f"collection {root} is empty")
             folder = OutsideDirectory(out, coll.generation)
-            meta = write_index_files(coll, kind, folder, **_neighbour_settings(coll, settings), **params)
-            folder.publish(cls._tuned(coll, out, meta))
+            neighbours = _neighbour_settings(coll, settings)
+            meta = write_index_files(coll, kind, folder, **neighbours, **params)
+            folder.publish(cls._tuned(coll, out, meta, neighbours["kept_cells"]))
             return cls(coll, out)
         with transaction(root, wait=wait) as txn:
             coll = Collection.from_manifest(root, txn.manifest)
             if coll.items == 0:
                 raise HashsearchError(f"collection {root} is empty")
-            meta = write_index_files(coll, kind, txn, **_neighbour_settings(coll, settings), **params)
-            txn.publish({**txn.manifest, "index": cls._tuned(coll, None, meta)})
+            neighbours = _neighbour_settings(coll, settings)
+            meta = write_index_files(coll, kind, txn, **neighbours, **params)
+            txn.publish({**txn.manifest, "index": cls._tuned(coll, None, meta, neighbours["kept_cells"])})
         return cls(Collection.open(root, previous=coll))
 
     @classmethod
-    def _tuned(cls, coll: Collection, index_dir, meta: dict) -> dict:
-        """`meta` with hds's default neighbour sources measured on the index it describes (engine/tuning.py)."""
-        if not meta.get("cells"):
+    def _tuned(cls, coll: Collection, index_dir, meta: dict, kept) -> dict:
+        """`meta` with hds's default neighbour sources measured on the index it describes (engine/tuning.py),
+        where its cells are new: cells it kept (`kept`, generation.KeptCells) keep their sources, so that an
+        index that followed adds and deletes answers as a later build does."""
+        if not meta.get("cells") or (kept is not None and kept.sha256 == meta["cells_sha256"]):
             return meta
         # its own handles: closing the index closes them, and `coll` stays open
         with cls(Collection.from_manifest(coll.root, coll.manifest), index_dir, unpublished=meta) as index:
@@ -505,10 +509,12 @@ class Index(SearchTarget):
 
 
 def _neighbour_settings(coll: Collection, settings: IndexConfig) -> dict:
-    """The neighbour codes a build writes: their length, and the collection's projection unless refitting."""
+    """The neighbour codes a build writes: their length, and the collection's projection and cells unless
+    refitting."""
     return {"neighbour_bits": settings.neighbour_bits_for(coll.feature_dim, coll.items),
             "neighbour_kind": settings.neighbour_coarse,
-            "projection": None if settings.refit else collection_projection(coll)}
+            "projection": None if settings.refit else collection_projection(coll),
+            "kept_cells": None if settings.refit else collection_cells(coll)}
 
 
 def neighbour_pool(meta: dict, params: SearchConfig, items: int) -> int:

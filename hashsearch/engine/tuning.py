@@ -25,6 +25,10 @@ import numpy as np
 from ..config import SearchConfig
 from .neighbours import sample_rows
 
+# Smaller collections are not measured, and search with the neighbour pool of 500 (config.NEIGHBOUR_POOL):
+# that is half of them or more, and the measurement (about 3 s on 2 cores, 200 queries x 24 settings x
+# 3 rounds) would cost more than it could save their searches.
+MIN_TUNING_ROWS = 1000
 # Sampled rows searched for each setting: recall over 200 x 9 neighbours moves by about 0.005 between samples.
 TUNING_QUERIES = 200
 K = 10
@@ -49,11 +53,11 @@ SETTINGS = tuple((pool, cells) for pool in (0, 250, 500, 1000, 1500) for cells i
 
 def tune_sources(index) -> dict | None:
     """The setting (neighbour_pool, neighbour_cells) hds searches of `index` use by default, with what was
-    measured; None where they would not shortlist or the collection has too few rows to measure."""
+    measured; None where they would not shortlist or the collection has fewer than MIN_TUNING_ROWS rows."""
     gen = index._current()
     coll = gen.collection
     live = coll.live_rows()
-    if not gen.meta.get("cells") or gen.sketch is None or len(live) <= K or not gen.sketch.usable():
+    if not gen.meta.get("cells") or gen.sketch is None or len(live) < MIN_TUNING_ROWS or not gen.sketch.usable():
         return None
     rows = sample_rows(live, TUNING_QUERIES, seed=1)
     feats = np.asarray(coll.features(rows), dtype=np.float32)
