@@ -314,6 +314,10 @@ class IndexConfig(Options):
     # Kept across builds, so that an index built after adds and deletes answers as the followed one does.
     refit: bool = option(False, "Fit the neighbour codes to the current rows again instead of keeping the "
                                 "collection's.")
+    # The measured choice is kept with the cells for the same reason, and it is timed: measure again after a
+    # collection has grown past what it was measured on, or on the machine that will serve it.
+    retune: bool = option(False, "Measure hds's default neighbour sources again (engine/tuning.py), keeping the "
+                                 "collection's projection and cells.")
 
     def neighbour_bits_for(self, feature_dim: int, rows: int) -> int:
         """The neighbour codes' length for `rows` live rows of `feature_dim`-d F7: PCA has no more directions

@@ -156,7 +156,7 @@ def _write_cells(coll: Collection, live: np.ndarray, projection: NeighbourProjec
         kept = KeptCells(fit_cells(sample, cells), None)
     entry = {"cells": len(kept.centres), "cells_file": txn.file_name(INDEX_DIR, "cells", ".npy")}
     entry["cells_sha256"] = txn.write(entry["cells_file"], cells_to_bytes(kept.centres))
-    if kept.tuned is not None:
+    if kept.tuned is not None:      # Index.build measures them again with --retune
         entry["tuned"] = kept.tuned
     return entry
 

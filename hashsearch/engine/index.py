@@ -183,12 +183,8 @@ class Index(SearchTarget):
     def neighbour_sources(self, params: SearchConfig | int | None = None, **options) -> tuple[int, int]:
         """(neighbour pool, cells probed) that an hds search with these parameters uses (SearchConfig's
         neighbour_pool and neighbour_cells, resolved: engine/tuning.py)."""
-        gen, params = self._current(), search_params(params, **options)
-        shortlist = params.k <= params.neighbour_places and gen.sketch is not None
-        npool, probe = neighbour_sources(gen, params, False, shortlist)
-        if probe and not gen.sketch.usable():
-            npool, probe = neighbour_sources(gen, params, False, False)
-        return npool, probe
+        params = search_params(params, **options)
+        return _sources(self._current(), params, params.k, False)[:2]
 
     def warm(self) -> None:
         """Project the sketch (0.3 s at 60,000 × 512-d, 0.7 s at 50,000 × 1,280-d, 2 Xeon cores), which the
@@ -206,7 +202,7 @@ class Index(SearchTarget):
         directory and the collection is not touched.
         """
         settings = IndexConfig(coarse=kind, **params)      # the same checks as `build-index`'s options
-        params = {k: v for k, v in params.items() if k not in ("neighbour_bits", "refit", "neighbour_coarse")}
+        params = {k: v for k, v in params.items() if k not in ("neighbour_bits", "refit", "retune", "neighbour_coarse")}
         root = collection.root if isinstance(collection, Collection) else Path(collection)
         if out is not None:
             coll = collection if isinstance(collection, Collection) else Collection.open(root)
@@ -215,7 +211,7 @@ class Index(SearchTarget):
             folder = OutsideDirectory(out, coll.generation)
             neighbours = _neighbour_settings(coll, settings)
             meta = write_index_files(coll, kind, folder, **neighbours, **params)
-            folder.publish(cls._tuned(coll, out, meta, neighbours["kept_cells"]))
+            folder.publish(cls._tuned(coll, out, meta, None if settings.retune else neighbours["kept_cells"]))
             return cls(coll, out)
         with transaction(root, wait=wait) as txn:
             coll = Collection.from_manifest(root, txn.manifest)
@@ -223,14 +219,15 @@ class Index(SearchTarget):
                 raise HashsearchError(f"collection {root} is empty")
             neighbours = _neighbour_settings(coll, settings)
             meta = write_index_files(coll, kind, txn, **neighbours, **params)
-            txn.publish({**txn.manifest, "index": cls._tuned(coll, None, meta, neighbours["kept_cells"])})
+            kept = None if settings.retune else neighbours["kept_cells"]
+            txn.publish({**txn.manifest, "index": cls._tuned(coll, None, meta, kept)})
         return cls(Collection.open(root, previous=coll))
 
     @classmethod
     def _tuned(cls, coll: Collection, index_dir, meta: dict, kept) -> dict:
         """`meta` with hds's default neighbour sources measured on the index it describes (engine/tuning.py),
-        where its cells are new: cells it kept (`kept`, generation.KeptCells) keep their sources, so that an
-        index that followed adds and deletes answers as a later build does."""
+        where its cells are new: cells it kept (`kept`, generation.KeptCells; None with --retune) keep their
+        sources, so that an index that followed adds and deletes answers as a later build does."""
         if not meta.get("cells") or (kept is not None and kept.sha256 == meta["cells_sha256"]):
             return meta
         # its own handles: closing the index closes them, and `coll` stays open
@@ -292,13 +289,8 @@ class Index(SearchTarget):
         if params.mode == "bcs":
             return self._binary(gen, query_codes, k, params)
         nq, width = len(query_codes), max(pool, k)
-        # A partition pads its neighbour pool to the width the driver asked for: the driver splits on it;
-        # only a search that shortlists asks for the sketch (asking projects it, the first time) and its cells.
-        shortlist = not whole_pool and k <= params.neighbour_places and gen.sketch is not None
-        npool, probe = neighbour_sources(gen, params, whole_pool, shortlist)
-        shortlist = shortlist and bool(npool or probe) and gen.sketch.usable()
-        if not shortlist and probe:
-            npool, probe = neighbour_sources(gen, params, whole_pool, False)
+        # A partition pads its neighbour pool to the width the driver asked for: the driver splits on it.
+        npool, probe, shortlist = _sources(gen, params, k, whole_pool)
         out = SearchResult.empty(nq, width + npool if whole_pool else k, np.inf)
 
         def work(a, b):
@@ -527,7 +519,18 @@ def neighbour_pool(meta: dict, params: SearchConfig, items: int) -> int:
     return search_count("neighbour pool", npool, items) if npool else 0
 
 
-def neighbour_sources(gen: Generation, params: SearchConfig, whole_pool: bool, cells: bool) -> tuple[int, int]:
+def _sources(gen: Generation, params: SearchConfig, k: int, whole_pool: bool) -> tuple[int, int, bool]:
+    """(neighbour pool, cells probed, whether it shortlists by the sketch) of one hds search for k results.
+    Only a search that shortlists asks for the sketch: asking projects it, the first time, and fills its cells."""
+    shortlist = not whole_pool and k <= params.neighbour_places and gen.sketch is not None
+    npool, probe = sources_for(gen, params, whole_pool, shortlist)
+    shortlist = shortlist and bool(npool or probe) and gen.sketch.usable()
+    if probe and not shortlist:     # the sketch could not be made: no cells either
+        npool, probe = sources_for(gen, params, whole_pool, False)
+    return npool, probe, shortlist
+
+
+def sources_for(gen: Generation, params: SearchConfig, whole_pool: bool, cells: bool) -> tuple[int, int]:
     """(neighbour pool, cells probed) of one hds search.  Where its sketch's cells can be searched (`cells`:
     it shortlists) and the search sets neither, they are what build-index measured best for the collection
     (engine/tuning.py); one set leaves the other at 0.  Elsewhere the cells are not searched and the pool is

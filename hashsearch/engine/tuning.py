@@ -26,8 +26,8 @@ from ..config import SearchConfig
 from .neighbours import sample_rows
 
 # Smaller collections are not measured, and search with the neighbour pool of 500 (config.NEIGHBOUR_POOL):
-# that is half of them or more, and the measurement (about 3 s on 2 cores, 200 queries x 24 settings x
-# 3 rounds) would cost more than it could save their searches.
+# that is half of them or more, and the measurement (17,400 searches: 200 queries, 29 settings, 3 rounds)
+# would cost more than it could save their searches.
 MIN_TUNING_ROWS = 1000
 # Sampled rows searched for each setting: recall over 200 x 9 neighbours moves by about 0.005 between samples.
 TUNING_QUERIES = 200
@@ -47,7 +47,7 @@ HIGH_RECALL_COST = 1.25
 # per cent of each other's time moved from build to build.
 TIMING_ROUNDS = 3
 # (neighbour pool, cells probed): the neighbour codes alone, the cells alone, and the two together.
-SETTINGS = tuple((pool, cells) for pool in (0, 250, 500, 1000, 1500) for cells in (0, 4, 8, 16, 32)
+SETTINGS = tuple((pool, cells) for pool in (0, 250, 500, 750, 1000, 1500) for cells in (0, 4, 8, 16, 32)
                  if pool or cells)
 
 
