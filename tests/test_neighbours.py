@@ -340,3 +340,19 @@ def test_a_damaged_cells_file_is_refused(collection_copy):
     path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
     result = cli("query", collection_copy, "--id", 3, ok=False)
     assert "cell centres" in result.stderr and "build-index" in result.stderr
+
+
+@pytest.mark.parametrize("tuned", [{"neighbour_pool": -1, "neighbour_cells": 4}, {"neighbour_pool": 0},
+                                   {"neighbour_pool": 0, "neighbour_cells": "8"}, ["pool", 500]])
+def test_a_tampered_tuned_entry_or_a_bad_cell_count_is_refused(collection_copy, tuned):
+    m = manifest(collection_copy)
+    m["index"]["tuned"] = tuned
+    (collection_copy / "manifest.json").write_text(json.dumps(m))
+    result = cli("query", collection_copy, "--id", 3, ok=False)
+    assert "tuned" in result.stderr and "build-index" in result.stderr
+
+
+def test_a_negative_cell_count_is_refused(collection):
+    assert "neighbour-cells" in cli("query", collection, "--id", 3, "--neighbour-cells", -1, ok=False).stderr
+    with Index.open(collection) as index, pytest.raises(HashsearchError, match="neighbour-cells"):
+        index.search(index.codes[:1], index.collection.features(np.arange(1)), 10, neighbour_cells=-1)
