@@ -276,21 +276,20 @@ def test_the_cells_find_an_edited_copy_where_hs_pool_misses_it(fashion_collectio
 
 
 def test_build_index_records_the_setting_it_measured_best_and_searches_use_it(fashion_collection):
-    from hashsearch.engine.tuning import HIGH_RECALL, HIGH_RECALL_COST, SETTINGS, TUNED_RECALL
+    from hashsearch.engine.tuning import CELLS_ALONE_RECALL, SETTINGS, TUNED_RECALL
     with Index.open(fashion_collection) as index:
         tuned = index.meta["tuned"]
         measured = tuned["measured"]
         assert [(m["neighbour_pool"], m["neighbour_cells"]) for m in measured] == list(SETTINGS)
         chosen = next(m for m in measured if (m["neighbour_pool"], m["neighbour_cells"]) ==
                       (tuned["neighbour_pool"], tuned["neighbour_cells"]))
-        # the fastest at TUNED_RECALL, or at HIGH_RECALL where that costs at most HIGH_RECALL_COST times as much
-        passing = [m for m in measured if m["recall"] >= TUNED_RECALL]
-        if not passing:
-            assert chosen["recall"] == max(m["recall"] for m in measured)
+        # the fastest at TUNED_RECALL, or at CELLS_ALONE_RECALL for settings of cells alone
+        passing = [m for m in measured
+                   if m["recall"] >= (TUNED_RECALL if m["neighbour_pool"] else CELLS_ALONE_RECALL)]
+        if passing:
+            assert chosen["ms"] == min(m["ms"] for m in passing) and chosen in passing
         else:
-            fastest = min(m["ms"] for m in passing)
-            high = [m["ms"] for m in passing if m["recall"] >= HIGH_RECALL and m["ms"] <= fastest * HIGH_RECALL_COST]
-            assert chosen["ms"] == (min(high) if high else fastest)
+            assert chosen["recall"] == max(m["recall"] for m in measured)
         rows = np.arange(0, N_IMAGES, 30)
         codes, feats = index.codes[rows], index.collection.features(rows)
         # unset, both sources come from the record; setting one leaves the other at 0
