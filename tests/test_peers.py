@@ -45,7 +45,8 @@ def test_bench_peers_rows_and_recall(tmp_path):
                          neighbour_pool=chosen["neighbour pool"]).ids
     assert recall_at_k(found, ground_truth(coll, feats)) == rows[0]["recall_at_10"]
     sweep = {tuple(s["params"]): s["recall_at_10"] for s in rows[0]["sweep"]}
-    assert sweep[(chosen["pool"], chosen["radius"], chosen["neighbour pool"])] == rows[0]["recall_at_10"]
+    knob = (chosen["pool"], chosen["radius"], chosen["neighbour pool"], chosen["neighbour cells"])
+    assert sweep[knob] == rows[0]["recall_at_10"]
 
 
 def test_unknown_method_is_one_error(tmp_path):

@@ -97,10 +97,12 @@ class _Rerank:
 
 # -- the methods ------------------------------------------------------------------------------------
 class HashsearchMethod:
-    name, params_name = "hashsearch", "pool, radius, neighbour pool"
-    # H's pool alone (the paper's coarse stage), then with the neighbour codes' pool beside it.
-    knobs = [(8, 12, 0), (16, 12, 0), (32, 12, 0), (32, None, 0), (128, None, 0), (8, None, 16), (8, None, 32),
-             (16, None, 64), (32, None, 128), (64, None, 256), (200, None, 500)]
+    name, params_name = "hashsearch", "pool, radius, neighbour pool, neighbour cells"
+    # H's pool alone (the paper's coarse stage), then with the neighbour codes' pool beside it, then with the
+    # sketch's cells (engine/cells.py; searched only where F7 is in RAM, so not at 1M x 4096-d).
+    knobs = [(8, 12, 0, 0), (16, 12, 0, 0), (32, 12, 0, 0), (32, None, 0, 0), (128, None, 0, 0), (8, None, 16, 0),
+             (8, None, 32, 0), (16, None, 64, 0), (32, None, 128, 0), (64, None, 256, 0), (200, None, 500, 0),
+             (32, None, 0, 4), (32, None, 0, 8), (32, None, 0, 16), (32, None, 0, 32), (32, None, 250, 8)]
 
     def build(self, coll: Collection, work: Path) -> int:
         root = linked_copy(coll.root, work / "coll")
@@ -108,8 +110,9 @@ class HashsearchMethod:
         return disk_bytes(root)
 
     def search(self, codes, feats, knob):
-        pool, radius, neighbour_pool = knob
-        return self.index.search(codes, feats, K, pool=pool, radius=radius, neighbour_pool=neighbour_pool).ids
+        pool, radius, neighbour_pool, neighbour_cells = knob
+        return self.index.search(codes, feats, K, pool=pool, radius=radius, neighbour_pool=neighbour_pool,
+                                 neighbour_cells=neighbour_cells).ids
 
 
 def _multihash_bits(coll: Collection) -> int:
