@@ -238,12 +238,15 @@ class SearchConfig(Options):
     radius: int | None = option(None, "Take the candidates within this Hamming radius instead (at most --pool).")
     nflip: int | None = option(None, "Bucket probing depth for hash indexes [the one it was built with].")
     # Both unset, they are what build-index measured best on the collection (engine/tuning.py) where the search
-    # shortlists by the sketch; one set leaves the other at 0.  Elsewhere the cells are not searched.
+    # shortlists by the sketch; one set leaves the other at 0.  Elsewhere (F7 not in RAM, k past
+    # neighbour_places, an index without cells, a radius, --ray) the cells are not searched and the pool,
+    # unless set, is NEIGHBOUR_POOL.
     neighbour_pool: int | None = option(None, "hds: candidates the neighbour codes add to the pool (0: H's pool "
                                               "alone, the paper's search, unless --neighbour-cells) [with "
-                                              "--neighbour-cells unset: the index's tuned pool, else "
-                                              f"{NEIGHBOUR_POOL}].", check=not_negative)
-    neighbour_cells: int | None = option(None, "hds: sketch cells whose nearest rows join the pool [with "
+                                              "--neighbour-cells unset: the index's tuned pool where the cells "
+                                              f"can be searched, else {NEIGHBOUR_POOL}].", check=not_negative)
+    neighbour_cells: int | None = option(None, "hds: sketch cells whose nearest rows join the pool, where F7 is "
+                                               "held in RAM and k is within --neighbour-places [with "
                                                "--neighbour-pool unset: the index's tuned count, else 0].",
                                          check=not_negative)
     mode: str = option("hds", "hds: Hamming pool, then L2 on F7; bcs: Hamming only; es: exhaustive L2.",

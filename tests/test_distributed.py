@@ -23,7 +23,7 @@ ray = pytest.importorskip("ray")
 import live_writer as lw  # noqa: E402
 from conftest import assert_same_collection, cli, hashsearch_cmd, manifest, run_process  # noqa: E402
 from hashsearch import HashsearchError, Index  # noqa: E402
-from hashsearch.config import RayEncodeConfig  # noqa: E402
+from hashsearch.config import NEIGHBOUR_POOL, RayEncodeConfig  # noqa: E402
 from hashsearch.distributed import ShardedIndex, plan_partitions, ray_cluster  # noqa: E402
 from hashsearch.distributed.encode import encode_on_ray  # noqa: E402
 from hashsearch.bench.sysinfo import descendant_pids  # noqa: E402
@@ -92,10 +92,13 @@ def test_sharded_search_equals_the_single_index_in_every_mode(cluster, live_root
     codes, feats = queries()
     with Index.open(live_root) as single, ShardedIndex(live_root, partitions) as sharded:
         assert sharded.collection.items == single.collection.items == 1256
+        # the neighbour pool a --ray search uses: partitions cannot search the sketch's cells, which a single
+        # index's tuned default may (engine/tuning.py)
+        npool = NEIGHBOUR_POOL
         for mode, pool, radius in (("hds", 20, None), ("hds", 30, 9), ("bcs", 20, None), ("bcs", 5, 9),
                                    ("es", 20, None)):
             for q in (slice(None), slice(0, 1), slice(5, 6)):      # a batch, and the batch-1 path
-                a = single.search(codes[q], feats[q], 10, mode=mode, pool=pool, radius=radius)
+                a = single.search(codes[q], feats[q], 10, mode=mode, pool=pool, radius=radius, neighbour_pool=npool)
                 b = sharded.search(codes[q], feats[q], 10, mode=mode, pool=pool, radius=radius)
                 assert_same_result(a, b, f"P={partitions} {mode} pool={pool} radius={radius} {q}")
         # hds's two pools past the places the neighbour pool alone may take, and with H's pool alone
@@ -199,6 +202,8 @@ def test_bad_partitions_and_queries_are_one_clear_error(cluster, live_root):
             sharded.search(codes, feats, 5, radius=999)
         with pytest.raises(HashsearchError, match="unknown mode"):
             sharded.search(codes, feats, 5, mode="nope")
+        with pytest.raises(HashsearchError, match="neighbour-cells is searched on one machine only"):
+            sharded.search(codes, feats, 5, neighbour_cells=4)
 
 
 def test_query_and_serve_with_ray_answer_as_without(cluster, collection, tmp_path):

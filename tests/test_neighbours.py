@@ -150,6 +150,38 @@ def test_later_builds_and_compact_keep_the_cells_and_their_measured_sources_unle
     assert refit["tuned"]["measured"] != first["tuned"]["measured"]
 
 
+def test_retune_measures_again_keeping_the_cells_and_drops_a_measurement_it_cannot_repeat(collection_copy,
+                                                                                            monkeypatch):
+    from hashsearch.engine import tuning
+    monkeypatch.setattr(tuning, "MIN_TUNING_ROWS", 100)
+    cli("build-index", collection_copy, "--refit")
+    first = manifest(collection_copy)["index"]
+    monkeypatch.setattr(tuning, "SETTINGS", ((0, 2), (250, 0)))
+    cli("build-index", collection_copy, "--retune")
+    again = manifest(collection_copy)["index"]
+    assert again["cells_sha256"] == first["cells_sha256"] and again["projection_sha256"] == first["projection_sha256"]
+    assert [(m["neighbour_pool"], m["neighbour_cells"]) for m in again["tuned"]["measured"]] == [(0, 2), (250, 0)]
+    monkeypatch.setattr(tuning, "MIN_TUNING_ROWS", 10_000)     # now too small to measure: no stale choice stays
+    cli("build-index", collection_copy, "--retune")
+    assert "tuned" not in manifest(collection_copy)["index"]
+
+
+def test_compact_after_every_item_is_deleted_from_a_collection_indexed_before_the_cells(collection_copy):
+    m = manifest(collection_copy)
+    m["index"] = {k: v for k, v in m["index"].items() if not k.startswith(("cells", "tuned"))}
+    (collection_copy / "manifest.json").write_text(json.dumps(m))
+    cli("delete", collection_copy, "--ids-file", _ids_file(collection_copy))
+    cli("compact", collection_copy, "--threshold", 0)
+    assert manifest(collection_copy)["items"] == 0 and "cells" not in manifest(collection_copy)["index"]
+
+
+def _ids_file(root):
+    with Index.open(root) as index:
+        path = root.parent / "all-ids.txt"
+        path.write_text("\n".join(map(str, index.ids.tolist())) + "\n")
+    return path
+
+
 def test_neighbour_bits_are_checked(collection_copy):
     cli("build-index", collection_copy, "--neighbour-bits", 12, ok=False)      # not whole bytes
     cli("build-index", collection_copy, "--neighbour-bits", 4096, ok=False)    # more than F7's 512 dimensions
@@ -342,13 +374,17 @@ def test_a_damaged_cells_file_is_refused(collection_copy):
 
 
 @pytest.mark.parametrize("tuned", [{"neighbour_pool": -1, "neighbour_cells": 4}, {"neighbour_pool": 0},
-                                   {"neighbour_pool": 0, "neighbour_cells": "8"}, ["pool", 500]])
+                                   {"neighbour_pool": 0, "neighbour_cells": "8"}, ["pool", 500], "no cells"])
 def test_a_tampered_tuned_entry_or_a_bad_cell_count_is_refused(collection_copy, tuned):
     m = manifest(collection_copy)
+    if tuned == "no cells":     # a choice of sources with no cells to search
+        del m["index"]["cells"]
+        tuned = {"neighbour_pool": 0, "neighbour_cells": 4}
     m["index"]["tuned"] = tuned
     (collection_copy / "manifest.json").write_text(json.dumps(m))
-    result = cli("query", collection_copy, "--id", 3, ok=False)
-    assert "tuned" in result.stderr and "build-index" in result.stderr
+    for command in (("query", collection_copy, "--id", 3), ("info", collection_copy)):
+        result = cli(*command, ok=False)
+        assert "tuned" in result.stderr and "build-index" in result.stderr
 
 
 def test_a_negative_cell_count_is_refused(collection):

@@ -52,7 +52,8 @@ EDITS = {
     "rotate": lambda im: im.rotate(8, resample=Image.BILINEAR),          # 8 degrees, corners black
 }
 # The rankings compared: every mode at the search defaults, and hds with H's pool alone (the paper's).
-RANKINGS = {mode: {"mode": mode} for mode in MODES} | {"hds, H pool only": {"mode": "hds", "neighbour_pool": 0}}
+RANKINGS = {mode: {"mode": mode} for mode in MODES} | {
+    "hds, H pool only": {"mode": "hds", "neighbour_pool": 0, "neighbour_cells": 0}}
 
 
 def run_near_duplicates(database, n: int, seed: int = 0, params: SearchConfig | None = None) -> dict:
@@ -75,12 +76,13 @@ def run_near_duplicates(database, n: int, seed: int = 0, params: SearchConfig | 
         codes, feats = query_encoder(coll).encode([edit(im) for edit in EDITS.values() for im in originals])
         encode_seconds = time.perf_counter() - started
         wanted = np.tile(coll.ids()[rows], len(EDITS))
+        npool, cells = index.neighbour_sources(dataclasses.replace(params, k=K))
         table = {}
         for name, settings in RANKINGS.items():
             found = index.search(codes, feats, dataclasses.replace(params, k=K, **settings)).ids
             table[name] = _hit_rates(found, wanted, n)
     return {"database": str(database), "items": int(coll.items), "originals": n, "seed": seed, "k": K,
-            "edits": list(EDITS), "pool": params.pool, "neighbour_pool": params.neighbour_pool,
+            "edits": list(EDITS), "pool": params.pool, "neighbour_pool": npool, "neighbour_cells": cells,
             "encode_seconds": round(encode_seconds, 2), "rankings": table}
 
 

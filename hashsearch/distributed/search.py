@@ -187,7 +187,12 @@ class ShardedIndex(SearchTarget):
         # Checked here as Index checks them, so that bad input is one error, not one from every partition.
         k, pool, codes, feats = check_query(coll, coll.manifest["index"]["coarse"], query_codes, query_features,
                                             params)
-        params = dataclasses.replace(params, k=k, pool=pool,
+        # A partition answers with its whole pool, which the sketch's cells cannot give (engine/index.py): the
+        # cells are searched on one machine only, and a --ray search's pool is the neighbour codes' alone.
+        if params.neighbour_cells:
+            raise HashsearchError("--neighbour-cells is searched on one machine only, not across --ray "
+                                  "partitions; leave it unset or 0")
+        params = dataclasses.replace(params, k=k, pool=pool, neighbour_cells=0,
                                      neighbour_pool=neighbour_pool(coll.manifest["index"], params, coll.items))
         if feats is not None and feats.nbytes > _INLINE_BYTES:
             feats = self._ray.put(feats)    # one copy in the object store for every partition, not one per call

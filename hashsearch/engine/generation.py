@@ -60,11 +60,11 @@ def check_index_meta(meta, where, shards: int | None = None) -> dict:
                       meta["cells"] > 0, "cells")
                 check_file_entry({"file": meta["cells_file"], "sha256": meta.get("cells_sha256")},
                                  "the index's cells file")
-                if meta.get("tuned") is not None:
-                    tuned = meta["tuned"]
-                    _need(isinstance(tuned, dict) and all(
-                        isinstance(tuned.get(key), int) and not isinstance(tuned[key], bool) and tuned[key] >= 0
-                        for key in ("neighbour_pool", "neighbour_cells")), "tuned")
+        if meta.get("tuned") is not None:
+            tuned = meta["tuned"]
+            _need(meta.get("cells") is not None and isinstance(tuned, dict) and all(
+                isinstance(tuned.get(key), int) and not isinstance(tuned[key], bool) and tuned[key] >= 0
+                for key in ("neighbour_pool", "neighbour_cells")), "tuned")
     except Exception as exc:  # noqa: BLE001 - any malformed field means the same thing
         raise HashsearchError(f"unreadable index metadata in {where} ({str(exc) or type(exc).__name__}); "
                               f"{_REBUILD}") from None
@@ -149,7 +149,10 @@ class KeptCells:
 
 def _write_cells(coll: Collection, live: np.ndarray, projection: NeighbourProjection, kept: KeptCells | None,
                  txn) -> dict:
-    """The cells' entry of the index metadata, their centres kept or fitted to the projected live rows."""
+    """The cells' entry of the index metadata, their centres kept or fitted to the projected live rows (none
+    where there are no live rows to fit them to: compact after every item was deleted)."""
+    if (kept is None or kept.centres.shape[1] != projection.bits) and not len(live):
+        return {}
     if kept is None or kept.centres.shape[1] != projection.bits:
         cells = cells_for(len(live))
         sample = projection.project(coll.features(sample_rows(live, cells * FIT_ROWS_PER_CELL)))

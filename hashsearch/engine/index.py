@@ -3,7 +3,8 @@
   hds  coarse Hamming search for a candidate pool, then exact L2 on F7
        ranks the pool: the paper's method.  The pool is H's nearest codes
        and, where the index has them, the nearest neighbour codes
-       (engine/neighbours.py), whose rows alone may take the first
+       (engine/neighbours.py) and the sketch cells' nearest rows
+       (engine/cells.py), whose rows alone may take the first
        neighbour_places places.
   bcs  Hamming ranking of the codes alone.
   es   exhaustive L2 over all F7 features: the paper's baseline.
@@ -187,8 +188,9 @@ class Index(SearchTarget):
         return _sources(self._current(), params, params.k, False)[:2]
 
     def warm(self) -> None:
-        """Project the sketch (0.3 s at 60,000 × 512-d, 0.7 s at 50,000 × 1,280-d, 2 Xeon cores), which the
-        first search that shortlists would otherwise make."""
+        """Project the sketch and fill its cells (1.6 s at 50,000 × 1,280-d with 256 cells, 2 Xeon cores; 0.3 s
+        at 60,000 × 512-d and 0.7 s at 50,000 × 1,280-d without cells), which the first search that shortlists
+        would otherwise make."""
         sketch = self._current().sketch
         if sketch is not None:
             sketch.usable()
@@ -231,9 +233,17 @@ class Index(SearchTarget):
         if not meta.get("cells") or (kept is not None and kept.sha256 == meta["cells_sha256"]):
             return meta
         # its own handles: closing the index closes them, and `coll` stays open
-        with cls(Collection.from_manifest(coll.root, coll.manifest), index_dir, unpublished=meta) as index:
+        own = Collection.from_manifest(coll.root, coll.manifest)
+        try:
+            index = cls(own, index_dir, unpublished=meta)
+        except BaseException:
+            own.close()
+            raise
+        with index:
             tuned = tune_sources(index)
-        return meta if tuned is None else {**meta, "tuned": tuned}
+        # None (too few rows, F7 not in RAM): an earlier measurement that --retune asked to replace goes too
+        return {key: value for key, value in meta.items() if key != "tuned"} if tuned is None else \
+            {**meta, "tuned": tuned}
 
     @classmethod
     def open(cls, collection, index_dir=None, *, features_in_ram_mb: float = FEATURES_IN_RAM_MB) -> "Index":
@@ -349,12 +359,13 @@ class Index(SearchTarget):
 
     def rerank_pool(self, query_codes: np.ndarray, query_features: np.ndarray,
                     params: SearchConfig | int | None = None, **options) -> np.ndarray:
-        """The rows hds reranks for each query [nq, m], -1 padded: H's pool and the neighbour pool, each row once."""
+        """The rows hds reranks for each query [nq, m], -1 padded: H's pool, the neighbour pool and the cells'
+        rows, each row once (before the sketch's shortlist)."""
         gen = self._current()
         params = search_params(params, **options)
         k, pool, query_codes, query_features = check_query(gen.collection, gen.meta["coarse"], query_codes,
                                                            query_features, dataclasses.replace(params, mode="hds"))
-        npool, probe = self.neighbour_sources(dataclasses.replace(params, k=k))
+        npool, probe, _ = _sources(gen, params, k, False)       # this generation's, whatever a refresh does
         projected = gen.neighbours.projection.project(query_features) if npool or probe else None
         (_, rows), (_, near) = self._pools(gen, query_codes, projected, max(pool, k), npool, params)
         if probe:
