@@ -188,9 +188,8 @@ class Index(SearchTarget):
         return _sources(self._current(), params, params.k, False)[:2]
 
     def warm(self) -> None:
-        """Project the sketch and fill its cells (1.6 s at 50,000 × 1,280-d with 256 cells, 2 Xeon cores; 0.3 s
-        at 60,000 × 512-d and 0.7 s at 50,000 × 1,280-d without cells), which the first search that shortlists
-        would otherwise make."""
+        """Project the sketch and fill its cells (with 256 cells: 0.8-1.0 s at 50,000 × 1,280-d, 0.3-0.5 s at
+        50,000 and 60,000 × 512-d, 2 Xeon cores), which the first search that shortlists would otherwise make."""
         sketch = self._current().sketch
         if sketch is not None:
             sketch.usable()
