@@ -41,6 +41,12 @@ def recall_after_rerank(cand: np.ndarray, F: np.ndarray, Q: np.ndarray, truth: n
     return hits / K / len(Q)
 
 
+def nearest_in_sketch(candidates, values: np.ndarray, SQ: np.ndarray, keep: int) -> np.ndarray:
+    """Each query's `keep` candidates nearest to it in the decoded sketch `values`."""
+    return np.stack([c[np.argsort(((values[c] - SQ[i]) ** 2).sum(1), kind="stable")[:keep]]
+                     for i, c in enumerate(candidates)])
+
+
 def per_query_ms(search, nq: int) -> float:
     started = time.perf_counter()
     for i in range(nq):
@@ -79,8 +85,7 @@ def main():
     for pool in (250, 500, 1000, 1500):
         ms = per_query_ms(lambda i: hamming.search(query_codes[i:i + 1], pool), len(Q))
         found = hamming_pools[pool] = hamming.search(query_codes, pool)[1]
-        ranked = np.stack([f[np.argsort(((values[f] - SQ[i]) ** 2).sum(1), kind="stable")[:keep]]
-                           for i, f in enumerate(found)])
+        ranked = nearest_in_sketch(found, values, SQ, keep)
         print(f"neighbours {pool:5d}   recall@10 {recall_after_rerank(ranked, F, Q, truth):.4f}   "
               f"Hamming scan {ms:.3f} ms (the sketch's ranking of the pool comes on top)")
 
@@ -99,8 +104,7 @@ def main():
         ivf.nprobe = nprobe
         found = ivf.search(SQ, keep)[1]
         union = [np.union1d(a[a >= 0], b) for a, b in zip(found, hamming_pools[pool])]
-        ranked = np.stack([u[np.argsort(((values[u] - SQ[i]) ** 2).sum(1), kind="stable")[:keep]]
-                           for i, u in enumerate(union)])
+        ranked = nearest_in_sketch(union, values, SQ, keep)
         print(f"union: neighbours {pool} and ivf nprobe {nprobe}   recall@10 "
               f"{recall_after_rerank(ranked, F, Q, truth):.4f}")
 

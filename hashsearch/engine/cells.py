@@ -18,7 +18,6 @@ codes the sketch's own and its ids rows.
 """
 from __future__ import annotations
 
-import io
 import math
 
 import faiss
@@ -37,10 +36,9 @@ KMEANS_ITERATIONS = 20
 def cells_for(rows: int) -> int:
     """How many cells a collection of `rows` live rows gets: the power of two nearest sqrt(rows), at most one
     per MIN_ROWS_PER_CELL rows, at least one."""
-    if rows <= 0:
+    if rows < MIN_ROWS_PER_CELL:
         return 1
-    nearest = 2 ** round(math.log2(math.sqrt(rows)))
-    return max(1, min(nearest, rows // MIN_ROWS_PER_CELL))
+    return min(2 ** round(math.log2(math.sqrt(rows))), rows // MIN_ROWS_PER_CELL)
 
 
 def fit_cells(projected: np.ndarray, cells: int, seed: int = 0) -> np.ndarray:
@@ -54,23 +52,6 @@ def fit_cells(projected: np.ndarray, cells: int, seed: int = 0) -> np.ndarray:
                           max_points_per_centroid=FIT_ROWS_PER_CELL)
     kmeans.train(projected)
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
-
-
-def cells_to_bytes(centres: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(centres, dtype=np.float32), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def cells_from_bytes(data: bytes, bits: int, cells: int) -> np.ndarray:
-    try:
-        centres = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise HashsearchError(f"unreadable cell centres ({exc})") from None
-    if centres.dtype != np.float32 or centres.shape != (cells, bits) or not np.isfinite(centres).all():
-        raise HashsearchError(f"the cell centres hold {centres.dtype} {centres.shape}; expected finite float32 "
-                              f"({cells}, {bits})")
-    return centres
 
 
 class CellIndex:

@@ -19,8 +19,9 @@ from ..shards import Collection, RowReader
 from ..shards.layout import INDEX_DIR, INDEX_META
 from ..shards.manifest import check_file_entry, read_named_file
 from . import coarse as coarse_mod
-from .cells import FIT_ROWS_PER_CELL, cells_for, cells_from_bytes, cells_to_bytes, fit_cells
-from .neighbours import ENCODE_BLOCK_ROWS, NeighbourProjection, fit_projection, sample_rows
+from .cells import FIT_ROWS_PER_CELL, cells_for, fit_cells
+from .neighbours import (ENCODE_BLOCK_ROWS, NeighbourProjection, fit_projection, float32_from_npy, float32_npy,
+                         sample_rows)
 from .sketch import Sketch, build_sketch
 
 _REBUILD = "rebuild it with `hashsearch build-index`"
@@ -149,16 +150,16 @@ class KeptCells:
 
 def _write_cells(coll: Collection, live: np.ndarray, projection: NeighbourProjection, kept: KeptCells | None,
                  txn) -> dict:
-    """The cells' entry of the index metadata, their centres kept or fitted to the projected live rows (none
-    where there are no live rows to fit them to: compact after every item was deleted)."""
-    if (kept is None or kept.centres.shape[1] != projection.bits) and not len(live):
-        return {}
-    if kept is None or kept.centres.shape[1] != projection.bits:
+    """The cells' entry of the index metadata, their centres kept (with the projection they were fitted in) or
+    fitted to the projected live rows (none where there are none: compact after every item was deleted)."""
+    if kept is None:
+        if not len(live):
+            return {}
         cells = cells_for(len(live))
         sample = projection.project(coll.features(sample_rows(live, cells * FIT_ROWS_PER_CELL)))
         kept = KeptCells(fit_cells(sample, cells), None)
     entry = {"cells": len(kept.centres), "cells_file": txn.file_name(INDEX_DIR, "cells", ".npy")}
-    entry["cells_sha256"] = txn.write(entry["cells_file"], cells_to_bytes(kept.centres))
+    entry["cells_sha256"] = txn.write(entry["cells_file"], float32_npy(kept.centres))
     if kept.tuned is not None:      # Index.build measures them again with --retune
         entry["tuned"] = kept.tuned
     return entry
@@ -336,7 +337,7 @@ def collection_cells(coll: Collection) -> KeptCells | None:
 def _read_cells(meta: dict, base_dir: Path) -> np.ndarray:
     data = read_named_file(base_dir, {"file": meta["cells_file"], "sha256": meta["cells_sha256"]}, "cell centres",
                            _REBUILD)
-    return cells_from_bytes(data, meta["neighbour_bits"], meta["cells"])
+    return float32_from_npy(data, (meta["cells"], meta["neighbour_bits"]), "cell centres")
 
 
 def _read_projection(meta: dict, base_dir: Path, coll: Collection) -> NeighbourProjection:

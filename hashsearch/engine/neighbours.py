@@ -59,20 +59,31 @@ class NeighbourProjection:
         return codes_of_projection(self.project(feats))
 
     def to_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        np.save(buffer, np.vstack([self.matrix, self.offset[None]]).astype(np.float32), allow_pickle=False)
-        return buffer.getvalue()
+        return float32_npy(np.vstack([self.matrix, self.offset[None]]))
 
     @classmethod
     def from_bytes(cls, data: bytes, feature_dim: int, bits: int) -> "NeighbourProjection":
-        try:
-            stacked = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise HashsearchError(f"unreadable neighbour projection ({exc})") from None
-        if stacked.dtype != np.float32 or stacked.shape != (feature_dim + 1, bits) or not np.isfinite(stacked).all():
-            raise HashsearchError(f"the neighbour projection holds {stacked.dtype} {stacked.shape}; expected finite "
-                                  f"float32 ({feature_dim + 1}, {bits})")
+        stacked = float32_from_npy(data, (feature_dim + 1, bits), "neighbour projection")
         return cls(np.ascontiguousarray(stacked[:-1]), np.ascontiguousarray(stacked[-1]))
+
+
+def float32_npy(array: np.ndarray) -> bytes:
+    """`array` as float32 in .npy format: the index's files of fitted numbers (the projection, the cells)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def float32_from_npy(data: bytes, shape: tuple, what: str) -> np.ndarray:
+    """The finite float32 array of `shape` that float32_npy wrote, or HashsearchError naming `what`."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise HashsearchError(f"unreadable {what} ({exc})") from None
+    if array.dtype != np.float32 or array.shape != tuple(shape) or not np.isfinite(array).all():
+        raise HashsearchError(f"the {what} file holds {array.dtype} {array.shape}; expected finite float32 "
+                              f"{tuple(shape)}")
+    return array
 
 
 def codes_of_projection(projected: np.ndarray) -> np.ndarray:
