@@ -234,7 +234,10 @@ class SearchConfig(Options):
     """
     k: int = option(10, "Results per query.", flag="-k")
     # A pool well past k, for collections of any size; `bench` measures what a smaller pool trades at 1M (README).
-    pool: int = option(200, "Coarse candidate pool: the rows hds reranks by L2.")
+    # 0 is for collections whose H codes say nothing of F7's neighbours (the class-like codes of bench's 1M rows):
+    # their lookup then costs time and adds no answer.
+    pool: int = option(200, "Coarse candidate pool of H's codes: the rows hds reranks by L2 (0: none; the "
+                            "neighbour codes' and the cells' rows alone, which then may take every place).")
     radius: int | None = option(None, "Take the candidates within this Hamming radius instead (at most --pool).")
     nflip: int | None = option(None, "Bucket probing depth for hash indexes [the one it was built with].")
     # Both unset, they are what build-index measured best on the collection (engine/tuning.py) where the search
@@ -420,7 +423,8 @@ class HeadlineSearch(Options):
 
 @dataclass
 class ExhaustiveBenchConfig(BenchData):
-    pool: int = option(HeadlineSearch.pool, "Coarse candidate pool.", check=positive)
+    pool: int = option(HeadlineSearch.pool, "Coarse candidate pool of H's codes, as query's --pool (0: none).",
+                       check=not_negative)
     radius: int | None = option(None, "Rerank only the candidates within this Hamming radius (at most --pool).",
                                 check=not_negative)
     # multihash with 16-bit slices is the fastest coarse level that keeps recall at 1M (README, "What the engine

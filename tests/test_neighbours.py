@@ -391,3 +391,47 @@ def test_a_negative_cell_count_is_refused(collection):
     assert "neighbour-cells" in cli("query", collection, "--id", 3, "--neighbour-cells", -1, ok=False).stderr
     with Index.open(collection) as index, pytest.raises(HashsearchError, match="neighbour-cells"):
         index.search(index.codes[:1], index.collection.features(np.arange(1)), 10, neighbour_cells=-1)
+
+
+def test_pool_0_ranks_the_neighbour_pool_alone_in_every_place(fashion_collection):
+    """H's pool off: every result comes from the neighbour codes' pool, by L2, even past --neighbour-places."""
+    with Index.open(fashion_collection) as index:
+        rows = np.arange(0, N_IMAGES, 100)
+        codes, feats = index.codes[rows], index.collection.features(rows)
+        params = SearchConfig(k=20, pool=0, neighbour_pool=40, neighbour_places=5)
+        found = index.search(codes, feats, params)
+        near = index.rerank_pool(codes, feats, params)
+        for q in range(len(rows)):
+            pool = near[q][near[q] >= 0]
+            assert len(pool) == 40
+            exact = np.sum((index.collection.features(pool).astype(np.float32) - feats[q]) ** 2, axis=1)
+            np.testing.assert_array_equal(found.rows[q], pool[np.argsort(exact, kind="stable")[:20]])
+        with_h = index.search(codes, feats, SearchConfig(k=20, pool=200, neighbour_pool=40, neighbour_places=5))
+        assert not np.isin(with_h.rows, near).all()     # H's pool does add rows where it is searched
+
+
+def test_pool_0_needs_a_neighbour_source(fashion_collection, collection_copy):
+    with Index.open(fashion_collection) as index:
+        codes, feats = index.codes[:2], index.collection.features(np.arange(2))
+        for params in (SearchConfig(pool=0, neighbour_pool=0), SearchConfig(pool=0, radius=3)):
+            with pytest.raises(HashsearchError, match="pool 0 leaves hds only"):
+                index.search(codes, feats, params)
+        with pytest.raises(HashsearchError, match="pool 0 is for a search of one index"):
+            index.search_pool(codes, feats, SearchConfig(pool=0, neighbour_pool=10))
+        assert index.search(codes, feats, SearchConfig(pool=0, mode="bcs")).rows.shape == (2, 10)
+    cli("build-index", collection_copy, "--neighbour-bits", 0)
+    result = cli("query", collection_copy, "--id", 0, "--pool", 0, ok=False)
+    assert "pool 0 leaves hds only" in result.stderr
+
+
+def test_wide_features_project_one_query_as_a_batch_does():
+    """One query's projection uses the matrix stored transposed past BY_BIT_MIN_DIM features; it must give
+    the batch's values, or a query's neighbour code would not be the one its own row was indexed with."""
+    from hashsearch.engine.neighbours import BY_BIT_MIN_DIM
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((300, BY_BIT_MIN_DIM)).astype(np.float16)
+    p = fit_projection(feats, 64)
+    assert p.by_bit is not None and fit_projection(feats[:, :BY_BIT_MIN_DIM // 2], 64).by_bit is None
+    batch = p.project(feats)
+    one = np.vstack([p.project(feats[i:i + 1]) for i in range(len(feats))])
+    np.testing.assert_allclose(one, batch, rtol=1e-4, atol=1e-3)

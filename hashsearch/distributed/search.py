@@ -30,8 +30,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ..config import RaySearchConfig, SearchConfig
-from ..engine.index import (Index, SearchResult, SearchTarget, check_query, check_query_codes, hamming_of_results,
-                            merge_partitions, neighbour_pool, search_params)
+from ..engine.index import (Index, SearchResult, SearchTarget, check_h_pool, check_query, check_query_codes,
+                            hamming_of_results, merge_partitions, neighbour_pool, search_params)
 from ..errors import HashsearchError
 from ..shards import Collection, GenerationGone, read_manifest
 from .cluster import MAX_RESTARTS, check_resources, cluster_cpus, import_ray, task_error, wait_started
@@ -192,6 +192,8 @@ class ShardedIndex(SearchTarget):
         if params.neighbour_cells:
             raise HashsearchError("--neighbour-cells is searched on one machine only, not across --ray "
                                   "partitions; leave it unset or 0")
+        if params.mode == "hds":
+            check_h_pool(pool, True, whole_pool=True)
         params = dataclasses.replace(params, k=k, pool=pool, neighbour_cells=0,
                                      neighbour_pool=neighbour_pool(coll.manifest["index"], params, coll.items))
         if feats is not None and feats.nbytes > _INLINE_BYTES:

@@ -297,9 +297,12 @@ class Index(SearchTarget):
             return self._exhaustive(gen, query_codes, query_features, k)
         if params.mode == "bcs":
             return self._binary(gen, query_codes, k, params)
-        nq, width = len(query_codes), max(pool, k)
+        nq, width = len(query_codes), h_pool_width(pool, k)
         # A partition pads its neighbour pool to the width the driver asked for: the driver splits on it.
         npool, probe, shortlist = _sources(gen, params, k, whole_pool)
+        check_h_pool(pool, npool or probe, whole_pool)
+        # Without H's pool, the neighbour sources' rows may take every place.
+        places = params.neighbour_places if pool else k
         out = SearchResult.empty(nq, width + npool if whole_pool else k, np.inf)
 
         def work(a, b):
@@ -314,8 +317,8 @@ class Index(SearchTarget):
                     if npool:
                         _pool_order(rr, query_features[q:q + 1], n_cand[q - a], n_ham[q - a], out, q, width)
                 elif npool or probe:
-                    _rank_union(rr, query_features[q:q + 1], cand[q - a], n_cand[q - a], out, q,
-                                params.neighbour_places, (gen.sketch, projected[q - a]) if shortlist else None)
+                    _rank_union(rr, query_features[q:q + 1], cand[q - a], n_cand[q - a], out, q, places,
+                                (gen.sketch, projected[q - a]) if shortlist else None)
                 else:
                     order = rr.search(query_features[q:q + 1], cand[q - a], out.distances[q], out.rows[q])
                     out.hamming[q, :len(order)] = cand_ham[q - a, order]
@@ -365,17 +368,21 @@ class Index(SearchTarget):
         k, pool, query_codes, query_features = check_query(gen.collection, gen.meta["coarse"], query_codes,
                                                            query_features, dataclasses.replace(params, mode="hds"))
         npool, probe, _ = _sources(gen, params, k, False)       # this generation's, whatever a refresh does
+        check_h_pool(pool, npool or probe, False)
         projected = gen.neighbours.projection.project(query_features) if npool or probe else None
-        (_, rows), (_, near) = self._pools(gen, query_codes, projected, max(pool, k), npool, params)
+        (_, rows), (_, near) = self._pools(gen, query_codes, projected, h_pool_width(pool, k), npool, params)
         if probe:
             near = self._cell_rows(gen, projected, k, probe, near)
         return rows if near is None else np.stack([union_of_pools(a, b) for a, b in zip(rows, near)])
 
     def _pools(self, gen: Generation, query_codes, projected, width: int, npool: int, params: SearchConfig):
         """hds's two candidate pools, each (hamming, rows): H's `width` nearest (by radius and nflip where
-        asked), and the neighbour codes' `npool` nearest, of the queries' `projected` features (the neighbour
-        projection's; (None, None) when npool is 0)."""
-        pool = self._candidates(gen, gen.hamming, query_codes, width, params.radius, params.nflip)
+        asked; none when width is 0), and the neighbour codes' `npool` nearest, of the queries' `projected`
+        features (the neighbour projection's; (None, None) when npool is 0)."""
+        if width:
+            pool = self._candidates(gen, gen.hamming, query_codes, width, params.radius, params.nflip)
+        else:
+            pool = np.zeros((len(query_codes), 0), np.int32), np.zeros((len(query_codes), 0), np.int64)
         if not npool:
             return pool, (None, None)
         return pool, self._candidates(gen, gen.neighbours, codes_of_projection(projected), npool, None, None)
@@ -626,8 +633,9 @@ def search_params(params: SearchConfig | int | None = None, **options) -> Search
 
 def check_query(coll: Collection, coarse: dict, query_codes, query_features, params: SearchConfig):
     """A search's arguments checked against `coll` and its coarse index: (k, pool, codes, features), k and
-    pool capped at the live items, features float32 (None in bcs mode, which needs none)."""
-    k, pool = search_count("k", params.k, coll.items), search_count("pool", params.pool, coll.items)
+    pool capped at the live items (pool 0: no H's pool), features float32 (None in bcs mode, which needs none)."""
+    k = search_count("k", params.k, coll.items)
+    pool = 0 if _is_zero(params.pool) else search_count("pool", params.pool, coll.items)
     check_probe(params.radius, params.nflip, coll.bits, coarse)
     query_codes = check_query_codes(query_codes, coll.bits)
     if params.mode == "bcs":
@@ -677,6 +685,27 @@ def check_probe(radius, nflip, bits: int, coarse: dict) -> None:
                                or not 0 <= radius <= bits):
         raise HashsearchError(f"radius must be an integer from 0 to the code length ({bits}), got {radius!r}")
     coarse_mod.check_nflip(nflip, coarse.get("hash_bits"))
+
+
+def _is_zero(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value == 0
+
+
+def h_pool_width(pool: int, k: int) -> int:
+    """How many of H's nearest codes an hds search takes: at least k, or none with pool 0."""
+    return max(pool, k) if pool else 0
+
+
+def check_h_pool(pool: int, neighbour_sources: bool, whole_pool: bool) -> None:
+    """Pool 0 leaves hds the neighbour sources alone: there must be some, and one index must answer."""
+    if pool:
+        return
+    if not neighbour_sources:
+        raise HashsearchError("pool 0 leaves hds only the neighbour codes and the cells, and this search has "
+                              "neither: the index has no neighbour codes, a radius or --neighbour-pool 0 turns "
+                              "them off, or the cells cannot be searched here")
+    if whole_pool:
+        raise HashsearchError("pool 0 is for a search of one index: a --ray search merges H's pools")
 
 
 def search_count(name: str, value, items: int) -> int:
