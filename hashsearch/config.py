@@ -396,6 +396,16 @@ class TimedQueries(Options):
 
 
 @dataclass
+class NeighbourCodesBuild(Options):
+    """How a benchmark builds hashsearch's neighbour codes, as build-index would."""
+    neighbour_bits: int | None = option(None, "Neighbour codes of the coarse index, as build-index's "
+                                              "--neighbour-bits.", check=not_negative)
+    neighbour_coarse: str = option(IndexConfig.neighbour_coarse, "Index kind over the neighbour codes, as "
+                                                                 "build-index's --neighbour-coarse.",
+                                   choices=COARSE_KINDS)
+
+
+@dataclass
 class BenchData(TimedQueries):
     """The data `bench exhaustive` and `bench peers` search: a synthetic collection, or a real one."""
     n: int = option(1_000_000, "Synthetic collection size.", check=positive)
@@ -422,7 +432,7 @@ class HeadlineSearch(Options):
 
 
 @dataclass
-class ExhaustiveBenchConfig(BenchData):
+class ExhaustiveBenchConfig(BenchData, NeighbourCodesBuild):
     pool: int = option(HeadlineSearch.pool, "Coarse candidate pool of H's codes, as query's --pool (0: none).",
                        check=not_negative)
     radius: int | None = option(None, "Rerank only the candidates within this Hamming radius (at most --pool).",
@@ -434,11 +444,6 @@ class ExhaustiveBenchConfig(BenchData):
     nhash: int | None = option(None, "Tables of a multihash coarse index.", check=positive)
     nflip: int | None = option(None, "Bits flipped when probing a hash or multihash coarse index.",
                                check=not_negative)
-    neighbour_bits: int | None = option(None, "Neighbour codes of the coarse index, as build-index's "
-                                              "--neighbour-bits.", check=not_negative)
-    neighbour_coarse: str = option(IndexConfig.neighbour_coarse, "Index kind over the neighbour codes, as "
-                                                                 "build-index's --neighbour-coarse.",
-                                   choices=COARSE_KINDS)
     neighbour_pool: int | None = option(SearchConfig.neighbour_pool, "hds's neighbour pool, as query's "
                                                                      "--neighbour-pool.", check=not_negative)
     neighbour_cells: int | None = option(SearchConfig.neighbour_cells, "hds's sketch cells, as query's "
@@ -489,7 +494,7 @@ class ShardedBenchConfig(LinkedBenchCollection, TimedQueries):
 
 
 @dataclass
-class PeersBenchConfig(BenchData):
+class PeersBenchConfig(BenchData, NeighbourCodesBuild):
     methods: str = option("all", "Methods to run, comma-separated: hashsearch, faiss-binary-hnsw, usearch-hamming, "
                                  "milvus-lite, faiss-ivf-sqfp16, faiss-ivf-pq, hnswlib, or all.")
 

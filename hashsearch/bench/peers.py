@@ -102,11 +102,13 @@ class HashsearchMethod:
     # sketch's cells (engine/cells.py; searched only where F7 is in RAM, so not at 1M x 4096-d).
     knobs = [(8, 12, 0, 0), (16, 12, 0, 0), (32, 12, 0, 0), (32, None, 0, 0), (128, None, 0, 0), (8, None, 16, 0),
              (8, None, 32, 0), (16, None, 64, 0), (32, None, 128, 0), (64, None, 256, 0), (200, None, 500, 0),
-             (32, None, 0, 4), (32, None, 0, 8), (32, None, 0, 16), (32, None, 0, 32), (32, None, 250, 8)]
+             (32, None, 0, 4), (32, None, 0, 8), (32, None, 0, 16), (32, None, 0, 32), (32, None, 250, 8),
+             (0, None, 32, 0), (0, None, 64, 0), (0, None, 128, 0)]     # the neighbour codes alone
+    index_options: dict = {}        # neighbour_bits and neighbour_coarse, as bench peers was given them
 
     def build(self, coll: Collection, work: Path) -> int:
         root = linked_copy(coll.root, work / "coll")
-        self.index = Index.build(root, "multihash", hash_bits=_multihash_bits(coll))
+        self.index = Index.build(root, "multihash", hash_bits=_multihash_bits(coll), **self.index_options)
         return disk_bytes(root)
 
     def search(self, codes, feats, knob):
@@ -297,6 +299,8 @@ def _run_method(spec: dict) -> dict:
     nq, batch = len(codes), spec["batch"]
     coll = Collection.open(spec["collection"])
     method = METHODS[spec["method"]]()
+    if isinstance(method, HashsearchMethod):
+        method.index_options = spec["index_options"]
     work = Path(spec["work"])
     t = time.perf_counter()
     disk = method.build(coll, work)
@@ -387,7 +391,9 @@ def run_peers_bench(progress: bool = True, **options) -> dict:
             work = tmp / name
             work.mkdir()
             spec = {"method": name, "collection": str(coll.root), "queries": str(tmp / "queries.npz"),
-                    "batch": cfg.batch, "work": str(work), "out": str(tmp / f"{name}.json")}
+                    "batch": cfg.batch, "work": str(work), "out": str(tmp / f"{name}.json"),
+                    "index_options": {"neighbour_coarse": cfg.neighbour_coarse,
+                                      **({} if cfg.neighbour_bits is None else {"neighbour_bits": cfg.neighbour_bits})}}
             out["methods"].append(_in_child(spec, work))
     return out
 
