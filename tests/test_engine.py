@@ -235,8 +235,8 @@ def test_bad_queries_raise(coll, flat):
         flat.search(codes, None, 5)
     with pytest.raises(HashsearchError, match="mode"):
         flat.search(codes, feats, 5, mode="nope")
-    with pytest.raises(HashsearchError, match="pool"):
-        flat.search(codes, feats, 5, pool=0)
+    with pytest.raises(HashsearchError, match="pool must be 0 or more"):
+        flat.search(codes, feats, 5, pool=-1)
 
 
 def test_chunked_compressed_shards_give_the_same_answers(coll, flat, tmp_path):

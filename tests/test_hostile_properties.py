@@ -480,7 +480,7 @@ def odd(*kinds) -> st.SearchStrategy:
 
 QUERY_OPTIONS = [
     Opt("-k", st.integers(1, 20), BAD_INTS),
-    Opt("--pool", st.integers(1, 400), BAD_INTS),
+    Opt("--pool", st.integers(0, 400), BAD_INTS),
     Opt("--radius", st.integers(0, 16), BAD_INTS),
     Opt("--nflip", st.integers(0, 16), BAD_INTS),
     Opt("--mode", st.sampled_from(["hds", "bcs", "es"]), st.sampled_from(["HDS", "", "all", "exhaustive"])),

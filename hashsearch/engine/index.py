@@ -634,8 +634,7 @@ def search_params(params: SearchConfig | int | None = None, **options) -> Search
 def check_query(coll: Collection, coarse: dict, query_codes, query_features, params: SearchConfig):
     """A search's arguments checked against `coll` and its coarse index: (k, pool, codes, features), k and
     pool capped at the live items (pool 0: no H's pool), features float32 (None in bcs mode, which needs none)."""
-    k = search_count("k", params.k, coll.items)
-    pool = 0 if _is_zero(params.pool) else search_count("pool", params.pool, coll.items)
+    k, pool = search_count("k", params.k, coll.items), search_count("pool", params.pool, coll.items, least=0)
     check_probe(params.radius, params.nflip, coll.bits, coarse)
     query_codes = check_query_codes(query_codes, coll.bits)
     if params.mode == "bcs":
@@ -687,10 +686,6 @@ def check_probe(radius, nflip, bits: int, coarse: dict) -> None:
     coarse_mod.check_nflip(nflip, coarse.get("hash_bits"))
 
 
-def _is_zero(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value == 0
-
-
 def h_pool_width(pool: int, k: int) -> int:
     """How many of H's nearest codes an hds search takes: at least k, or none with pool 0."""
     return max(pool, k) if pool else 0
@@ -708,10 +703,11 @@ def check_h_pool(pool: int, neighbour_sources: bool, whole_pool: bool) -> None:
         raise HashsearchError("pool 0 is for a search of one index: a --ray search merges H's pools")
 
 
-def search_count(name: str, value, items: int) -> int:
-    """k or pool, checked, and capped at the live items before anything of that size is allocated."""
+def search_count(name: str, value, items: int, least: int = 1) -> int:
+    """k or pool, checked (at least `least`: 1, or 0 where 0 means none), and capped at the live items before
+    anything of that size is allocated."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise HashsearchError(f"{name} must be an integer, got {value!r}")
-    if value <= 0:
-        raise HashsearchError(f"{name} must be positive, got {value}")
+    if value < least:
+        raise HashsearchError(f"{name} must be {'positive' if least == 1 else f'{least} or more'}, got {value}")
     return int(min(value, max(items, 1)))
