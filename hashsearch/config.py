@@ -257,7 +257,8 @@ class SearchConfig(Options):
     # An edited copy or a look-alike belongs at the top; deeper down, H's class-level order is what the
     # paper's hds gives (README, "Faithful coarse search": the class mAP this keeps).
     neighbour_places: int = option(10, "hds: the first places that rows found only by the neighbour codes may "
-                                       "take; past them, H's pool ranks alone.", check=positive)
+                                       "take; past them, H's pool ranks alone (with --pool 0, every place is "
+                                       "theirs).", check=positive)
 
 
 @dataclass
@@ -448,6 +449,14 @@ class ExhaustiveBenchConfig(BenchData, NeighbourCodesBuild):
                                                                      "--neighbour-pool.", check=not_negative)
     neighbour_cells: int | None = option(SearchConfig.neighbour_cells, "hds's sketch cells, as query's "
                                                                        "--neighbour-cells.", check=not_negative)
+
+    def __post_init__(self):
+        super().__post_init__()
+        # Refused before minutes of data and index building, where the search itself would refuse it.
+        if self.pool == 0 and (self.radius is not None or self.neighbour_bits == 0
+                               or (self.neighbour_pool == 0 and not self.neighbour_cells)):
+            raise HashsearchError("--pool 0 searches the neighbour codes or the cells alone: it needs neighbour "
+                                  "codes, no --radius, and --neighbour-pool or --neighbour-cells above 0")
 
 
 @dataclass

@@ -165,6 +165,15 @@ def test_cli_passes_the_coarse_index_settings_through(tmp_path):
         "--hash-bits", 40, "--cache-dir", tmp_path, ok=False)
 
 
+def test_pool_0_without_a_neighbour_source_is_refused_before_any_work(tmp_path):
+    from conftest import cli
+    for extra in (("--neighbour-pool", 0), ("--radius", 4), ("--neighbour-bits", 0)):
+        result = cli("bench", "--exhaustive", "--n", 2000, "--dim", 32, "--bits", 32, "--pool", 0, *extra,
+                     "--cache-dir", tmp_path, ok=False)
+        assert "--pool 0 searches the neighbour codes or the cells alone" in result.stderr
+    assert not list(tmp_path.iterdir())        # nothing generated
+
+
 def test_radius_bounds_the_hierarchical_pool(tmp_path):
     from conftest import cli
     runs = {}

@@ -204,6 +204,9 @@ def test_bad_partitions_and_queries_are_one_clear_error(cluster, live_root):
             sharded.search(codes, feats, 5, mode="nope")
         with pytest.raises(HashsearchError, match="neighbour-cells is searched on one machine only"):
             sharded.search(codes, feats, 5, neighbour_cells=4)
+        for mode in ("hds", "bcs", "es"):
+            with pytest.raises(HashsearchError, match="pool 0 is for a search of one index"):
+                sharded.search(codes, feats, 5, pool=0, mode=mode)
 
 
 def test_query_and_serve_with_ray_answer_as_without(cluster, collection, tmp_path):

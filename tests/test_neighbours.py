@@ -416,7 +416,7 @@ def test_pool_0_needs_a_neighbour_source(fashion_collection, collection_copy):
         for params in (SearchConfig(pool=0, neighbour_pool=0), SearchConfig(pool=0, radius=3)):
             with pytest.raises(HashsearchError, match="pool 0 leaves hds only"):
                 index.search(codes, feats, params)
-        with pytest.raises(HashsearchError, match="pool 0 is for a search of one index"):
+        with pytest.raises(HashsearchError, match="pool 0 is for a search of one index, not across --ray"):
             index.search_pool(codes, feats, SearchConfig(pool=0, neighbour_pool=10))
         assert index.search(codes, feats, SearchConfig(pool=0, mode="bcs")).rows.shape == (2, 10)
     cli("build-index", collection_copy, "--neighbour-bits", 0)

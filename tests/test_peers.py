@@ -51,3 +51,18 @@ def test_bench_peers_rows_and_recall(tmp_path):
 
 def test_unknown_method_is_one_error(tmp_path):
     cli("bench", "peers", "--n", 100, "--methods", "hashsearch,nope", "--cache-dir", tmp_path, ok=False)
+
+
+def test_bench_peers_builds_the_neighbour_codes_it_is_given(tmp_path):
+    """--neighbour-bits reaches hashsearch's build: without neighbour codes its sweep leaves out the settings
+    that search them alone (pool 0), which would otherwise stop the run."""
+    sweeps = {}
+    for bits in (0, 16):
+        out = tmp_path / f"peers{bits}.json"
+        cli("bench", "peers", "--n", N, "--dim", DIM, "--bits", BITS, "--queries", NQ, "--batch", 8,
+            "--methods", "hashsearch", "--neighbour-bits", bits, "--neighbour-coarse", "multihash",
+            "--cache-dir", tmp_path, "--json", out)
+        sweeps[bits] = {tuple(s["params"]): s["recall_at_10"] for s in json.loads(out.read_text())[0]["sweep"]}
+    assert not [knob for knob in sweeps[0] if knob[0] == 0]
+    alone = [recall for knob, recall in sweeps[16].items() if knob[0] == 0]
+    assert len(alone) == 3 and min(alone) > 0.3, sweeps[16]

@@ -109,6 +109,8 @@ class HashsearchMethod:
     def build(self, coll: Collection, work: Path) -> int:
         root = linked_copy(coll.root, work / "coll")
         self.index = Index.build(root, "multihash", hash_bits=_multihash_bits(coll), **self.index_options)
+        if not self.index.meta.get("neighbour_bits"):       # --neighbour-bits 0: H's pool is all there is
+            self.knobs = [knob for knob in self.knobs if knob[0]]
         return disk_bytes(root)
 
     def search(self, codes, feats, knob):

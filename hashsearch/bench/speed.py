@@ -132,6 +132,10 @@ def _run_child(args: dict, workdir: Path) -> dict:
     proc = subprocess.run([sys.executable, "-m", "hashsearch.bench.speed", str(spec)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1:] or [""]
+        refused = f"{HashsearchError.__module__}.{HashsearchError.__name__}: "
+        if last[0].startswith(refused):        # the search refused its settings: the one line it gave
+            raise HashsearchError(last[0][len(refused):])
         raise RuntimeError(f"benchmark child process failed:\n{proc.stderr[-4000:]}")
     return json.loads(Path(args["out"]).read_text())
 

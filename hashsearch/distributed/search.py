@@ -192,8 +192,7 @@ class ShardedIndex(SearchTarget):
         if params.neighbour_cells:
             raise HashsearchError("--neighbour-cells is searched on one machine only, not across --ray "
                                   "partitions; leave it unset or 0")
-        if params.mode == "hds":
-            check_h_pool(pool, True, whole_pool=True)
+        check_h_pool(pool, True, whole_pool=True)      # the merge cuts H's pools, in every mode
         params = dataclasses.replace(params, k=k, pool=pool, neighbour_cells=0,
                                      neighbour_pool=neighbour_pool(coll.manifest["index"], params, coll.items))
         if feats is not None and feats.nbytes > _INLINE_BYTES:

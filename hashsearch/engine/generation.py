@@ -127,13 +127,13 @@ def _write_neighbours(coll: Collection, live: np.ndarray, kind: str, projection:
     codes = np.empty((coll.n, bits // 8), np.uint8)
     for first, block in coll.iter_feature_blocks(ENCODE_BLOCK_ROWS):
         codes[first:first + len(block)] = projection.encode(block)
-    # Slices of a hash index as wide as keeps it exact to a few bits: neighbour codes are long, and
-    # narrow slices of codes that cluster fill a few huge buckets that every query then scans.  About five
-    # slices of at most 32 bits: on bench's 1M synthetic rows, 128-bit codes in 8 slices of 16 bits held
-    # 0.9965 of the exact top 10 in a pool of 32 at 0.031 ms a lookup, in 5 of 24 bits 0.995 at 0.009 ms,
-    # in 4 of 32 bits 0.980 at 0.006 ms.
-    hash_bits = max(coarse_mod.default_hash_bits(bits, len(live), kind), min(32, bits // 5 // 8 * 8)) \
-        if kind != "flat" else None
+    # Keys of a hash index as wide as keeps it exact to a few bits: neighbour codes are long, and narrow
+    # keys of codes that cluster fill a few huge buckets that every query then scans.  A multihash index
+    # takes about five slices of at most 32 bits: on bench's 1M synthetic rows, 128-bit codes in 8 slices of
+    # 16 bits held 0.9965 of the exact top 10 in a pool of 32 at 0.031 ms a lookup, in 5 of 24 bits 0.995 at
+    # 0.009 ms, in 4 of 32 bits 0.980 at 0.006 ms.
+    widest = {"hash": min(32, bits // 8), "multihash": min(32, bits // 5 // 8 * 8)}
+    hash_bits = max(coarse_mod.default_hash_bits(bits, len(live), kind), widest[kind]) if kind != "flat" else None
     coarse = coarse_mod.build_coarse(codes[live], bits, kind, hash_bits=hash_bits)
     entry = {"neighbour_bits": bits, "neighbour_coarse": coarse_mod.describe(coarse),
              "neighbour_file": txn.file_name(INDEX_DIR, "neighbours", ".faissindex"),

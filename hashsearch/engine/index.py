@@ -5,7 +5,8 @@
        and, where the index has them, the nearest neighbour codes
        (engine/neighbours.py) and the sketch cells' nearest rows
        (engine/cells.py), whose rows alone may take the first
-       neighbour_places places.
+       neighbour_places places (every place where pool 0 leaves H's
+       codes out).
   bcs  Hamming ranking of the codes alone.
   es   exhaustive L2 over all F7 features: the paper's baseline.
 
@@ -361,8 +362,8 @@ class Index(SearchTarget):
 
     def rerank_pool(self, query_codes: np.ndarray, query_features: np.ndarray,
                     params: SearchConfig | int | None = None, **options) -> np.ndarray:
-        """The rows hds reranks for each query [nq, m], -1 padded: H's pool, the neighbour pool and the cells'
-        rows, each row once (before the sketch's shortlist)."""
+        """The rows hds reranks for each query [nq, m], -1 padded: H's pool (none with pool 0), the neighbour
+        pool and the cells' rows, each row once (before the sketch's shortlist)."""
         gen = self._current()
         params = search_params(params, **options)
         k, pool, query_codes, query_features = check_query(gen.collection, gen.meta["coarse"], query_codes,
@@ -700,7 +701,8 @@ def check_h_pool(pool: int, neighbour_sources: bool, whole_pool: bool) -> None:
                               "neither: the index has no neighbour codes, a radius or --neighbour-pool 0 turns "
                               "them off, or the cells cannot be searched here")
     if whole_pool:
-        raise HashsearchError("pool 0 is for a search of one index: a --ray search merges H's pools")
+        raise HashsearchError("pool 0 is for a search of one index, not across --ray partitions, whose merge "
+                              "cuts H's pools")
 
 
 def search_count(name: str, value, items: int, least: int = 1) -> int:
