@@ -405,6 +405,12 @@ class NeighbourCodesBuild(Options):
                                                                  "build-index's --neighbour-coarse.",
                                    choices=COARSE_KINDS)
 
+    def build_options(self) -> dict:
+        """These as Index.build's keyword arguments: the ones given (neighbour_bits None is build-index's
+        default length)."""
+        return {key: value for key, value in (("neighbour_bits", self.neighbour_bits),
+                                              ("neighbour_coarse", self.neighbour_coarse)) if value is not None}
+
 
 @dataclass
 class BenchData(TimedQueries):

@@ -394,8 +394,7 @@ def run_peers_bench(progress: bool = True, **options) -> dict:
             work.mkdir()
             spec = {"method": name, "collection": str(coll.root), "queries": str(tmp / "queries.npz"),
                     "batch": cfg.batch, "work": str(work), "out": str(tmp / f"{name}.json"),
-                    "index_options": {"neighbour_coarse": cfg.neighbour_coarse,
-                                      **({} if cfg.neighbour_bits is None else {"neighbour_bits": cfg.neighbour_bits})}}
+                    "index_options": cfg.build_options()}
             out["methods"].append(_in_child(spec, work))
     return out
 

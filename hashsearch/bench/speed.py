@@ -222,9 +222,9 @@ def _settings(**given) -> ExhaustiveBenchConfig:
 def _time_search(setup: dict, cfg: ExhaustiveBenchConfig, batches: list, workdir: Path, progress: bool) -> dict:
     """Build the coarse index in `workdir`, then run _child on it: its output plus the build's costs."""
     coll, nq = setup["coll"], len(setup["codes"])
-    params = {k: v for k, v in (("hash_bits", cfg.hash_bits), ("nhash", cfg.nhash), ("nflip", cfg.nflip),
-                                ("neighbour_bits", cfg.neighbour_bits), ("neighbour_coarse", cfg.neighbour_coarse))
+    params = {k: v for k, v in (("hash_bits", cfg.hash_bits), ("nhash", cfg.nhash), ("nflip", cfg.nflip))
               if v is not None}
+    params.update(cfg.build_options())
     _log(progress, f"building {cfg.coarse} index over {coll.n:,} codes")
     t = time.perf_counter()
     index = Index.build(coll, cfg.coarse, out=workdir / "index", **params)
