@@ -61,6 +61,14 @@ DUPLICATE_RADIUS = 64
 # 4th scored best on CIFAR-10's test set (docs/results.md, "Near-duplicate pairs"), whose planted groups hold 2 to
 # 4 images; the 8th, a little behind it, stays outside a group of up to 8, as a burst of shots can be.
 LOCAL_SCALE_NEIGHBOUR = 8
+# Edited copies are also found by the items' miniatures (engine/copies.py): a pair whose descriptors lie within
+# COPY_DISTANCE (unit-length descriptors: 0 alike, 2 opposite), in some variant, and within COPY_RATIO times the
+# distance from one of them to its LOCAL_SCALE_NEIGHBOUR-th nearest item, is a pair whatever F7 says.  The ratio
+# is what keeps look-alikes out: on 1,000 Fashion-MNIST garments, alike in shape and pose, the distance alone
+# paired 3,923 items at 0.25, 10 % of them copies; with the ratio 0.5, 386, 93 % of them.  Both were chosen on
+# CIFAR-10 with planted copies (README, "Near-duplicate groups").
+COPY_DISTANCE = 0.25
+COPY_RATIO = 0.5
 
 
 def threshold(name: str, value) -> None:
@@ -77,6 +85,9 @@ class DuplicatesConfig(Options):
     relative: float | None = option(None, "Also pairs whose F7 distance is at most this many times an item's "
                                           f"distance to its {LOCAL_SCALE_NEIGHBOUR}th nearest candidate (on CIFAR-10, "
                                           "pair precision 0.95 at 0.4-0.7, by model).", check=threshold)
+    copy_distance: float | None = option(COPY_DISTANCE, "Also pairs whose miniatures, as they are or mirrored, "
+                                                         "cropped or turned a little, lie within this distance "
+                                                         "(0 alike, 2 opposite).", check=threshold)
     min_group: int = option(2, "Report groups of at least this many items.", check=in_range(2, 1 << 31))
     limit_groups: int | None = option(None, "Report only the N largest groups.", check=positive)
     since: int | None = option(None, "Only groups holding an item added after this generation (only the new "
@@ -472,6 +483,8 @@ class DuplicatesBenchConfig(Options):
     seed: int = option(0, "Which images are edited, and how.", check=seed_range)
     distances: str = option("0.1,0.2,0.25,0.3,0.35,0.4,0.5", "Thresholds (duplicates' --max-distance) to "
                                                              "score, comma-separated.")
+    copy_distances: str = option("0.15,0.2,0.25,0.3", "Thresholds of the miniatures (duplicates' --copy-distance) "
+                                                      "to score beside F7's default, comma-separated.")
     work: str | None = option(None, "Folder for the test set, its collection and the synthetic one, reused by a "
                                     "later run [a temporary one, removed].")
     relative: float | None = option(None, "duplicates' --relative for every threshold scored.", check=threshold)

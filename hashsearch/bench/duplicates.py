@@ -96,13 +96,16 @@ def _id_of_member(id_of: dict, testset: Path, member: str) -> int:
 
 def run_duplicates_bench(source: str, model_path, *, share: float = DuplicatesBenchConfig.share,
                          seed: int = DuplicatesBenchConfig.seed, distances: str = DuplicatesBenchConfig.distances,
+                         copy_distances: str = DuplicatesBenchConfig.copy_distances,
                          work: str | None = DuplicatesBenchConfig.work,
                          relative: float | None = DuplicatesBenchConfig.relative,
                          synthetic_n: int = DuplicatesBenchConfig.synthetic_n,
                          synthetic_dim: int = DuplicatesBenchConfig.synthetic_dim) -> dict:
-    DuplicatesBenchConfig(share=share, seed=seed, distances=distances, work=work, relative=relative,
-                          synthetic_n=synthetic_n, synthetic_dim=synthetic_dim)
-    thresholds = _thresholds(distances)
+    DuplicatesBenchConfig(share=share, seed=seed, distances=distances, copy_distances=copy_distances, work=work,
+                          relative=relative, synthetic_n=synthetic_n, synthetic_dim=synthetic_dim)
+    # F7's thresholds alone, then the miniatures' beside F7's default.
+    thresholds = [(d, None) for d in _thresholds(distances, "max_distance")] + \
+        [(DuplicatesConfig.max_distance, c) for c in _thresholds(copy_distances, "copy_distance")]
     if work is None:
         import tempfile
         with tempfile.TemporaryDirectory(prefix="hashsearch-dup-") as tmp:
@@ -111,14 +114,15 @@ def run_duplicates_bench(source: str, model_path, *, share: float = DuplicatesBe
     return _run(source, model_path, share, seed, thresholds, Path(work), relative, synthetic_n, synthetic_dim)
 
 
-def _thresholds(text: str) -> list[float]:
+def _thresholds(text: str, field: str) -> list[float]:
+    flag = "--distances" if field == "max_distance" else "--copy-distances"
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise HashsearchError(f"--distances must be numbers separated by commas, got {text!r}") from None
+        raise HashsearchError(f"{flag} must be numbers separated by commas, got {text!r}") from None
     for v in values:
-        DuplicatesConfig(max_distance=v)
-    if not values:
+        DuplicatesConfig(**{field: v})
+    if not values and field == "max_distance":
         raise HashsearchError("--distances names no threshold")
     return sorted(values)
 
@@ -145,16 +149,19 @@ def _run(source, model_path, share, seed, thresholds, work: Path, relative, synt
             first = members[0]
             for p, copy in zip(group[1:], members[1:]):
                 edit_of[(min(first, copy), max(first, copy))] = p.rsplit("~", 1)[1].rsplit(".", 1)[0]
-        for threshold in thresholds:
+        with_miniatures = coll.miniatures() is not None
+        for threshold, copy_distance in thresholds:
+            if copy_distance is not None and not with_miniatures:
+                continue
             started = time.perf_counter()
-            found = index.duplicates(max_distance=threshold, relative=relative)
+            found = index.duplicates(max_distance=threshold, relative=relative, copy_distance=copy_distance)
             seconds = time.perf_counter() - started
             pairs = set(map(tuple, found.pairs.tolist()))
             hits = len(pairs & planted)
             per_edit = {}
             for pair, edit in edit_of.items():
                 per_edit.setdefault(edit, []).append(pair in pairs)
-            rows.append({"max_distance": threshold, "pairs": len(pairs), "precision": hits / max(len(pairs), 1),
+            rows.append({"max_distance": threshold, "copy_distance": copy_distance, "pairs": len(pairs), "precision": hits / max(len(pairs), 1),
                          "recall": hits / len(planted), "seconds": round(seconds, 3),
                          "groups": len(found.groups()),
                          "recall_by_edit": {e: round(float(np.mean(v)), 3) for e, v in sorted(per_edit.items())}})
@@ -201,11 +208,12 @@ def format_duplicates_report(r: dict) -> str:
     lines = [f"duplicates: {r['items']} items of {r['source']} with {r['planted_groups']} planted groups "
              f"({r['planted_pairs']} pairs), model {r['model']}, radius {r['radius']}"
              + ("" if r.get("relative") is None else f", relative {r['relative']}"),
-             "| max distance | pairs | precision | recall | groups | seconds | recall by edit |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| max distance | copy distance | pairs | precision | recall | groups | seconds | recall by edit |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row in r["rows"]:
         edits = ", ".join(f"{e} {v:.2f}" for e, v in row["recall_by_edit"].items())
-        lines.append(f"| {row['max_distance']} | {row['pairs']} | {row['precision']:.3f} | {row['recall']:.3f} | "
+        copy = "-" if row.get("copy_distance") is None else row["copy_distance"]
+        lines.append(f"| {row['max_distance']} | {copy} | {row['pairs']} | {row['precision']:.3f} | {row['recall']:.3f} | "
                      f"{row['groups']} | {row['seconds']:.2f} | {edits} |")
     s = r.get("synthetic")
     if s:

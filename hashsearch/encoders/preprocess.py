@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..shards.layout import MINIATURE_SIDE
 from .images import decode_image, read_image_file
 
 # Start-of-frame markers of baseline, progressive and lossless JPEGs (not DHT/JPG/DAC).
@@ -31,6 +32,14 @@ def to_uint8_tensor(image: Image.Image, size: int) -> torch.Tensor:
     if image.mode != "RGB":
         image = image.convert("RGB")
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def miniatures(pixels: torch.Tensor) -> np.ndarray:
+    """uint8 [n, 3, S, S] model input -> uint8 [n, MINIATURE_SIDE ** 2]: grey (ITU-R 601 weights), each pixel
+    the mean of its cell, as duplicates compares them (engine/copies.py)."""
+    grey = torch.tensordot(pixels.float(), torch.tensor([0.299, 0.587, 0.114]), dims=([1], [0]))
+    small = torch.nn.functional.adaptive_avg_pool2d(grey[:, None], MINIATURE_SIDE)
+    return small.round().clamp(0, 255).to(torch.uint8).reshape(len(pixels), -1).numpy()
 
 
 def decode_file(path: str, size: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ from ..shards import MODEL_FILE, REJECTS, Collection, CollectionWriter
 from ..shards.writer import rows_to_write
 from .dataset import make_loader
 from .encoder import Encoder
+from .preprocess import miniatures
 from .sources import open_source
 
 _QUEUE_DEPTH = 4
@@ -38,6 +39,7 @@ class EncodedBatch(NamedTuple):
     """What the model hands the writer thread for one loader batch."""
     codes: np.ndarray           # uint8 [m, ceil(K/8)], the batch's good items only
     features: np.ndarray        # float32 [m, D]
+    miniatures: np.ndarray      # uint8 [m, MINIATURE_SIDE ** 2], for duplicates (preprocess.miniatures)
     index: np.ndarray           # int64 [m], their positions in the SOURCE
     rejects: list               # [(source index, reason)] of the items that could not be decoded
     source_end: int             # the SOURCE index just past the batch
@@ -218,7 +220,7 @@ def encoded_batches(encoder: Encoder, source, indices, cfg: EncodeConfig, start:
         # and a resumed run must store exactly what an uninterrupted one would.
         codes, feats = encoder.encode_batch(pixels)
         rejects = rejects[rows_to_write([i for i, _ in rejects], start)]
-        yield EncodedBatch(codes[new], feats[new], good[new], rejects, batch_indices[-1] + 1)
+        yield EncodedBatch(codes[new], feats[new], miniatures(pixels[new]), good[new], rejects, batch_indices[-1] + 1)
 
 
 def _stream(batches, total: int, writer: CollectionWriter, source, labels: np.ndarray, cfg: EncodeConfig, *,
@@ -261,7 +263,8 @@ class _WriterThread:
                 if len(item.index):
                     self.writer.add(item.codes, item.features, self.id_of(item.index), self.labels[item.index],
                                     [self.source.path(int(i)) for i in item.index], source_end=item.source_end,
-                                    capacity_hint=self.total - int(item.index[0]), source_index=item.index)
+                                    capacity_hint=self.total - int(item.index[0]), source_index=item.index,
+                                    miniatures=item.miniatures)
         except BaseException as exc:  # handed to the main thread, which raises it
             self.error = exc
             while self.queue.get() is not _DONE:

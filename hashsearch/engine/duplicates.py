@@ -91,12 +91,14 @@ def check_thresholds(max_distance, radius, bits: int, relative=None) -> None:
 
 def find_duplicates(codes: np.ndarray, features: Callable[[np.ndarray], np.ndarray], *, max_distance: float,
                     radius: int, scale: float, queries: np.ndarray | None = None,
-                    relative: float | None = None, scale_neighbour: int = LOCAL_SCALE_NEIGHBOUR) -> Duplicates:
+                    relative: float | None = None, scale_neighbour: int = LOCAL_SCALE_NEIGHBOUR,
+                    copies: np.ndarray | None = None) -> Duplicates:
     """The duplicates among `codes` (uint8 [n, bytes], packed neighbour codes): `features(positions)` gives
     F7 rows [len, D]; `scale` the unit of distance (feature_scale); `queries`, positions to join against
     all the others instead of every pair (the new items of `duplicates --since`).  With `relative`, a pair
     is also kept when its distance is at most `relative` times the local scale of either item: its distance
-    to its `scale_neighbour`-th nearest candidate (see local_scales)."""
+    to its `scale_neighbour`-th nearest candidate (see local_scales).  `copies` (int64 [m, 2], i < j) are
+    pairs found otherwise (engine/copies.py), kept whatever their F7 distance, which they are given."""
     codes = np.ascontiguousarray(codes, np.uint8)
     check_thresholds(max_distance, radius, codes.shape[1] * 8, relative)
     if not np.isfinite(scale) or scale <= 0:
@@ -120,6 +122,9 @@ def find_duplicates(codes: np.ndarray, features: Callable[[np.ndarray], np.ndarr
         kept.append(block[keep])
         kept_dist.append(dist[keep])
         candidates += len(block)
+    if copies is not None and len(copies):
+        kept.append(np.asarray(copies, np.int64))
+        kept_dist.append(pair_distances(kept[-1], features, scale))
     pairs = np.concatenate(kept) if kept else np.zeros((0, 2), np.int64)
     dist = np.concatenate(kept_dist) if kept else np.zeros(0, np.float32)
     # Both ends of a pair may find it: keep it once.
@@ -333,7 +338,8 @@ def collection_duplicates(gen, params=None, **options) -> CollectionDuplicates:
     """The duplicates among the live items of `gen` (an engine.generation.Generation), by `params` (a
     DuplicatesConfig) with `options` replacing its fields."""
     import dataclasses
-    from ..config import DUPLICATE_RADIUS, DuplicatesConfig
+    from ..config import COPY_RATIO, DUPLICATE_RADIUS, DuplicatesConfig
+    from .copies import copy_pairs
     from ..shards.manifest import first_id_after
     params = DuplicatesConfig(**options) if params is None else dataclasses.replace(params, **options)
     coll = gen.collection
@@ -351,6 +357,11 @@ def collection_duplicates(gen, params=None, **options) -> CollectionDuplicates:
         queries = np.flatnonzero(ids >= since_id)
     # The default radius is capped at the code length: neighbour codes of a small collection are shorter.
     radius = min(params.radius, codes.shape[1] * 8) if params.radius == DUPLICATE_RADIUS else params.radius
+    # Edited copies, by the items' miniatures; a collection whose shards lack them has F7 alone.
+    miniatures = coll.miniatures()
+    copies = None if miniatures is None or params.copy_distance is None else \
+        copy_pairs(miniatures[rows], params.copy_distance, COPY_RATIO, LOCAL_SCALE_NEIGHBOUR, queries)[0]
     found = find_duplicates(codes, features, max_distance=params.max_distance, radius=radius,
-                            scale=feature_scale(features, len(rows)), queries=queries, relative=params.relative)
+                            scale=feature_scale(features, len(rows)), queries=queries, relative=params.relative,
+                            copies=copies)
     return CollectionDuplicates(found, rows, ids, coll.generation, since_id)

@@ -33,10 +33,10 @@ import numpy as np
 from ..codes import code_bytes
 from ..errors import HashsearchError
 from ..fileio import NotRegularFile, open_regular, read_regular
-from .layout import MODEL_FILE, REJECTS
+from .layout import MINIATURE_SIDE, MINIATURES, MODEL_FILE, REJECTS
 from .manifest import file_sha256, inside, read_manifest
 
-_COLUMNS = {"codes": np.uint8, "ids": np.int64, "labels": np.int64}
+_COLUMNS = {"codes": np.uint8, "ids": np.int64, "labels": np.int64, MINIATURES: np.uint8}
 # Paths asked of a shard at once up to which each is read by itself (~20 us an h5py read); past it the shard's
 # paths are read whole, once, and kept (hold_paths): a report naming 1M items took minutes row by row.
 PATHS_READ_ROW_BY_ROW = 1000
@@ -116,6 +116,10 @@ class Shard:
                   "features": ((self.rows, manifest["feature_dim"]), np.dtype(manifest["feature_dtype"])),
                   "ids": ((self.rows,), np.dtype(np.int64)), "labels": ((self.rows,), np.dtype(np.int64)),
                   "paths": ((self.rows,), None)}
+        # Optional: shards written before miniatures were stored have none.
+        self.has_miniatures = MINIATURES in self.h5
+        if self.has_miniatures:
+            expect[MINIATURES] = ((self.rows, MINIATURE_SIDE ** 2), np.dtype(np.uint8))
         for name, (shape, dtype) in expect.items():
             ds = self._dataset(name)
             if ds.shape != shape:
@@ -369,6 +373,13 @@ class Collection:
         if self._labels is None:
             self._labels = self._column("labels")
         return self._labels
+
+    def miniatures(self) -> np.ndarray | None:
+        """Every row's miniature (uint8 [n, MINIATURE_SIDE ** 2], encoders.preprocess.miniatures), or None when
+        a shard has none: it was written before they were stored, or by a writer that had no images."""
+        if self.n == 0 or not all(s.has_miniatures for s in self.shards):
+            return None
+        return self._column(MINIATURES).reshape(self.n, MINIATURE_SIDE ** 2)
 
     # -- row reads -------------------------------------------------------------
     def rows_for_ids(self, ids, *, what: str = "id", live: bool = False) -> np.ndarray:

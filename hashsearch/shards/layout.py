@@ -26,6 +26,13 @@ INDEX_DIR = "index"
 UPLOAD_DIR = "uploads"
 # The metadata of an index written outside its collection (`build-index --out`), which no manifest names.
 INDEX_META = "index.json"
+# A shard's datasets: every one has a row per item.  `miniatures` (uint8 [rows, MINIATURE_SIDE ** 2]) is each
+# item's image as the model saw it, shrunk to grey MINIATURE_SIDE x MINIATURE_SIDE, for `duplicates`
+# (engine/copies.py): shards written before it came lack it.  16 keeps a photo's layout of light and dark,
+# which is what copies share, in 256 bytes an item, 256 MB at a million.
+SHARD_DATASETS = ("codes", "features", "ids", "labels", "paths")
+MINIATURES = "miniatures"
+MINIATURE_SIDE = 16
 # Folders whose files a generation names: a file no generation names any more is removed by the next writer.
 GENERATION_DIRS = (SHARD_DIR, TOMBSTONE_DIR, INDEX_DIR)
 

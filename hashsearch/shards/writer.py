@@ -25,7 +25,8 @@ from ..config import EncodeConfig
 from ..errors import HashsearchError
 from ..fileio import atomic_write, atomic_write_bytes, fsync_dir, open_regular
 from .collection import Shard, reject_lines
-from .layout import GENERATION_DIRS, LOCK_FILE, MANIFEST, MODEL_FILE, REJECTS, SHARD_DIR, shard_name
+from .layout import (GENERATION_DIRS, LOCK_FILE, MANIFEST, MINIATURE_SIDE, MINIATURES, MODEL_FILE, REJECTS, SHARD_DATASETS,
+                     SHARD_DIR, shard_name)
 from .lock import WriteLock
 from .transaction import lock_finished
 from .manifest import (FEATURE_DTYPES, FORMAT, VERSION, check_counters, file_sha256, next_shard_number, publish,
@@ -104,7 +105,7 @@ def copy_shard(src, keep: np.ndarray, root: Path, manifest: dict, number: int, s
     partial = final.with_name(f".{final.name}.partial")
     try:
         with _new_shard_file(partial) as dst:
-            for name in ("codes", "features", "ids", "labels", "paths"):
+            for name in SHARD_DATASETS + ((MINIATURES,) if MINIATURES in src.h5 else ()):
                 ds = src.h5[name]
                 out = dst.create_dataset(name, (len(keep),) + ds.shape[1:], ds.dtype)
                 for a in range(0, len(keep), _COPY_BLOCK):
@@ -255,20 +256,31 @@ class CollectionWriter:
 
     # -- writing -------------------------------------------------------------
     def add(self, codes, features, ids, labels, paths, *, source_end: int, capacity_hint: int | None = None,
-            source_index=None) -> None:
+            source_index=None, miniatures=None) -> None:
         """Append rows; `source_end` is the source index just past the last of them.
 
         `source_index` gives each row's position in the source, where a shard that
         closes mid-batch resumes; by default the ids, which `encode` assigns that way.
+        `miniatures` (uint8 [n, MINIATURE_SIDE ** 2], encoders.preprocess.miniatures) are stored for
+        `duplicates`; a writer is given them with every batch or never (synthetic rows have none).
         """
         n = len(ids)
+        if miniatures is not None:
+            miniatures = np.asarray(miniatures)
+            if miniatures.shape != (n, MINIATURE_SIDE ** 2) or miniatures.dtype != np.uint8:
+                raise HashsearchError(f"miniatures must be uint8 [{n}, {MINIATURE_SIDE ** 2}], "
+                                      f"got {miniatures.dtype} {list(miniatures.shape)}")
+        if getattr(self, "_with_miniatures", None) not in (None, miniatures is not None):
+            raise HashsearchError("a writer is given miniatures with every batch or with none")
+        self._with_miniatures = miniatures is not None
         offset = 0
         while offset < n:
             if self._file is None:
                 self._open_shard(capacity_hint)
             take = min(n - offset, self._capacity - self._rows)
             sl = slice(offset, offset + take)
-            self._write(codes[sl], features[sl], ids[sl], labels[sl], paths[sl])
+            self._write(codes[sl], features[sl], ids[sl], labels[sl], paths[sl],
+                        None if miniatures is None else miniatures[sl])
             offset += take
             if self._rows == self._capacity:
                 # A shard that ends mid-batch resumes inside that batch, at its first unwritten row.
@@ -329,6 +341,8 @@ class CollectionWriter:
             f.create_dataset("ids", (cap,), np.int64)
             f.create_dataset("labels", (cap,), np.int64)
             f.create_dataset("paths", (cap,), h5py.string_dtype("utf-8"))
+            if self._with_miniatures:
+                f.create_dataset(MINIATURES, (cap, MINIATURE_SIDE ** 2), np.uint8)
         except OSError as exc:
             raise HashsearchError(f"cannot write shard {self._partial}: {exc}") from None
         self._file, self._rows, self._capacity = f, 0, cap
@@ -343,7 +357,7 @@ class CollectionWriter:
             raise HashsearchError(f"ids must be unique and increasing: got {ids[:5].tolist()}... after id {self._last_id} "
                                   f"in {self.root}")
 
-    def _write(self, codes, features, ids, labels, paths) -> None:
+    def _write(self, codes, features, ids, labels, paths, miniatures=None) -> None:
         f, a, b = self._file, self._rows, self._rows + len(ids)
         ids = np.asarray(ids, np.int64)
         self._check_ids(ids)
@@ -353,6 +367,8 @@ class CollectionWriter:
             f["ids"][a:b] = ids
             f["labels"][a:b] = np.asarray(labels, np.int64)
             f["paths"][a:b] = [stored_path(p) for p in paths]
+            if miniatures is not None:
+                f[MINIATURES][a:b] = miniatures
         except (OSError, ValueError, TypeError) as exc:
             self.abort()
             raise HashsearchError(f"cannot write shard {self._partial}: {exc}") from None
