@@ -84,9 +84,12 @@ def variant_maps() -> np.ndarray:
     s = DESCRIPTOR_SIDE
     g = np.exp(-0.5 * ((np.arange(s) - (s - 1) / 2) / (WINDOW * s)) ** 2)
     window = np.outer(g, g).ravel()
-    # Less the window-weighted mean, then weighted: both linear, so folded into the map.
+    # The miniature less its mean (so a flat one describes nothing, and brightness drops out exactly, borders
+    # included), sampled, less the window-weighted mean, then weighted: all linear, so folded into the map.
+    m2 = MINIATURE_SIDE ** 2
+    level = np.eye(m2) - np.full((m2, m2), 1 / m2)
     centre = np.eye(s * s) - np.outer(np.ones(s * s), window) / window.sum()
-    maps = [(window[:, None] * (centre @ _sample_matrix(*v))).T for v in VARIANTS]
+    maps = [(window[:, None] * (centre @ _sample_matrix(*v) @ level)).T for v in VARIANTS]
     return np.stack(maps).astype(np.float32)
 
 

@@ -359,7 +359,7 @@ def collection_duplicates(gen, params=None, **options) -> CollectionDuplicates:
     radius = min(params.radius, codes.shape[1] * 8) if params.radius == DUPLICATE_RADIUS else params.radius
     # Edited copies, by the items' miniatures; a collection whose shards lack them has F7 alone.
     miniatures = coll.miniatures()
-    copies = None if miniatures is None or params.copy_distance is None else \
+    copies = None if miniatures is None or not params.copy_distance else \
         copy_pairs(miniatures[rows], params.copy_distance, COPY_RATIO, LOCAL_SCALE_NEIGHBOUR, queries)[0]
     found = find_duplicates(codes, features, max_distance=params.max_distance, radius=radius,
                             scale=feature_scale(features, len(rows)), queries=queries, relative=params.relative,
