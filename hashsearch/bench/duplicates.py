@@ -180,7 +180,7 @@ def _time_synthetic(root: Path, n: int, dim: int) -> dict:
     in a child process; pairs found against the planted ones."""
     from .synthetic import SyntheticModel, SyntheticSpec, generate_collection
     started = time.perf_counter()
-    coll = generate_collection(root, n, dim=dim, group_min=1, group_max=4, progress=True)
+    coll = generate_collection(root, n, dim=dim, group_min=1, group_max=4, miniatures=True, progress=True)
     generate_seconds = time.perf_counter() - started
     started = time.perf_counter()
     if "index" not in coll.manifest:

@@ -52,7 +52,7 @@ VERSION = 3
 _CLASS_CODE_NOISE = 0.15
 BLOCK_ROWS = 8192
 # Streams of the seed's SeedSequence, so that each part stays fixed when another changes.
-_MODEL, _LAYOUT, _CALIBRATION, _QUERIES, _BLOCKS, _FLIPS = range(6)
+_MODEL, _LAYOUT, _CALIBRATION, _QUERIES, _BLOCKS, _FLIPS, _MINIATURES = range(7)
 _NOISE_ROWS = 2048
 
 
@@ -79,6 +79,9 @@ class SyntheticSpec:
     group_scale: float = 0.5
     noise_scale: float = 0.1
     codes: str = "class"
+    # Also a miniature for each row (bench duplicates' timing): a group's rows share an 8 x 8 layout of light
+    # and dark, drawn from its latent offset and its cluster's, with a little noise per row.
+    miniatures: bool = False
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -97,7 +100,8 @@ class SyntheticSpec:
     @property
     def source(self) -> str:
         """Everything that determines the rows: a cache with another source is stale."""
-        fields = ",".join(f"{k}={v}" for k, v in asdict(self).items())
+        # Without miniatures the rows are those of the caches generated before they came.
+        fields = ",".join(f"{k}={v}" for k, v in asdict(self).items() if k != "miniatures" or v)
         return f"synthetic-v{VERSION}({fields})"
 
     def rng(self, *stream: int) -> np.random.Generator:
@@ -166,6 +170,24 @@ class SyntheticModel:
         x = self._features((_BLOCKS, b), groups)
         return x, self.encode(x, groups, (_BLOCKS, b)), self.group_cluster[groups].astype(np.int64)
 
+    @cached_property
+    def miniature_maps(self) -> tuple[np.ndarray, np.ndarray]:
+        """(group latent -> 8 x 8 layout, each cluster's 8 x 8 layout): the group's part dominates, so groups of
+        one cluster are alike but not copies."""
+        rng = self.spec.rng(_MINIATURES)
+        latent = self.group_latent.shape[1]
+        return (rng.standard_normal((latent, 64), np.float32) * np.float32(40 / np.sqrt(latent)),
+                rng.standard_normal((len(self.centers), 64), np.float32) * np.float32(20))
+
+    def block_miniatures(self, b: int) -> np.ndarray:
+        """uint8 [rows, MINIATURE_SIDE ** 2] of block b's rows (MINIATURE_SIDE is 16: each cell is 2 x 2)."""
+        groups = self.row_group[b * BLOCK_ROWS:(b + 1) * BLOCK_ROWS]
+        by_group, by_cluster = self.miniature_maps
+        layout = 128 + self.group_latent[groups] @ by_group + by_cluster[self.group_cluster[groups]]
+        image = layout.reshape(-1, 8, 8).repeat(2, 1).repeat(2, 2).reshape(len(groups), -1)
+        image += self.spec.rng(_MINIATURES, b).normal(0, 3, image.shape).astype(np.float32)
+        return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
     def queries(self, nq: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Held-out queries: (codes, features float32, group of each), groups drawn by size."""
         groups = self.row_group[self.spec.rng(_QUERIES, seed).integers(0, self.spec.n, size=nq)]
@@ -203,7 +225,8 @@ def generate_collection(root, n: int, dim: int = 4096, bits: int = 128, seed: in
             ids = np.arange(first, first + len(x), dtype=np.int64)
             todo = rows_to_write(ids, start)
             writer.add(codes[todo], x[todo], ids[todo], labels[todo], [f"synthetic:{i}" for i in ids[todo]],
-                       source_end=first + len(x), capacity_hint=n - writer.rows_written)
+                       source_end=first + len(x), capacity_hint=n - writer.rows_written,
+                       miniatures=model.block_miniatures(b)[todo] if spec.miniatures else None)
             if progress:
                 done = first + len(x)
                 rate = (done - start) / max(time.perf_counter() - t0, 1e-9)

@@ -39,7 +39,7 @@ def miniatures(pixels: torch.Tensor) -> np.ndarray:
     the mean of its cell, as duplicates compares them (engine/copies.py)."""
     grey = torch.tensordot(pixels.float(), torch.tensor([0.299, 0.587, 0.114]), dims=([1], [0]))
     small = torch.nn.functional.adaptive_avg_pool2d(grey[:, None], MINIATURE_SIDE)
-    return small.round().clamp(0, 255).to(torch.uint8).reshape(len(pixels), -1).numpy()
+    return small.round().clamp(0, 255).to(torch.uint8).reshape(len(pixels), MINIATURE_SIDE ** 2).numpy()
 
 
 def decode_file(path: str, size: int) -> torch.Tensor:
