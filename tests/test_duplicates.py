@@ -187,6 +187,8 @@ def test_thumbnails_of_idx_members_are_read(collection):
     (["--max-distance", "inf"], "max-distance must be finite"),
     (["--relative", "-1"], "relative must be zero or more"),
     (["--relative", "nan"], "relative must be finite"),
+    (["--copy-distance", "-0.1"], "copy-distance must be zero or more"),
+    (["--copy-distance", "inf"], "copy-distance must be finite"),
     (["--radius", "-3"], "radius must be zero or more"),
     (["--radius", "999"], "radius must be a whole number of bits from 0"),
     (["--since", "99"], None),
