@@ -96,6 +96,31 @@ def manifest(root) -> dict:
     return json.loads((Path(root) / "manifest.json").read_text())
 
 
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def fashion_with_copies(base: Path, n: int, planted, later, write_copies) -> tuple[list, list]:
+    """The first n Fashion-MNIST test images as PNG files in base/photos (NNNNN.png), each of `planted` with
+    the copies `write_copies(image, folder, stem)` writes beside it (it returns their paths), and copies of
+    `later` in base/later, for a later `add`.  -> (groups, later groups): each the original's path, then its
+    copies'."""
+    if not os.path.isdir(FMNIST):
+        pytest.skip("dataset-fashion-mnist not installed (make data installs it)")
+    from hashsearch.encoders.sources import open_source
+    source = open_source("fashion-mnist:test", limit=n)
+    photos, then = base / "photos", base / "later"
+    photos.mkdir()
+    then.mkdir()
+    groups = []
+    for i in range(n):
+        path = photos / f"{i:05d}.png"
+        source.load(i).save(path)
+        if i in planted:
+            groups.append([str(path), *write_copies(source.load(i), photos, f"{i:05d}")])
+    later_groups = [[str(photos / f"{i:05d}.png"), *write_copies(source.load(i), then, f"{i:05d}")] for i in later]
+    return groups, later_groups
+
+
 def save_image(path, mode="RGB", size=(40, 30), fmt=None, seed=0):
     """A small noisy image (noise so that JPEG files have some body to truncate)."""
     path = Path(path)

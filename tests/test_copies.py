@@ -4,13 +4,12 @@ never names a deleted item, joins only the new items with --since, and a collect
 falls back to F7."""
 from __future__ import annotations
 
-import os
 import shutil
 
 import numpy as np
 import pytest
 
-from conftest import cli
+from conftest import cli, fashion_with_copies
 from hashsearch.bench.near_duplicates import EDITS
 from hashsearch.engine import Index
 from hashsearch.engine.copies import VARIANTS, descriptors
@@ -18,44 +17,29 @@ from hashsearch.errors import HashsearchError
 from hashsearch.shards import Collection
 from hashsearch.shards.layout import MINIATURE_SIDE
 
-FMNIST = "/usr/share/datasets/fashion-mnist"
 N_IMAGES = 200
 EDITED = (7, 61, 120, 188)              # each gets four edited copies
 COPY_EDITS = ("mirror", "rotate", "crop", "jpeg")
 LATER = (30,)                           # copies of this one come in a later `add`
 
 
-def _write_copies(source, i: int, folder) -> list[str]:
-    im = source.load(i).convert("RGB")
+def _edited(image, folder, stem: str) -> list[str]:
     out = []
     for edit in COPY_EDITS:
-        path = folder / f"{i:05d}~{edit}.png"
-        EDITS[edit](im).save(path)
+        path = folder / f"{stem}~{edit}.png"
+        EDITS[edit](image.convert("RGB")).save(path)
         out.append(str(path))
     return out
 
 
 @pytest.fixture(scope="module")
 def edited(tmp_path_factory, model):
-    if not os.path.isdir(FMNIST):
-        pytest.skip("dataset-fashion-mnist not installed (make data installs it)")
-    from hashsearch.encoders.sources import open_source
     base = tmp_path_factory.mktemp("copies")
-    source = open_source("fashion-mnist:test", limit=N_IMAGES)
-    photos, later = base / "photos", base / "later"
-    photos.mkdir()
-    later.mkdir()
-    groups = []
-    for i in range(N_IMAGES):
-        path = photos / f"{i:05d}.png"
-        source.load(i).save(path)
-        if i in EDITED:
-            groups.append([str(path), *_write_copies(source, i, photos)])
-    new_groups = [[str(photos / f"{i:05d}.png"), *_write_copies(source, i, later)] for i in LATER]
+    groups, new_groups = fashion_with_copies(base, N_IMAGES, EDITED, LATER, _edited)
     root = base / "coll"
-    cli("encode", photos, "--model", model, "--out", root, "--workers", 0, "--device", "cpu", "--quiet")
+    cli("encode", base / "photos", "--model", model, "--out", root, "--workers", 0, "--device", "cpu", "--quiet")
     cli("build-index", root)
-    return {"root": root, "groups": groups, "later": later, "new_groups": new_groups}
+    return {"root": root, "groups": groups, "later": base / "later", "new_groups": new_groups}
 
 
 @pytest.fixture

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 from PIL import ImageEnhance
 
-from conftest import cli
+from conftest import FMNIST, cli, fashion_with_copies
 from hashsearch.engine import Index
 from hashsearch.engine.duplicates import group_pairs
 from hashsearch.errors import HashsearchError
 
-FMNIST = "/usr/share/datasets/fashion-mnist"
 N_IMAGES = 300
 PLANTED = (3, 40, 77, 150, 222)          # each gets an exact copy and a slightly brightened one
 ADDED = (10, 99)                         # copies of these come in a later `add`
@@ -28,11 +27,10 @@ MAX_DISTANCE = "0.035"
 F7_ALONE = ("--copy-distance", "0")
 
 
-def _copies(source, i: int, folder, stem: str) -> list[str]:
-    im = source.load(i)
+def _copies(image, folder, stem: str) -> list[str]:
     exact, brighter = folder / f"{stem}~copy.png", folder / f"{stem}~bright.png"
-    im.save(exact)
-    ImageEnhance.Brightness(im).enhance(1.01).save(brighter)
+    image.save(exact)
+    ImageEnhance.Brightness(image).enhance(1.01).save(brighter)
     return [str(exact), str(brighter)]
 
 
@@ -40,25 +38,12 @@ def _copies(source, i: int, folder, stem: str) -> list[str]:
 def planted(tmp_path_factory, model):
     """300 Fashion-MNIST test images as PNG files, 5 of them with two copies, encoded and indexed; and a
     folder of copies of 2 more, to add later."""
-    if not os.path.isdir(FMNIST):
-        pytest.skip("dataset-fashion-mnist not installed (make data installs it)")
-    from hashsearch.encoders.sources import open_source
     base = tmp_path_factory.mktemp("dups")
-    source = open_source("fashion-mnist:test", limit=N_IMAGES)
-    photos, later = base / "photos", base / "later"
-    photos.mkdir()
-    later.mkdir()
-    groups = []
-    for i in range(N_IMAGES):
-        path = photos / f"{i:05d}.png"
-        source.load(i).save(path)
-        if i in PLANTED:
-            groups.append([str(path), *_copies(source, i, photos, f"{i:05d}")])
-    new_groups = [[str(photos / f"{i:05d}.png"), *_copies(source, i, later, f"{i:05d}")] for i in ADDED]
+    groups, new_groups = fashion_with_copies(base, N_IMAGES, PLANTED, ADDED, _copies)
     root = base / "coll"
-    cli("encode", photos, "--model", model, "--out", root, "--workers", 0, "--device", "cpu", "--quiet")
+    cli("encode", base / "photos", "--model", model, "--out", root, "--workers", 0, "--device", "cpu", "--quiet")
     cli("build-index", root)
-    return {"root": root, "groups": groups, "later": later, "new_groups": new_groups}
+    return {"root": root, "groups": groups, "later": base / "later", "new_groups": new_groups}
 
 
 @pytest.fixture
