@@ -16,12 +16,15 @@
      within the radius or not, and its distance to its LOCAL_SCALE_NEIGHBOUR-th nearest is its local
      scale: a pair is also kept within `relative` times it, seen from either end (so, the larger of the
      two items' scales).  Inside a dense class that asks for a closer copy than in a sparse one.
+  Pairs also come from the items' miniatures (engine/copies.py: edited copies, which F7 places far apart),
+  given to find_duplicates as `copies`; they are kept whatever their F7 distance, which is what they report.
   3. Groups: connected components of the pairs.  Chaining (a~b, b~c, ... where a and z look nothing
-     alike) is bounded by splitting: a group is a centre and members each within `max_distance` of it.
+     alike) is bounded by splitting: a group is a centre and members each paired with it.
      A component in which one item is paired with every other stays whole, centred on it; any other is
      split greedily: the item with the most unassigned partners (ties: the smaller sum of distances to
-     its partners, then the lower position) takes them as its group, and so on until none is left.  Every
-     group's diameter is then at most twice the threshold.  The centre is the group's most central item.
+     its partners, then the lower position) takes them as its group, and so on until none is left.  By F7's
+     test alone, every group's diameter is then at most twice the threshold.  The centre is the group's
+     most central item.
 
 Positions here are indexes into the `codes` given; the caller maps them to rows and ids
 (Index.duplicates passes live rows only, so deleted items never appear).

@@ -500,7 +500,8 @@ class Index(SearchTarget):
 
     def duplicates(self, params=None, **options):
         """The near-duplicate pairs and groups of the live items (engine/duplicates.py): `params`, a
-        DuplicatesConfig, with `options` (max_distance, radius, since) replacing its fields."""
+        DuplicatesConfig, with `options` (max_distance, copy_distance, radius, relative, since) replacing its
+        fields."""
         from .duplicates import collection_duplicates
         return collection_duplicates(self._current(), params, **options)
 
