@@ -47,13 +47,13 @@ WAIT_HELP = "If another process is writing the collection, wait for it instead o
 
 
 # `hashsearch duplicates` (engine/duplicates.py).  A pair is two items whose F7 lie within DUPLICATE_DISTANCE
-# of each other, measured in units of the collection's median F7 length, so that one default serves models
-# whose F7 differ in scale, or whose miniatures are alike (COPY_DISTANCE, below).  F7 is for the copies that
-# stay close in it: the same picture re-encoded, a burst of shots.  Edited copies lie further from their
-# original in F7 than class-mates do, so F7's threshold is kept tight: on CIFAR-10's test images with planted
-# edited copies (README, "Near-duplicate groups") 0.15 added no pair to the miniatures' with either model;
-# 0.25 added 251, 242 of them false, with the fine-tuned one (pair precision 0.984 -> 0.915).  False groups are what users
-# of photo libraries complain of first, so precision rules the default.
+# of each other, measured in units of the collection's median F7 length so that one default serves models whose
+# F7 differ in scale, or whose miniatures are alike (COPY_DISTANCE, below).  F7 is for the copies that stay
+# close in it: the same picture re-encoded, a burst of shots.  Edited copies lie further from their original in
+# F7 than class-mates do, so its threshold is kept tight: on CIFAR-10's test images with planted edited copies
+# (README, "Near-duplicate groups") 0.15 added no pair to the miniatures' with either model; 0.25 added 251, 242
+# of them false, with the fine-tuned one (pair precision 0.984 -> 0.915).  False groups are what users of photo
+# libraries complain of first, so precision rules the default.
 DUPLICATE_DISTANCE = 0.15
 # Candidates are the pairs whose neighbour codes lie within this Hamming radius: on the same test set every
 # pair within 0.3 of each other in F7 lay within 64 of 256 bits, with either model (at 0.35, 10 of 628 of the
@@ -68,8 +68,8 @@ LOCAL_SCALE_NEIGHBOUR = 8
 # distance from one of them to its LOCAL_SCALE_NEIGHBOUR-th nearest item, is a pair whatever F7 says.  The ratio
 # is what keeps look-alikes out: among 310 Fashion-MNIST garments (the test suite's), alike in shape and pose,
 # with 5 planted groups of 3, the distance 0.3 alone paired 565 look-alikes beside the 15 planted pairs; with the
-# ratio 0.5, 11; with 0.4, 2.  Both were chosen on CIFAR-10 with planted copies (README, "Near-duplicate
-# groups"): 0.3 and 0.4 kept pair precision 0.984 at recall 0.973, where 0.5 let in 9 more look-alikes.
+# ratio 0.5, 11; with 0.4, 2.  On CIFAR-10 with planted copies (README, "Near-duplicate groups") 0.3 and 0.4
+# keep pair precision 0.984 at recall 0.968, with either model; 0.2 finds 0.926, 0.4 no more than 0.3.
 COPY_DISTANCE = 0.3
 COPY_RATIO = 0.4
 
