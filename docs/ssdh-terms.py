@@ -27,6 +27,7 @@ from hashsearch.bench.metrics import mean_average_precision, rank_by_hamming
 from hashsearch.codes import pack_codes
 from hashsearch.config import TrainConfig
 from hashsearch.encoders.train import hash_loss, split_holdout, warmup_cosine
+from hashsearch.itq import fit_itq
 from hashsearch.shards import Collection
 
 TOPK = 1000
@@ -43,13 +44,23 @@ def map_at_1000(q_codes, db_codes, q_labels, db_labels) -> float:
     return mean_average_precision(db_labels[found] == q_labels[:, None])
 
 
-def train_head(feats, labels, bits: int, binary: float, balance: float, epochs: int, seed: int = 0):
-    """H and F8 on F7, as train --freeze-backbone trains them (TrainConfig's defaults); H's activation function."""
+def train_head(feats, labels, bits: int, binary: float, balance: float, epochs: int, seed: int = 0,
+               itq_start: float = 0.0):
+    """H and F8 on F7, as train --freeze-backbone trains them (TrainConfig's defaults); H's activation function.
+    With `itq_start`, H starts from ITQ fitted to the training rows' F7 (seed 0), as `train --unsupervised` does,
+    scaled so that its pre-activations have that standard deviation."""
     defaults = TrainConfig(source="-", out="-")
     torch.manual_seed(seed)
     train_idx, _ = split_holdout(len(labels), defaults.val_fraction, seed)
     x, y = torch.from_numpy(feats[train_idx]), torch.from_numpy(labels[train_idx]).long()
     latent, classifier = torch.nn.Linear(feats.shape[1], bits), torch.nn.Linear(bits, int(labels.max()) + 1)
+    if itq_start:
+        itq = fit_itq(feats[train_idx], bits, 0)
+        wr = itq.projection.astype(np.float64) @ itq.rotation
+        scale = itq_start / itq.project(feats[train_idx]).std()
+        with torch.no_grad():
+            latent.weight.copy_(torch.as_tensor(wr.T * scale, dtype=torch.float32))
+            latent.bias.copy_(torch.as_tensor(-(itq.mean @ wr) * scale, dtype=torch.float32))
     params = [*latent.parameters(), *classifier.parameters()]
     opt = torch.optim.AdamW(params, lr=defaults.lr, weight_decay=defaults.weight_decay)
     steps = math.ceil(len(y) / defaults.batch_size)
@@ -81,6 +92,9 @@ def main():
     ap.add_argument("--itq-seeds", type=int, default=10)
     ap.add_argument("--pseudo-labels", type=int, default=0, metavar="K",
                     help="train on K k-means clusters of DATABASE's F7 instead of its labels")
+    ap.add_argument("--itq-start", default="0", metavar="S,...",
+                    help="start H from ITQ on the training F7, pre-activations of standard deviation S (0: at random); "
+                         "comma-separated, each crossed with every weight pair")
     ap.add_argument("--json")
     args = ap.parse_args()
     db_f, db_y = features_and_labels(args.database)
@@ -96,13 +110,13 @@ def main():
         print(json.dumps({"pseudo_labels": args.pseudo_labels, "purity": float(purity),
                           "seconds": round(time.perf_counter() - started, 1)}), flush=True)
     rows = []
-    for pair in args.weights.split(","):
+    for pair, start in [(p, float(s)) for s in args.itq_start.split(",") for p in args.weights.split(",")]:
         binary, balance = (float(w) for w in pair.split(":"))
         started = time.perf_counter()
-        act = train_head(db_f, train_y, args.bits, binary, balance, args.epochs)
+        act = train_head(db_f, train_y, args.bits, binary, balance, args.epochs, itq_start=start)
         h_db, h_q = act(db_f), act(q_f)
         score = map_at_1000(pack_codes(h_q > 0.5), pack_codes(h_db > 0.5), q_y, db_y)
-        rows.append({"codes": "H", "binary_weight": binary, "balance_weight": balance, "map": score,
+        rows.append({"codes": "H", "binary_weight": binary, "balance_weight": balance, "itq_start": start, "map": score,
                      "mean_distance_from_half": float(np.abs(h_db - 0.5).mean()),
                      "bit_balance_error": float(np.abs((h_db > 0.5).mean(0) - 0.5).mean()),
                      "seconds": round(time.perf_counter() - started, 1)})
