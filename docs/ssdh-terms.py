@@ -26,7 +26,7 @@ from hashsearch.bench.baselines import fit_baseline
 from hashsearch.bench.metrics import mean_average_precision, rank_by_hamming
 from hashsearch.codes import pack_codes
 from hashsearch.config import TrainConfig
-from hashsearch.encoders.train import hash_loss, split_holdout, warmup_cosine
+from hashsearch.encoders.train import hash_loss, itq_targets, split_holdout, warmup_cosine
 from hashsearch.itq import fit_itq
 from hashsearch.shards import Collection
 
@@ -45,7 +45,7 @@ def map_at_1000(q_codes, db_codes, q_labels, db_labels) -> float:
 
 
 def train_head(feats, labels, bits: int, binary: float, balance: float, epochs: int, seed: int = 0,
-               itq_start: float = 0.0):
+               itq_start: float = 0.0, itq_target: float = 0.0):
     """H and F8 on F7, as train --freeze-backbone trains them (TrainConfig's defaults); H's activation function.
     With `itq_start`, H starts from ITQ fitted to the training rows' F7 (seed 0), as `train --unsupervised` does,
     scaled so that its pre-activations have that standard deviation."""
@@ -54,6 +54,7 @@ def train_head(feats, labels, bits: int, binary: float, balance: float, epochs: 
     train_idx, _ = split_holdout(len(labels), defaults.val_fraction, seed)
     x, y = torch.from_numpy(feats[train_idx]), torch.from_numpy(labels[train_idx]).long()
     latent, classifier = torch.nn.Linear(feats.shape[1], bits), torch.nn.Linear(bits, int(labels.max()) + 1)
+    target = itq_targets(x, bits, seed) if itq_target else None
     if itq_start:
         itq = fit_itq(feats[train_idx], bits, 0)
         wr = itq.projection.astype(np.float64) @ itq.rotation
@@ -70,7 +71,8 @@ def train_head(feats, labels, bits: int, binary: float, balance: float, epochs: 
         for a in range(0, len(order), defaults.batch_size):
             sel = order[a:a + defaults.batch_size]
             h = torch.sigmoid(latent(x[sel]))
-            loss = hash_loss(classifier(h), h, y[sel], binary, balance)
+            loss = hash_loss(classifier(h), h, y[sel], binary, balance,
+                             None if target is None else target[sel], itq_target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -95,6 +97,8 @@ def main():
     ap.add_argument("--itq-start", default="0", metavar="S,...",
                     help="start H from ITQ on the training F7, pre-activations of standard deviation S (0: at random); "
                          "comma-separated, each crossed with every weight pair")
+    ap.add_argument("--itq-target", default="0", metavar="W,...",
+                    help="add W times the cross-entropy of H against ITQ's bits of the same F7; comma-separated")
     ap.add_argument("--json")
     args = ap.parse_args()
     db_f, db_y = features_and_labels(args.database)
@@ -110,13 +114,15 @@ def main():
         print(json.dumps({"pseudo_labels": args.pseudo_labels, "purity": float(purity),
                           "seconds": round(time.perf_counter() - started, 1)}), flush=True)
     rows = []
-    for pair, start in [(p, float(s)) for s in args.itq_start.split(",") for p in args.weights.split(",")]:
+    for pair, start, target in [(p, float(s), float(t)) for t in args.itq_target.split(",")
+                                for s in args.itq_start.split(",") for p in args.weights.split(",")]:
         binary, balance = (float(w) for w in pair.split(":"))
         started = time.perf_counter()
-        act = train_head(db_f, train_y, args.bits, binary, balance, args.epochs, itq_start=start)
+        act = train_head(db_f, train_y, args.bits, binary, balance, args.epochs, itq_start=start, itq_target=target)
         h_db, h_q = act(db_f), act(q_f)
         score = map_at_1000(pack_codes(h_q > 0.5), pack_codes(h_db > 0.5), q_y, db_y)
-        rows.append({"codes": "H", "binary_weight": binary, "balance_weight": balance, "itq_start": start, "map": score,
+        rows.append({"codes": "H", "binary_weight": binary, "balance_weight": balance, "itq_start": start,
+                     "itq_target": target, "map": score,
                      "mean_distance_from_half": float(np.abs(h_db - 0.5).mean()),
                      "bit_balance_error": float(np.abs((h_db > 0.5).mean(0) - 0.5).mean()),
                      "seconds": round(time.perf_counter() - started, 1)})
@@ -125,9 +131,10 @@ def main():
     for seed in range(args.itq_seeds):
         encode = fit_baseline("itq", db_f, args.bits, seed)
         itq.append(map_at_1000(encode(q_f), encode(db_f), q_y, db_y))
-    rows.append({"codes": "ITQ", "map": float(np.mean(itq)), "map_sd": float(np.std(itq, ddof=1)) if len(itq) > 1
-                 else 0.0, "map_min": float(min(itq)), "map_max": float(max(itq))})
-    print(json.dumps(rows[-1]), flush=True)
+    if itq:
+        rows.append({"codes": "ITQ", "map": float(np.mean(itq)), "map_sd": float(np.std(itq, ddof=1)) if len(itq) > 1
+                     else 0.0, "map_min": float(min(itq)), "map_max": float(max(itq))})
+        print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"database": args.database, "queries": args.queries, "bits": args.bits,

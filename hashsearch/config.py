@@ -43,6 +43,11 @@ FEATURES_IN_RAM_MB = 1024
 # bits) or tied (Fashion-MNIST): `--freeze-backbone --binary-weight 2 --balance-weight 1`.
 BINARY_WEIGHT = 0.0
 BALANCE_WEIGHT = 0.0
+# H can also learn the ITQ code of each training image's F7 beside the labels (encoders.train.hash_loss).  With the
+# backbone frozen it is what lifts H above ITQ on a fine-tuned F7 at every length (docs/results.md, "ITQ's bits as
+# a second target"): at 0.3, by 0.012-0.068 where softmax alone fell 0.003-0.005 below ITQ from 48 bits.  Off by
+# default because the default trains the backbone, where F7, and so the target, would move under it.
+ITQ_WEIGHT = 0.0
 WAIT_HELP = "If another process is writing the collection, wait for it instead of failing."
 
 
@@ -162,6 +167,9 @@ class TrainConfig(Options):
                                                  "paper's softmax alone).", check=not_negative)
     balance_weight: float = option(BALANCE_WEIGHT, "Weight of the term keeping each bit of H set for half the "
                                                    "images.", check=not_negative)
+    itq_weight: float = option(ITQ_WEIGHT, "With --freeze-backbone: weight of the term teaching H the ITQ code of "
+                                           "each image's F7 beside its label (0.3 measured best).",
+                               check=not_negative)
     precision: str = option("fp32", "Autocast to bfloat16: about 2x faster on CPUs with AVX512-BF16/AMX.",
                             choices=ANY_DEVICE_PRECISIONS)
     input_size: int | None = option(None, "Input side in pixels [the backbone's default].", check=positive)
@@ -188,6 +196,10 @@ class TrainConfig(Options):
         super().__post_init__()
         if self.unsupervised:
             self._refuse_what_unsupervised_would_ignore()
+        elif self.itq_weight and not self.freeze_backbone:
+            # ITQ is fitted once to F7: a backbone that trains would move F7 away from the codes H is taught.
+            raise HashsearchError("--itq-weight needs --freeze-backbone: ITQ's codes are fitted once to F7, which "
+                                  "a training backbone would change")
 
     def _check_features_cache(self):
         if not self.unsupervised:
@@ -202,7 +214,7 @@ class TrainConfig(Options):
         # and writes its checkpoint once: an option it cannot honour is refused rather than dropped.
         refused = {name: "is for labelled training, not --unsupervised" for name in
                    ("backbone_lr_mult", "weight_decay", "warmup_epochs", "val_fraction", "resume", "binary_weight",
-                    "balance_weight")}
+                    "balance_weight", "itq_weight")}
         if not self.views:
             refused.update(dict.fromkeys(("epochs", "batch_size", "lr"), "trains H on views, and --views 0 has none"))
         for f in fields(self):

@@ -85,6 +85,9 @@ def test_resume_without_checkpoint(tmp_path):
     (["bogus:thing"], "source not found"),
     (["synthetic:10", "--epochs", "0"], "epochs must be positive"),
     (["synthetic:10", "--bits", "0"], "bit length must be between 1 and"),
+    (["synthetic:10", "--itq-weight", "0.3"], "--itq-weight needs --freeze-backbone"),
+    (["synthetic:10", "--itq-weight", "-1", "--freeze-backbone"], "itq-weight must be zero or more"),
+    (["synthetic:10", "--unsupervised", "--itq-weight", "0.3"], "--itq-weight is for labelled training"),
 ])
 def test_train_bad_input(tmp_path, args, message):
     r = cli("train", *args, "--workers", "0", "--out", tmp_path / "m.pt", ok=False)
@@ -277,6 +280,25 @@ def test_ssdh_terms_make_h_binary_and_its_bits_balanced(model, tmp_path):
     unbalanced = {name: float(np.abs((a > 0.5).mean(0) - 0.5).mean()) for name, a in h.items()}
     assert from_half["binary"] > 1.2 * from_half["softmax"], from_half
     assert unbalanced["balance"] < unbalanced["softmax"] - 0.05, unbalanced
+
+
+def test_itq_weight_teaches_h_the_itq_codes_of_f7(model, tmp_path):
+    """--itq-weight adds ITQ's bits of each image's F7 as a second target: H then agrees with them more."""
+    from hashsearch.encoders.encoder import Encoder
+    from hashsearch.encoders.sources import open_source
+    from hashsearch.encoders.train import itq_targets
+    source = open_source("synthetic:120")
+    images = [source.load(i) for i in range(len(source))]
+    _, f7 = Encoder.from_checkpoint(model, device="cpu").encode(images)
+    itq_bits = itq_targets(torch.from_numpy(f7), 16, 0).numpy() > 0.5
+    agreement = {}
+    for weight in (0, 1):
+        out = tmp_path / f"itq{weight}.pt"
+        cli("train", *SMALL, "--epochs", "20", "--lr", "0.01", "--freeze-backbone", "--weights", model, "--itq-weight", weight,
+            "--quiet", "--out", out)
+        assert torch.load(out, weights_only=True)["train_state"]["recipe"]["itq_weight"] == weight
+        agreement[weight] = float(((_activations(out, images) > 0.5) == itq_bits).mean())
+    assert agreement[1] > agreement[0] + 0.15, agreement
 
 
 def test_ssdh_terms_train_the_latent_layer_and_leave_the_backbone_to_softmax():

@@ -100,10 +100,10 @@ def _train_epoch(cfg: TrainConfig, epoch: int, model, batches, optimizer, schedu
     total_loss = 0.0
     bar = tqdm(batches.train(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=cfg.quiet, leave=False)
-    for x, y in bar:
+    for x, y, itq_bits in bar:
         logits, h = batches.forward(x)
         logits = logits.float()
-        loss = hash_loss(logits, h.float(), y, cfg.binary_weight, cfg.balance_weight)
+        loss = hash_loss(logits, h.float(), y, cfg.binary_weight, cfg.balance_weight, itq_bits, cfg.itq_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -117,18 +117,30 @@ def _train_epoch(cfg: TrainConfig, epoch: int, model, batches, optimizer, schedu
 
 
 def hash_loss(logits: torch.Tensor, h: torch.Tensor, labels: torch.Tensor, binary_weight: float,
-              balance_weight: float) -> torch.Tensor:
+              balance_weight: float, itq_bits: torch.Tensor | None = None, itq_weight: float = 0.0) -> torch.Tensor:
     """Softmax cross-entropy on the labels (the paper's loss), less `binary_weight` times the mean squared
     distance of H's activations from 0.5, which pushes each towards 0 or 1 so that thresholding at 0.5 loses
     little, plus `balance_weight` times the mean over bits of (the bit's mean over the batch - 0.5)^2, which
     keeps each bit set for about half the images, so that every bit splits the data.  SSDH's terms, except that
-    its balance term is taken over each image's bits; over each bit's images is what a balanced code asks."""
+    its balance term is taken over each image's bits; over each bit's images is what a balanced code asks.
+    Plus `itq_weight` times the cross-entropy of H's activations against `itq_bits` (0 or 1), the ITQ code of
+    each image's F7 (itq_targets): softmax alone has no reason to order two images of one class, and ITQ's
+    bits keep F7's order inside the class."""
     loss = nn.functional.cross_entropy(logits, labels)
     if binary_weight:
         loss = loss - binary_weight * (h - 0.5).square().mean()
     if balance_weight:
         loss = loss + balance_weight * (h.mean(0) - 0.5).square().mean()
+    if itq_weight:
+        loss = loss + itq_weight * nn.functional.binary_cross_entropy(h, itq_bits)
     return loss
+
+
+def itq_targets(f7: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
+    """float32 [n, bits] of 0 and 1: the ITQ codes (hashsearch.itq, seeded) of these F7 rows, fitted to them."""
+    from ..itq import fit_itq
+    itq = fit_itq(f7.float().numpy(), bits, seed)
+    return torch.from_numpy((itq.project(f7.float().numpy()) >= 0).astype(np.float32))
 
 
 def code_activations(model, f7: torch.Tensor) -> torch.Tensor:
@@ -185,6 +197,9 @@ class _Batches:
         self.cfg, self.model, self.device, self.config = cfg, model, device, config
         self.train_x, self.train_y, self.val_x, self.val_y = train_x, train_y, val_x, val_y
         self.features, self.rejected = features, rejected
+        # With --itq-weight (which needs --freeze-backbone, so train_x is F7 that never changes): each row's
+        # ITQ code, fitted once.
+        self.itq_bits = itq_targets(train_x, config["bits"], cfg.seed) if cfg.itq_weight else None
 
     def train(self, epoch: int):
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
@@ -194,7 +209,8 @@ class _Batches:
             x = self.train_x[sel]
             if not self.features:
                 x = augment(x, g)
-            yield x.to(self.device), self.train_y[sel].to(self.device)
+            itq_bits = None if self.itq_bits is None else self.itq_bits[sel].to(self.device)
+            yield x.to(self.device), self.train_y[sel].to(self.device), itq_bits
 
     def forward(self, x):
         """(class logits, H's activations for hash_loss's terms) of a batch of images, or of their F7 when the
