@@ -1,6 +1,7 @@
 """How SSDH's two terms on H move mAP@1000, against ITQ on the same F7 (docs/results.md, issue 31's sweep).
 
-    python docs/ssdh-terms.py DATABASE QUERIES --bits 48 --weights 0:0,1:0,0:1,1:1 [--epochs 30]
+    python docs/ssdh-terms.py DATABASE QUERIES --bits 48 --weights 0:0,1:0,0:1,1:1 [--epochs 30] \
+        [--itq-target 0,0.3] [--itq-start 0,3] [--itq-seeds 10] [--pseudo-labels K]
 
 DATABASE and QUERIES are encoded collections of one model (the CIFAR-10 training and test splits, say).  The
 latent layer H and the classifier F8 are trained from scratch on DATABASE's stored F7 and labels, as
@@ -11,6 +12,10 @@ never runs, so a sweep of a few weight pairs takes minutes on 2 cores.
 
 With --pseudo-labels K, H and F8 train on k-means clusters of DATABASE's F7 instead of its labels (K clusters,
 faiss k-means, seed 0), which needs no labels; the labels then only score the codes.
+
+With --itq-target W, hash_loss also teaches H the ITQ code of each training row's F7 (train --itq-weight W);
+with --itq-start S, H's layer starts as ITQ's projection and rotation, scaled to pre-activations of standard
+deviation S.  Each takes a comma-separated list, crossed with the weight pairs.
 """
 from __future__ import annotations
 
