@@ -161,7 +161,9 @@ def _run(source, model_path, share, seed, thresholds, work: Path, relative, synt
             per_edit = {}
             for pair, edit in edit_of.items():
                 per_edit.setdefault(edit, []).append(pair in pairs)
-XX: hits / len(planted), "seconds": round(seconds, 3),
+            rows.append({"max_distance": threshold, "copy_distance": copy_distance, "pairs": len(pairs),
+                         "precision": hits / max(len(pairs), 1), "recall": hits / len(planted),
+                         "seconds": round(seconds, 3),
                          "groups": len(found.groups()),
                          "recall_by_edit": {e: round(float(np.mean(v)), 3) for e, v in sorted(per_edit.items())}})
         report = {"source": source, "model": str(model_path), "items": coll.items, "planted_groups": len(truth["groups"]),
