@@ -98,6 +98,7 @@ def write_baseline_collection(src: Collection, out_root, method: str, bits: int,
         if writer.complete:
             raise HashsearchError(f"{out_root} already holds a finished collection; use overwrite to replace it")
         resume = writer.resume_from     # rows kept from an interrupted run
+        miniatures = src.miniatures()   # the items' images are the source's, and so are their miniatures
         for first, block in src.iter_feature_blocks(block_rows):
             index = np.arange(first, first + len(block))
             todo = rows_to_write(index, resume)
@@ -106,6 +107,7 @@ def write_baseline_collection(src: Collection, out_root, method: str, bits: int,
                 continue
             codes = encoder(np.asarray(block, np.float32))
             writer.add(codes, block, ids[index], labels[index], src.paths(index), source_end=int(index[-1]) + 1,
-                       capacity_hint=src.n - int(index[0]), source_index=index)
+                       capacity_hint=src.n - int(index[0]), source_index=index,
+                       miniatures=None if miniatures is None else miniatures[index])
         writer.finish(src.n)
     return Collection.open(out_root)

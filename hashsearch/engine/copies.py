@@ -101,7 +101,7 @@ def variant_maps() -> np.ndarray:
 
 def descriptors(miniatures: np.ndarray, variant: int = 0) -> np.ndarray:
     """float32 [n, S*S], unit length (a flat miniature, nothing to compare, gives zeros)."""
-    x = np.asarray(miniatures, np.float32).reshape(len(miniatures), -1) @ variant_maps()[variant]
+    x = np.asarray(miniatures, np.float32).reshape(len(miniatures), MINIATURE_SIDE ** 2) @ variant_maps()[variant]
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, norm, out=np.zeros_like(x), where=norm > 1e-3)
 
@@ -119,57 +119,86 @@ def _index(base: np.ndarray):
     return index
 
 
+def _nearest_blocks(index, usable: np.ndarray, miniatures: np.ndarray, positions: np.ndarray, k: int):
+    """Yield, a block of `positions` at a time, (the block, the other items found by any of its variants
+    [b, variants * k], each once a row, at its nearest variant, -1 where none, their distances, inf where
+    none): `index` holds the plain descriptors of the `usable` positions."""
+    for a in range(0, len(positions), JOIN_BLOCK_ROWS):
+        q = positions[a:a + JOIN_BLOCK_ROWS]
+        others, dists = [], []
+        for v in range(len(VARIANTS)):
+            sq, found = index.search(descriptors(miniatures[q], v), k)
+            others.append(np.where(found >= 0, usable[np.maximum(found, 0)], -1))
+            dists.append(np.sqrt(np.maximum(sq, 0)))
+        other, dist = np.concatenate(others, 1), np.concatenate(dists, 1)
+        dist = np.where((other >= 0) & (other != q[:, None]), dist, np.inf)
+        # Each other item once, at its nearest variant: sort a row by item, then distance; keep the firsts.
+        order = np.lexsort((dist, other), axis=1)
+        other, dist = np.take_along_axis(other, order, 1), np.take_along_axis(dist, order, 1)
+        repeat = np.zeros(other.shape, bool)
+        repeat[:, 1:] = other[:, 1:] == other[:, :-1]
+        dist[repeat] = np.inf
+        yield q, other, dist
+
+
+def _pairs_within(q: np.ndarray, other: np.ndarray, dist: np.ndarray, max_distance: float):
+    keep = dist <= max_distance
+    mine = np.broadcast_to(q[:, None], other.shape)[keep]
+    return np.stack([np.minimum(mine, other[keep]), np.maximum(mine, other[keep])], 1), dist[keep].astype(np.float32)
+
+
 def copy_pairs(miniatures: np.ndarray, max_distance: float, ratio: float, neighbour: int,
                queries: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(pairs int64 [m, 2], i < j, each once, sorted; distances float32 [m]): the items whose descriptors,
     in some variant, lie within `max_distance` and within `ratio` times the local scale of one of them: its
     distance to its `neighbour`-th nearest item.  Where many items look alike (garments photographed alike,
-    say) their neighbours are close and a pair must be closer still; a copy stands out from the rest.
-    With `queries` (positions), only pairs holding one, measured by the queries' scales."""
+    say) their neighbours are close and a pair must be closer still; a copy stands out from the rest.  With
+    fewer than `neighbour` other items there is no local scale, and the distance alone decides.  A flat
+    miniature (nothing to compare; or an item stored without one) is never a copy.
+    With `queries` (positions), only the pairs holding one, found as a run over every item would find them."""
     n = len(miniatures)
     if miniatures.ndim != 2 or miniatures.shape[1] != MINIATURE_SIDE ** 2:
         raise HashsearchError(f"miniatures must be [n, {MINIATURE_SIDE ** 2}], got {miniatures.shape}")
-    queries = np.arange(n) if queries is None else np.unique(np.asarray(queries, np.int64))
-    if n < 2 or not len(queries):
-        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
     base = descriptors(miniatures)
-    flat = ~base.any(axis=1)        # nothing to compare: never a copy of anything
-    k = min(max(JOIN_NEIGHBOURS, neighbour) + 1, n)
+    usable = np.flatnonzero(base.any(axis=1))
+    since = queries is not None
+    queries = usable if not since else np.intersect1d(np.asarray(queries, np.int64), usable)
+    if len(usable) < 2 or not len(queries):
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+    k = min(max(JOIN_NEIGHBOURS, neighbour) + 1, len(usable))
     local = np.full(n, np.nan, np.float32)
     found_pairs, found_dist = [], []
     with faiss_threads(MAX_THREADS):
-        index = _index(base)
-        for a in range(0, len(queries), JOIN_BLOCK_ROWS):
-            q = queries[a:a + JOIN_BLOCK_ROWS]
-            q = q[~flat[q]]
-            others, dists = [], []
-            for v in range(len(VARIANTS)):
-                sq, found = index.search(descriptors(miniatures[q], v), k)
-                others.append(found)
-                dists.append(np.sqrt(np.maximum(sq, 0)))
-            other, dist = np.concatenate(others, 1), np.concatenate(dists, 1)
-            valid = (other >= 0) & (other != q[:, None])
-            valid &= ~flat[np.where(other >= 0, other, 0)]
-            dist = np.where(valid, dist, np.inf)
-            # Each other item once, at its nearest variant: sort a row by item, then distance; keep the firsts.
-            order = np.lexsort((dist, other), axis=1)
-            other, dist = np.take_along_axis(other, order, 1), np.take_along_axis(dist, order, 1)
-            repeat = np.zeros(other.shape, bool)
-            repeat[:, 1:] = other[:, 1:] == other[:, :-1]
-            dist[repeat] = np.inf
+        index = _index(base[usable])
+        for q, other, dist in _nearest_blocks(index, usable, miniatures, queries, k):
             local[q] = local_scales(dist, neighbour)
-            keep = dist <= max_distance
-            mine = np.broadcast_to(q[:, None], other.shape)[keep]
-            found_pairs.append(np.stack([np.minimum(mine, other[keep]), np.maximum(mine, other[keep])], 1))
-            found_dist.append(dist[keep].astype(np.float32))
-    pairs = np.concatenate(found_pairs) if found_pairs else np.zeros((0, 2), np.int64)
-    dist = np.concatenate(found_dist) if found_dist else np.zeros(0, np.float32)
-    # The scale of either end that has one (items not queried have none); nan compares false.
-    scale = np.fmax(local[pairs[:, 0]], local[pairs[:, 1]])
-    stands_out = dist <= ratio * scale
-    pairs, dist = pairs[stands_out], dist[stands_out]
-    # Both ends may find a pair: keep its nearest.
+            pairs, d = _pairs_within(q, other, dist, max_distance)
+            found_pairs.append(pairs)
+            found_dist.append(d)
+        if since:
+            # A variant edits one end only (a crop of the original finds its cropped copy; the copy cropped
+            # again finds nothing), so an earlier item's variants must be searched for the new items too.
+            for v in range(1, len(VARIANTS)):
+                variant_index = _index(descriptors(miniatures[usable], v))
+                sq, found = variant_index.search(base[queries], k)
+                other = np.where(found >= 0, usable[np.maximum(found, 0)], -1)
+                dist = np.where((found >= 0) & (other != queries[:, None]), np.sqrt(np.maximum(sq, 0)), np.inf)
+                pairs, d = _pairs_within(queries, other, dist, max_distance)
+                found_pairs.append(pairs)
+                found_dist.append(d)
+            # Each partner's own scale, for the ratio seen from either end, as a run over every item has it.
+            partners = np.setdiff1d(np.concatenate(found_pairs).ravel(), queries)
+            for q, _, dist in _nearest_blocks(index, usable, miniatures, partners, k):
+                local[q] = local_scales(dist, neighbour)
+    pairs = np.concatenate(found_pairs)
+    dist = np.concatenate(found_dist)
+    if len(usable) > neighbour:
+        # The scale of either end (nan, where an end has fewer candidates than `neighbour`, compares false).
+        pairs_scale = np.fmax(local[pairs[:, 0]], local[pairs[:, 1]])
+        stands_out = dist <= ratio * pairs_scale
+        pairs, dist = pairs[stands_out], dist[stands_out]
+    # Both ends, and several variants, may find a pair: keep its nearest.
     order = np.argsort(dist, kind="stable")
     pairs, dist = pairs[order], dist[order]
     pairs, first = np.unique(pairs, axis=0, return_index=True)
-    return pairs.astype(np.int64), dist[first]
+    return pairs.astype(np.int64).reshape(-1, 2), dist[first]

@@ -376,10 +376,12 @@ class Collection:
 
     def miniatures(self) -> np.ndarray | None:
         """Every row's miniature (uint8 [n, MINIATURE_SIDE ** 2], encoders.preprocess.miniatures), or None when
-        a shard has none: it was written before they were stored, or by a writer that had no images."""
-        if self.n == 0 or not all(s.has_miniatures for s in self.shards):
+        no shard has them.  A shard written before they were stored, or by a writer that had no images, gives
+        its rows flat (all-zero) ones, which duplicates never pairs."""
+        if self.n == 0 or not any(s.has_miniatures for s in self.shards):
             return None
-        return self._column(MINIATURES).reshape(self.n, MINIATURE_SIDE ** 2)
+        return np.concatenate([s.column(MINIATURES) if s.has_miniatures else
+                               np.zeros((s.rows, MINIATURE_SIDE ** 2), np.uint8) for s in self.shards])
 
     # -- row reads -------------------------------------------------------------
     def rows_for_ids(self, ids, *, what: str = "id", live: bool = False) -> np.ndarray:
