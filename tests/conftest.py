@@ -99,11 +99,11 @@ def manifest(root) -> dict:
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
-def fashion_with_copies(base: Path, n: int, planted, later, write_copies) -> tuple[list, list]:
+def fashion_with_copies(base: Path, model, n: int, planted, later, write_copies) -> dict:
     """The first n Fashion-MNIST test images as PNG files in base/photos (NNNNN.png), each of `planted` with
-    the copies `write_copies(image, folder, stem)` writes beside it (it returns their paths), and copies of
-    `later` in base/later, for a later `add`.  -> (groups, later groups): each the original's path, then its
-    copies'."""
+    the copies `write_copies(image, folder, stem)` writes beside it (it returns their paths), encoded with
+    `model` and indexed in base/coll; and copies of `later` in base/later, for a later `add`.
+    -> {"root", "groups", "later", "new_groups"}: each group the original's path, then its copies'."""
     if not os.path.isdir(FMNIST):
         pytest.skip("dataset-fashion-mnist not installed (make data installs it)")
     from hashsearch.encoders.sources import open_source
@@ -118,7 +118,10 @@ def fashion_with_copies(base: Path, n: int, planted, later, write_copies) -> tup
         if i in planted:
             groups.append([str(path), *write_copies(source.load(i), photos, f"{i:05d}")])
     later_groups = [[str(photos / f"{i:05d}.png"), *write_copies(source.load(i), then, f"{i:05d}")] for i in later]
-    return groups, later_groups
+    root = base / "coll"
+    cli("encode", photos, "--model", model, "--out", root, "--workers", 0, "--device", "cpu", "--quiet")
+    cli("build-index", root)
+    return {"root": root, "groups": groups, "later": then, "new_groups": later_groups}
 
 
 def save_image(path, mode="RGB", size=(40, 30), fmt=None, seed=0):

@@ -35,12 +35,7 @@ def _edited(image, folder, stem: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def edited(tmp_path_factory, model):
-    base = tmp_path_factory.mktemp("copies")
-    groups, new_groups = fashion_with_copies(base, N_IMAGES, EDITED, LATER, _edited)
-    root = base / "coll"
-    cli("encode", base / "photos", "--model", model, "--out", root, "--workers", 0, "--device", "cpu", "--quiet")
-    cli("build-index", root)
-    return {"root": root, "groups": groups, "later": base / "later", "new_groups": new_groups}
+    return fashion_with_copies(tmp_path_factory.mktemp("copies"), model, N_IMAGES, EDITED, LATER, _edited)
 
 
 @pytest.fixture

@@ -38,12 +38,7 @@ def _copies(image, folder, stem: str) -> list[str]:
 def planted(tmp_path_factory, model):
     """300 Fashion-MNIST test images as PNG files, 5 of them with two copies, encoded and indexed; and a
     folder of copies of 2 more, to add later."""
-    base = tmp_path_factory.mktemp("dups")
-    groups, new_groups = fashion_with_copies(base, N_IMAGES, PLANTED, ADDED, _copies)
-    root = base / "coll"
-    cli("encode", base / "photos", "--model", model, "--out", root, "--workers", 0, "--device", "cpu", "--quiet")
-    cli("build-index", root)
-    return {"root": root, "groups": groups, "later": base / "later", "new_groups": new_groups}
+    return fashion_with_copies(tmp_path_factory.mktemp("dups"), model, N_IMAGES, PLANTED, ADDED, _copies)
 
 
 @pytest.fixture

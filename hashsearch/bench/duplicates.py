@@ -149,9 +149,8 @@ def _run(source, model_path, share, seed, thresholds, work: Path, relative, synt
             first = members[0]
             for p, copy in zip(group[1:], members[1:]):
                 edit_of[(min(first, copy), max(first, copy))] = p.rsplit("~", 1)[1].rsplit(".", 1)[0]
-        with_miniatures = coll.miniatures() is not None
         for threshold, copy_distance in thresholds:
-            if copy_distance is not None and not with_miniatures:
+            if copy_distance is not None and not coll.has_miniatures:
                 continue
             started = time.perf_counter()
             found = index.duplicates(max_distance=threshold, relative=relative, copy_distance=copy_distance)

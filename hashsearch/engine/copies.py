@@ -119,6 +119,15 @@ def _index(base: np.ndarray):
     return index
 
 
+def _found(searched, usable: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A faiss search of an index over the `usable` positions, for the positions `q`, as (positions found,
+    -1 where none or the query itself; L2 distances, inf there)."""
+    sq, found = searched
+    other = np.where(found >= 0, usable[np.maximum(found, 0)], -1)
+    other[other == q[:, None]] = -1
+    return other, np.where(other >= 0, np.sqrt(np.maximum(sq, 0)), np.inf)
+
+
 def _nearest_blocks(index, usable: np.ndarray, miniatures: np.ndarray, positions: np.ndarray, k: int):
     """Yield, a block of `positions` at a time, (the block, the other items found by any of its variants
     [b, variants * k], each once a row, at its nearest variant, -1 where none, their distances, inf where
@@ -127,11 +136,10 @@ def _nearest_blocks(index, usable: np.ndarray, miniatures: np.ndarray, positions
         q = positions[a:a + JOIN_BLOCK_ROWS]
         others, dists = [], []
         for v in range(len(VARIANTS)):
-            sq, found = index.search(descriptors(miniatures[q], v), k)
-            others.append(np.where(found >= 0, usable[np.maximum(found, 0)], -1))
-            dists.append(np.sqrt(np.maximum(sq, 0)))
+            other, dist = _found(index.search(descriptors(miniatures[q], v), k), usable, q)
+            others.append(other)
+            dists.append(dist)
         other, dist = np.concatenate(others, 1), np.concatenate(dists, 1)
-        dist = np.where((other >= 0) & (other != q[:, None]), dist, np.inf)
         # Each other item once, at its nearest variant: sort a row by item, then distance; keep the firsts.
         order = np.lexsort((dist, other), axis=1)
         other, dist = np.take_along_axis(other, order, 1), np.take_along_axis(dist, order, 1)
@@ -180,9 +188,7 @@ def copy_pairs(miniatures: np.ndarray, max_distance: float, ratio: float, neighb
             # again finds nothing), so an earlier item's variants must be searched for the new items too.
             for v in range(1, len(VARIANTS)):
                 variant_index = _index(descriptors(miniatures[usable], v))
-                sq, found = variant_index.search(base[queries], k)
-                other = np.where(found >= 0, usable[np.maximum(found, 0)], -1)
-                dist = np.where((found >= 0) & (other != queries[:, None]), np.sqrt(np.maximum(sq, 0)), np.inf)
+                other, dist = _found(variant_index.search(base[queries], k), usable, queries)
                 pairs, d = _pairs_within(queries, other, dist, max_distance)
                 found_pairs.append(pairs)
                 found_dist.append(d)

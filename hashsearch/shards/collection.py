@@ -374,11 +374,16 @@ class Collection:
             self._labels = self._column("labels")
         return self._labels
 
+    @property
+    def has_miniatures(self) -> bool:
+        """Whether any shard holds miniatures (read from the shards' metadata only)."""
+        return self.n > 0 and any(s.has_miniatures for s in self.shards)
+
     def miniatures(self) -> np.ndarray | None:
         """Every row's miniature (uint8 [n, MINIATURE_SIDE ** 2], encoders.preprocess.miniatures), or None when
         no shard has them.  A shard written before they were stored, or by a writer that had no images, gives
         its rows flat (all-zero) ones, which duplicates never pairs."""
-        if self.n == 0 or not any(s.has_miniatures for s in self.shards):
+        if not self.has_miniatures:
             return None
         return np.concatenate([s.column(MINIATURES) if s.has_miniatures else
                                np.zeros((s.rows, MINIATURE_SIDE ** 2), np.uint8) for s in self.shards])
